@@ -1,0 +1,13 @@
+"""tfds builders; importing this package registers them with tfds.
+
+``python -m visionr1_jax.data.tfds_cli build <name> --imports visionr1_jax.data.builders`` is
+the ``tfds build`` command made usable without TensorFlow.
+"""
+
+from visionr1_jax.data.builders.coco_detection import CocoDetection
+from visionr1_jax.data.builders.odinw import Odinw
+from visionr1_jax.data.builders.refcoco import Refcoco
+from visionr1_jax.data.builders.synthetic_shapes import SyntheticShapes
+from visionr1_jax.data.builders.vision_r1_data import VisionR1Data
+
+__all__ = ["CocoDetection", "Odinw", "Refcoco", "SyntheticShapes", "VisionR1Data"]

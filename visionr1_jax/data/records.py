@@ -1,0 +1,223 @@
+"""The record schema shared by every builder, and the checks that find bad records.
+
+A record is one prompt: an encoded image, the prompt text, the ground truth and where it came
+from. All builders write the same features, so the input pipeline is builder-agnostic.
+
+Fields (numpy values as returned by ``tfds.data_source``; strings come back as ``bytes``):
+
+=============  ===============  ==========================================================
+``id``         str              unique record id (dataset-specific, stable across builds)
+``image``      bytes            encoded image (PNG/JPEG...), empty when the file was missing
+``width``      i32              original image width W
+``height``     i32              original image height H
+``task``       str              ``detection`` | ``grounding`` | ``rec``
+``prompt``     str              user prompt in the builder's template
+``categories`` str[K]           categories named by the prompt (detection/grounding)
+``expression`` str              referring expression (REC), else empty
+``boxes``      f32[N, 4]        ground truth, xyxy in original image pixels
+``labels``     str[N]           label of each box
+``label_map``  str              JSON ``{label: id}``, ids >= 1 (0 = background)
+``source``     str              dataset name (``coco_detection``, ``odinw/Aquarium``, ...)
+``meta``       str              JSON with dataset ids (image_id, category_id, ref_id...)
+=============  ===============  ==========================================================
+
+Checks (``check_record`` without the image, ``decode_image`` with it) return a reason string
+for a bad record; the input pipeline applies the configured ``skip``/``error`` policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from visionr1_jax.data import templates
+
+BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image (annotation rounding)
+
+
+def features() -> tfds.features.FeaturesDict:
+    """The tfds feature spec of a record; strings and images are stored as raw bytes (no TF)."""
+    text = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
+    return tfds.features.FeaturesDict(
+        {
+            "id": text(),
+            "image": text(),
+            "width": tfds.features.Tensor(shape=(), dtype=np.int32),
+            "height": tfds.features.Tensor(shape=(), dtype=np.int32),
+            "task": text(),
+            "prompt": text(),
+            "categories": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+            "expression": text(),
+            "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+            "labels": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+            "label_map": text(),
+            "source": text(),
+            "meta": text(),
+        }
+    )
+
+
+def make_record(
+    *,
+    record_id: str,
+    image: bytes,
+    width: int,
+    height: int,
+    task: str,
+    template: str,
+    categories: Sequence[str] = (),
+    expression: str = "",
+    boxes: Any = (),
+    labels: Sequence[str] = (),
+    label_map: Mapping[str, int],
+    source: str,
+    meta: Mapping[str, Any] | None = None,
+    prompt: str | None = None,
+) -> dict[str, Any]:
+    """A record dict ready for a builder to yield; renders the prompt unless given.
+
+    Args:
+      boxes: xyxy in original pixels, anything reshapeable to f32[N, 4].
+    """
+    if prompt is None:
+        prompt = templates.render_prompt(template, task, categories, expression)
+    return {
+        "id": record_id,
+        "image": image,
+        "width": int(width),
+        "height": int(height),
+        "task": task,
+        "prompt": prompt,
+        "categories": np.array(list(categories), dtype=object).reshape(-1),
+        "expression": expression,
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "labels": np.array(list(labels), dtype=object).reshape(-1),
+        "label_map": json.dumps(dict(label_map), sort_keys=True),
+        "source": source,
+        "meta": json.dumps(dict(meta or {}), sort_keys=True),
+    }
+
+
+def as_text(value: Any) -> str:
+    """Decodes a tfds string value (bytes or str) to str."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def text_list(values: Any) -> list[str]:
+    return [as_text(v) for v in np.asarray(values, dtype=object).reshape(-1)]
+
+
+class BadRecord(Exception):
+    """A record that fails a data check; carries the record id and the reason."""
+
+    def __init__(self, record_id: str, reason: str):
+        super().__init__(f"bad record {record_id!r}: {reason}")
+        self.record_id = record_id
+        self.reason = reason
+
+    @property
+    def kind(self) -> str:
+        """The reason's category (text before ':'), used as the metrics key."""
+        return self.reason.split(":", 1)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Which instance counts are acceptable.
+
+    ``num_instances < min_instances`` is a selection (the record is filtered, e.g. negatives
+    for RL), ``num_instances > max_instances`` is bad data.
+    """
+
+    min_instances: int = 1
+    max_instances: int = 30
+
+
+def check_record(record: Mapping[str, Any], limits: Limits) -> str | None:
+    """Checks everything but the image bytes' decodability.
+
+    Returns:
+      ``None`` when the record is good, else ``"<kind>: <details>"`` with kind one of
+      ``missing_image``, ``bad_size``, ``degenerate_box``, ``box_out_of_image``,
+      ``too_many_instances``, ``unknown_category``, ``bad_prompt``, ``too_few_instances``.
+    """
+    if len(record["image"]) == 0:
+        return "missing_image: no image bytes (file missing at build time)"
+    width, height = int(record["width"]), int(record["height"])
+    if width <= 0 or height <= 0:
+        return f"bad_size: width={width} height={height}"
+    task = as_text(record["task"])
+    if task not in templates.TASKS:
+        return f"bad_prompt: unrecognised prompt/task {task!r}"
+    boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
+    labels = text_list(record["labels"])
+    if len(labels) != len(boxes):
+        return f"bad_prompt: {len(boxes)} boxes but {len(labels)} labels"
+    n = len(boxes)
+    if n > limits.max_instances:
+        return f"too_many_instances: {n} > max_instances={limits.max_instances}"
+    if not np.isfinite(boxes).all():
+        return "degenerate_box: non-finite coordinates"
+    degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if degenerate.any():
+        i = int(np.argmax(degenerate))
+        return f"degenerate_box: box {i} {boxes[i].tolist()} has x2<=x1 or y2<=y1"
+    t = BOX_TOLERANCE
+    outside = (
+        (boxes[:, 0] < -t)
+        | (boxes[:, 1] < -t)
+        | (boxes[:, 2] > width + t)
+        | (boxes[:, 3] > height + t)
+    )
+    if outside.any():
+        i = int(np.argmax(outside))
+        return f"box_out_of_image: box {i} {boxes[i].tolist()} outside {width}x{height}"
+    label_map = {k.lower(): v for k, v in json.loads(as_text(record["label_map"])).items()}
+    for label in labels:
+        if label.lower() not in label_map:
+            return f"unknown_category: label {label!r} not in the label map"
+    if any(int(v) <= 0 for v in label_map.values()):
+        return "unknown_category: label map ids must be >= 1 (0 is background)"
+    if n < limits.min_instances:
+        return f"too_few_instances: {n} < min_instances={limits.min_instances}"
+    return None
+
+
+# Reasons that select records rather than flag bad data: never an error under policy 'error'.
+SELECTION_KINDS = frozenset({"too_few_instances"})
+
+
+def decode_image(record: Mapping[str, Any], *, draft: bool = False) -> Image.Image:
+    """Decodes the record's image to RGB and checks its size against the record.
+
+    Args:
+      draft: decode JPEGs at reduced scale (only to check decodability quickly).
+
+    Raises:
+      BadRecord: ``corrupt_image`` (undecodable or truncated bytes) or ``bad_size`` (decoded
+        size differs from the record's width/height).
+    """
+    record_id = as_text(record["id"])
+    try:
+        image = Image.open(io.BytesIO(record["image"]))
+        size = image.size
+        if draft:
+            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+        image.load()
+        image = image.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad bytes
+        raise BadRecord(record_id, f"corrupt_image: {type(e).__name__}: {e}") from None
+    expected = (int(record["width"]), int(record["height"]))
+    if size != expected:
+        raise BadRecord(
+            record_id,
+            f"bad_size: decoded {size[0]}x{size[1]}, record says {expected[0]}x{expected[1]}",
+        )
+    return image
