@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.8.0",
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8.6",
+        "grain",
         "numpy>=2.0",
         "scipy>=1.13",
         "pillow>=10.0",
