@@ -1,1 +1,32 @@
-"""Qwen2-VL / Qwen2.5-VL in Flax NNX."""
+"""Qwen2-VL / Qwen2.5-VL in Flax NNX: model, rope, Hugging Face weights, tiny checkpoints.
+
+model = visionr1_jax.models.from_pretrained(path, dtype=jnp.float32, mesh=None)
+logits = model(input_ids, pixel_values, image_grid_thw, attention_mask)  # f32[B, T, V]
+visionr1_jax.models.save_pretrained(model, out_dir)
+"""
+
+from visionr1_jax.models.hf_weights import from_pretrained, save_pretrained
+from visionr1_jax.models.qwen_vl import QwenVL, QwenVLConfig
+
+__all__ = ["QwenVL", "QwenVLConfig", "from_pretrained", "model_config", "save_pretrained"]
+
+
+def model_config():
+    """ConfigDict section for model options, included by the run configs as `config.model`.
+
+    Fields: `checkpoint` (local or gs:// directory; empty = write the tiny config `tiny` to the
+    workdir), `tiny` (a key of `tiny.TINY_CONFIGS`), `tokenizer` ("small" or "qwen", for tiny),
+    `param_dtype` / `dtype` (master weights / compute), `remat_policy` (none, full, dots,
+    dots_no_batch), `logprob_chunk` (sequence chunk of the log-prob head).
+    """
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.checkpoint = ""
+    c.tiny = "qwen2_5_vl_tiny"
+    c.tokenizer = "small"
+    c.param_dtype = "float32"
+    c.dtype = "bfloat16"
+    c.remat_policy = "none"
+    c.logprob_chunk = 128
+    return c

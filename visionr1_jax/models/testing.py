@@ -29,3 +29,53 @@ def random_images(rng, sizes):
     from PIL import Image
 
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def prompt_batch(path: str, *, padding_side: str = "left", seed: int = 0):
+    """A processor batch mixing image sizes, a two-image prompt, a one-image prompt and padding.
+
+    Returns the numpy dict of `processing.encode_batch` (3 rows, 4 images).
+    """
+    import numpy as np
+
+    from visionr1_jax import processing
+
+    proc = processing.load_processor(path)
+    rng = np.random.default_rng(seed)
+    ims = random_images(rng, [(100, 150), (224, 168), (60, 60), (300, 120)])
+    texts = [
+        processing.render_prompt(proc, "Locate every cat and every dog.", num_images=2),
+        processing.render_prompt(proc, "hi", num_images=1),
+        processing.render_prompt(proc, "Find the red square please.", num_images=1),
+    ]
+    return processing.encode_batch(
+        proc, texts, [ims[:2], ims[2:3], ims[3:]], padding_side=padding_side
+    )
+
+
+def hf_logits(path: str, batch, hf_model=None):
+    """Logits f32[B, T, V] of the transformers (PyTorch, fp32, CPU) model at `path`."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = hf_model
+    if model is None:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(batch["input_ids"]).long()
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.tensor(batch["attention_mask"]).long(),
+            pixel_values=torch.tensor(batch["pixel_values"]),
+            image_grid_thw=torch.tensor(batch["image_grid_thw"]).long(),
+            mm_token_type_ids=(ids == model.config.image_token_id).long(),
+        )
+    return out.logits.float().numpy().astype(np.float32)
+
+
+def jit_forward():
+    """`nnx.jit` of `model(input_ids, pixel_values, image_grid_thw, attention_mask)`."""
+    from flax import nnx
+
+    return nnx.jit(lambda m, ids, pv, g, am: m(ids, pv, g, am))

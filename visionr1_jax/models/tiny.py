@@ -211,7 +211,8 @@ def _randomize(model, seed: int, scale: float) -> None:
             else:
                 fan_in = p.shape[-1] if p.ndim == 2 else max(1, p[0].numel())
                 if "embed_tokens" in name:
-                    fan_in = 1
+                    # Untied: unit-scale inputs. Tied: the matrix is also the output head.
+                    fan_in = p.shape[-1] if model.config.tie_word_embeddings else 1
                 p.copy_(noise * (scale / fan_in**0.5))
 
 

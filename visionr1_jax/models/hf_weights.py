@@ -1,0 +1,259 @@
+"""Hugging Face checkpoints <-> `QwenVL` parameters.
+
+Loading never materialises a full tensor on one device: the abstract model (`nnx.eval_shape`)
+gives every parameter's shape and logical axes, the rules table gives its `NamedSharding`, and
+`jax.make_array_from_callback` asks each addressable device for its slice, which is read from a
+memory-mapped safetensors file (so a host touches only the bytes of its own shards). bf16, fp16
+and fp32 files, single files and sharded `model.safetensors.index.json` checkpoints are read;
+both the hub key layout (`model.layers.N`, `visual.blocks.N`) and the transformers-5 layout
+(`model.language_model.layers.N`, `model.visual.blocks.N`) are accepted.
+
+Export writes `config.json` and `model.safetensors` in the hub layout, which
+`transformers.AutoModelForImageTextToText.from_pretrained` (or the model classes) load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from visionr1_jax import sharding
+from visionr1_jax.models.qwen_vl import QwenVL, QwenVLConfig
+
+_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class SafetensorsDir:
+    """Memory-mapped read access to every tensor of a checkpoint directory."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {path}")
+        self.entries: dict[str, tuple[str, dict, int]] = {}
+        for name in files:
+            fname = os.path.join(path, name)
+            with open(fname, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self.entries[key] = (fname, info, 8 + n)
+        self._maps: dict[str, np.memmap] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def keys(self):
+        return self.entries.keys()
+
+    def array(self, key: str) -> np.ndarray:
+        """A lazily read (memory-mapped) numpy view of tensor `key`."""
+        fname, info, offset = self.entries[key]
+        if fname not in self._maps:
+            self._maps[fname] = np.memmap(fname, dtype=np.uint8, mode="r")
+        start, end = info["data_offsets"]
+        raw = self._maps[fname][offset + start : offset + end]
+        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+# ----------------------------------------------------------------------------- key mapping
+
+
+def hf_key(path: tuple) -> str:
+    """Hub-layout key of our parameter path, e.g. ('model', 'layers', 0, 'mlp', 'up_proj',
+    'kernel') -> 'model.layers.0.mlp.up_proj.weight'."""
+    parts = []
+    for p in path:
+        p = str(p)
+        if p in ("kernel", "weight"):
+            p = "weight"
+        elif p.startswith("mlp_") and p[4:].isdigit():  # merger's nn.Sequential indices
+            p = "mlp." + p[4:]
+        parts.append(p)
+    if parts[:2] == ["visual", "patch_embed"]:
+        return "visual.patch_embed.proj.weight"
+    return ".".join(parts)
+
+
+def _alternatives(key: str) -> list[str]:
+    alts = [key]
+    if key.startswith("model."):
+        alts.append("model.language_model." + key[len("model.") :])
+    if key.startswith("visual."):
+        alts.append("model." + key)
+    return alts
+
+
+def _to_ours(path: tuple, cfg: QwenVLConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Layout transform of an HF tensor into our parameter layout."""
+    if path[:2] == ("visual", "patch_embed"):
+        return lambda w: w.reshape(w.shape[0], -1).T  # Conv3d [E, C, t, p, p] -> [F, E]
+    if path[-1] == "kernel":
+        return lambda w: w.T  # Linear [out, in] -> [in, out]
+    return lambda w: w
+
+
+def _to_hf(path: tuple, cfg: QwenVLConfig) -> Callable[[np.ndarray], np.ndarray]:
+    if path[:2] == ("visual", "patch_embed"):
+        shape = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        return lambda w: np.ascontiguousarray(w.T).reshape(w.shape[1], *shape)
+    if path[-1] == "kernel":
+        return lambda w: np.ascontiguousarray(w.T)
+    return lambda w: w
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def abstract_model(cfg: QwenVLConfig) -> QwenVL:
+    """The model with `ShapeDtypeStruct` leaves (no memory)."""
+    return nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+
+
+def from_pretrained(
+    path: str,
+    *,
+    dtype=jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    compute_dtype=None,
+    remat_policy: str = "none",
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES,
+) -> QwenVL:
+    """Loads a local HF checkpoint directory into a `QwenVL`.
+
+    Args:
+      path: directory with `config.json` and `*.safetensors`.
+      dtype: parameter dtype (fp32 master weights by default; bf16 files are upcast).
+      mesh: if given, every parameter is created directly with the sharding the rules table
+        gives its logical axes on `mesh`; otherwise on the default device.
+      compute_dtype: activation/matmul dtype (default: `dtype`).
+      remat_policy: one of `qwen_vl.REMAT_POLICIES`.
+      rules: logical axis rules.
+    """
+    cfg = QwenVLConfig.from_pretrained(
+        path,
+        param_dtype=dtype,
+        dtype=compute_dtype or dtype,
+        remat_policy=remat_policy,
+        logical_axis_rules=rules,
+    )
+    files = SafetensorsDir(path)
+    abstract = abstract_model(cfg)
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    values = {}
+    for pth, var in flat:
+        shape = tuple(var.get_value().shape)
+        key = hf_key(pth)
+        found = next((k for k in _alternatives(key) if k in files), None)
+        if found is None:
+            raise KeyError(f"{key} (for {pth}) missing from {path}")
+        tensor = files.array(found)
+        transform = _to_ours(pth, cfg)
+        np_dtype = np.dtype(dtype)
+        if mesh is None:
+            arr = jnp.asarray(np.asarray(transform(tensor)).astype(np_dtype))
+            if arr.shape != shape:
+                raise ValueError(f"{found}: shape {arr.shape} != expected {shape}")
+        else:
+            sh = sharding.named_sharding(mesh, var.get_metadata().get("logical_axes"), rules, shape)
+            arr = _sharded_array(tensor, transform, pth[-1] == "kernel", shape, np_dtype, sh)
+        values[pth] = arr
+    for pth, var in flat:
+        var.set_value(values[pth])
+    return nnx.merge(graphdef, state)
+
+
+def _sharded_array(tensor, transform, is_linear, shape, np_dtype, sh) -> jax.Array:
+    """Global array whose shards are read lazily from the memory-mapped `tensor`."""
+    transposed = is_linear and tensor.ndim == 2 and tuple(tensor.shape[::-1]) == tuple(shape)
+
+    def read(index):
+        if transposed:
+            block = tensor[index[1], index[0]].T  # read only the shard's rows of the HF tensor
+        else:
+            block = np.asarray(transform(tensor))[index]
+        return np.ascontiguousarray(block).astype(np_dtype)
+
+    return jax.make_array_from_callback(shape, sh, read)
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_pretrained(model: QwenVL, path: str, *, dtype=None) -> None:
+    """Writes `config.json` + `model.safetensors` (hub key layout) that transformers loads.
+
+    Args:
+      model: a `QwenVL` (possibly sharded; parameters are gathered to the host).
+      path: output directory.
+      dtype: on-disk dtype (default: the parameters' dtype).
+    """
+    cfg = model.cfg
+    os.makedirs(path, exist_ok=True)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    tensors = {}
+    for pth, var in flat:
+        arr = var[...]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            arr = multihost_utils.process_allgather(arr, tiled=True)
+        w = np.asarray(jax.device_get(arr))
+        if dtype is not None:
+            w = w.astype(np.dtype(dtype))
+        tensors[hf_key(pth)] = _to_hf(pth, cfg)(w)
+    hf = dict(cfg.hf_config or {})
+    if not hf:
+        raise ValueError("model has no hf_config to export")
+    out_dtype = np.dtype(dtype) if dtype is not None else next(iter(tensors.values())).dtype
+    hf["dtype"] = "bfloat16" if out_dtype == _DTYPES["BF16"] else str(out_dtype)
+    hf.pop("torch_dtype", None)
+    if jax.process_index() == 0:
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf, f, indent=2)
+        write_safetensors(os.path.join(path, "model.safetensors"), tensors)
+
+
+def write_safetensors(fname: str, tensors: dict[str, np.ndarray]) -> None:
+    """Minimal safetensors writer (bf16 included, which `safetensors.numpy` lacks)."""
+    header, offset = {}, 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        n = t.nbytes
+        header[key] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(fname, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key in sorted(tensors):
+            f.write(np.ascontiguousarray(tensors[key]).tobytes())

@@ -1,0 +1,725 @@
+"""Qwen2-VL and Qwen2.5-VL in Flax NNX, numerically faithful to `transformers`.
+
+One class, `QwenVL`, covers both families; `QwenVLConfig.family` (read from the checkpoint's
+`config.json`) selects the vision tower variant:
+
+* Qwen2-VL vision blocks: LayerNorm, fc1 -> quick-GELU -> fc2 MLP, full attention per image.
+* Qwen2.5-VL vision blocks: RMSNorm, SwiGLU MLP with biases, windowed attention except in
+  `fullatt_block_indexes` (windows of `window_size` pixels over the merged grid).
+
+Both share the 3-D patch embedding (a matmul over flattened `C x 2 x 14 x 14` patches), the
+axial 2-D rotary, the patch merger (norm, then a 2-layer GELU MLP over 2 x 2 merged patches) and
+the Qwen2 decoder (RMSNorm, grouped-query attention with q/k/v biases, M-RoPE, SwiGLU MLP, tied
+or untied embeddings).
+
+Images of different sizes are *packed*: `pixel_values f32[P, F]` holds the patches of all images
+of the batch back to back (zero padded to a bucket), `image_grid_thw i32[I, 3]` their grids (zero
+rows for unused slots). Attention between patches is restricted by segment masks computed on
+device from the grids (same image and frame; plus same window for windowed blocks), which equals
+transformers' window reordering + per-window attention because attention inside a segment does
+not depend on token order. No Python loop runs over images.
+
+Calls, separable so that the sampler can encode images once and reuse a KV cache:
+
+    emb = model.encode_images(pixel_values, image_grid_thw)      # f32[P / 4, D]
+    x = model.embed(input_ids, emb)                              # f32[B, T, D]
+    pos, deltas = model.rope_index(input_ids, image_grid_thw, attention_mask)
+    h, cache = model.decode(x, pos, attention_mask)              # f32[B, T, D]
+    logits = model.logits(h)                                     # f32[B, T, V]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from visionr1_jax import sharding
+from visionr1_jax.models import rope
+
+Cache = list[dict[str, jax.Array]]
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig:
+    """Architecture (from `config.json`) plus runtime options (dtypes, remat, sharding rules)."""
+
+    family: str = "qwen2_5_vl"  # or "qwen2_vl"
+    # Language model.
+    vocab_size: int = 151936
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    # Vision tower.
+    vision_depth: int = 32
+    vision_hidden_size: int = 1280
+    vision_intermediate_size: int = 3420
+    vision_num_heads: int = 16
+    vision_hidden_act: str = "silu"
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    vision_rope_theta: float = 10000.0
+    # Runtime options.
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype
+    remat_policy: str = "none"
+    logical_axis_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES
+    hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def vision_head_dim(self) -> int:
+        return self.vision_hidden_size // self.vision_num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict, **overrides) -> QwenVLConfig:
+        """Reads both the hub layout (text fields at top level, `rope_scaling`) and the
+        transformers-5 layout (`text_config`, `rope_parameters`)."""
+        family = cfg["model_type"]
+        if family not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"unsupported model_type {family!r}")
+        text = dict(cfg)
+        text.update(cfg.get("text_config") or {})
+        vis = cfg["vision_config"]
+        rp = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        theta = rp.get("rope_theta", text.get("rope_theta", 1000000.0))
+        vrp = vis.get("rope_parameters") or {}
+        tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        kw = dict(
+            family=family,
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_layers=text["num_hidden_layers"],
+            num_heads=text["num_attention_heads"],
+            num_kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            mrope_section=tuple(rp.get("mrope_section", (16, 24, 24))),
+            tie_word_embeddings=bool(tie),
+            image_token_id=cfg.get("image_token_id", 151655),
+            vision_depth=vis["depth"],
+            vision_num_heads=vis["num_heads"],
+            vision_hidden_act=vis.get("hidden_act", "silu"),
+            patch_size=vis.get("patch_size", 14),
+            temporal_patch_size=vis.get("temporal_patch_size", 2),
+            in_channels=vis.get("in_channels", 3),
+            spatial_merge_size=vis.get("spatial_merge_size", 2),
+            vision_rope_theta=float(vrp.get("rope_theta", 10000.0)),
+            hf_config=cfg,
+        )
+        if family == "qwen2_5_vl":
+            kw.update(
+                vision_hidden_size=vis["hidden_size"],
+                vision_intermediate_size=vis["intermediate_size"],
+                window_size=vis.get("window_size", 112),
+                fullatt_block_indexes=tuple(vis.get("fullatt_block_indexes", ())),
+            )
+        else:
+            kw.update(
+                vision_hidden_size=vis["embed_dim"],
+                vision_intermediate_size=int(vis["embed_dim"] * vis.get("mlp_ratio", 4)),
+                vision_hidden_act=vis.get("hidden_act", "quick_gelu"),
+                fullatt_block_indexes=tuple(range(vis["depth"])),
+            )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> QwenVLConfig:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return cls.from_hf_dict(json.load(f), **overrides)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _act(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name in ("gelu", "gelu_pytorch_exact"):
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * 0.02).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(names))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias). kernel [in, out] (transposed w.r.t. torch's `Linear.weight`)."""
+
+    def __init__(self, din, dout, names, *, bias, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (din, dout), names, cfg.param_dtype)
+        self.bias = _param(rngs, (dout,), names[1:], cfg.param_dtype, "zeros") if bias else None
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """weight * x / sqrt(mean(x^2) + eps), statistics in float32."""
+
+    def __init__(self, dim, eps, names, *, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), names, cfg.param_dtype, "ones")
+        self.eps = eps
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * xf.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm (weight and bias), statistics in float32."""
+
+    def __init__(self, dim, eps, names, *, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), names, cfg.param_dtype, "ones")
+        self.bias = _param(rngs, (dim,), names, cfg.param_dtype, "zeros")
+        self.eps = eps
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...] + self.bias[...]).astype(self.dtype)
+
+
+def _attention(q, k, v, mask, scale):
+    """Softmax attention in float32. q [B, Tq, H, D], k/v [B, S, KV, D], mask bool[B, 1, Tq, S]
+    (or broadcastable); grouped-query heads share K/V without materialising repeats."""
+    b, tq, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, tq, kv, h // kv, d)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(b, tq, h, d)
+
+
+# ----------------------------------------------------------------------------- vision
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        d, f = cfg.vision_hidden_size, cfg.vision_intermediate_size
+        names = ("vision_embed", "vision_mlp")
+        names_out = ("vision_mlp", "vision_embed")
+        self.swiglu = cfg.family == "qwen2_5_vl"
+        if self.swiglu:
+            self.gate_proj = Dense(d, f, names, bias=True, cfg=cfg, rngs=rngs)
+            self.up_proj = Dense(d, f, names, bias=True, cfg=cfg, rngs=rngs)
+            self.down_proj = Dense(f, d, names_out, bias=True, cfg=cfg, rngs=rngs)
+        else:
+            self.fc1 = Dense(d, f, names, bias=True, cfg=cfg, rngs=rngs)
+            self.fc2 = Dense(f, d, names_out, bias=True, cfg=cfg, rngs=rngs)
+        self.act = cfg.vision_hidden_act
+
+    def __call__(self, x):
+        act = _act(self.act)
+        if self.swiglu:
+            return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(act(self.fc1(x)))
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        d = cfg.vision_hidden_size
+        self.qkv = Dense(d, 3 * d, ("vision_embed", "vision_qkv"), bias=True, cfg=cfg, rngs=rngs)
+        self.proj = Dense(d, d, ("vision_heads", "vision_embed"), bias=True, cfg=cfg, rngs=rngs)
+        self.num_heads = cfg.vision_num_heads
+
+    def __call__(self, x, cos, sin, mask):
+        p, d = x.shape
+        hd = d // self.num_heads
+        qkv = self.qkv(x).reshape(p, 3, self.num_heads, hd)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+        o = _attention(q[None], k[None], v[None], mask[None, None], hd**-0.5)[0]
+        return self.proj(o.reshape(p, d).astype(x.dtype))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        d = cfg.vision_hidden_size
+        norm = RMSNorm if cfg.family == "qwen2_5_vl" else LayerNorm
+        self.norm1 = norm(d, 1e-6, ("norm",), cfg=cfg, rngs=rngs)
+        self.norm2 = norm(d, 1e-6, ("norm",), cfg=cfg, rngs=rngs)
+        self.attn = VisionAttention(cfg, rngs)
+        self.mlp = VisionMLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nnx.Module):
+    """Conv3d with stride == kernel over (2, 14, 14) patches, written as a matmul."""
+
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        self.proj = Dense(
+            cfg.patch_dim, cfg.vision_hidden_size, ("patch", "vision_embed"), bias=False,
+            cfg=cfg, rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+class PatchMerger(nnx.Module):
+    """Norm, then concatenate each 2 x 2 block of patches and apply Linear-GELU-Linear."""
+
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        d = cfg.vision_hidden_size
+        hid = d * cfg.spatial_merge_size**2
+        norm = RMSNorm if cfg.family == "qwen2_5_vl" else LayerNorm
+        self.ln_q = norm(d, 1e-6, ("norm",), cfg=cfg, rngs=rngs)
+        self.mlp_0 = Dense(hid, hid, ("merger_in", "merger_hidden"), bias=True, cfg=cfg, rngs=rngs)
+        self.mlp_2 = Dense(
+            hid, cfg.hidden_size, ("merger_hidden", "embed"), bias=True, cfg=cfg, rngs=rngs
+        )
+        self.hid = hid
+
+    def __call__(self, x):
+        x = self.ln_q(x).reshape(-1, self.hid)
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+def vision_layout(grid_thw: jax.Array, num_patches: int, cfg: QwenVLConfig) -> dict[str, jax.Array]:
+    """Per-patch image id, frame, row, column and window of the packed patch sequence.
+
+    Patches of one image follow the processor's order: frame, then 2 x 2 merge blocks in
+    row-major order, then row-major inside the block. Padding patches get image id I.
+
+    Args:
+      grid_thw: i32[I, 3]; num_patches: P (static).
+    Returns:
+      dict of i32[P]: image, frame, hpos, wpos, win_h, win_w.
+    """
+    m = cfg.spatial_merge_size
+    grid = jnp.asarray(grid_thw, jnp.int32)
+    sizes = grid[:, 0] * grid[:, 1] * grid[:, 2]
+    ends = jnp.cumsum(sizes)
+    p = jnp.arange(num_patches, dtype=jnp.int32)
+    image = jnp.searchsorted(ends, p, side="right").astype(jnp.int32)
+    gi = jnp.clip(image, 0, grid.shape[0] - 1)
+    local = p - (ends - sizes)[gi]
+    hm = jnp.maximum(grid[gi, 1] // m, 1)
+    wm = jnp.maximum(grid[gi, 2] // m, 1)
+    iw = local % m
+    ih = (local // m) % m
+    q = local // (m * m)
+    bw = q % wm
+    bh = (q // wm) % hm
+    frame = q // (wm * hm)
+    vms = max(cfg.window_size // m // cfg.patch_size, 1)
+    return dict(
+        image=image,
+        frame=frame,
+        hpos=bh * m + ih,
+        wpos=bw * m + iw,
+        win_h=bh // vms,
+        win_w=bw // vms,
+    )
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        self.patch_embed = PatchEmbed(cfg, rngs)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs) for _ in range(cfg.vision_depth)])
+        self.merger = PatchMerger(cfg, rngs)
+        self.cfg = cfg
+
+    def __call__(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
+        """f32[P, F] packed patches, i32[I, 3] grids -> f32[P / m^2, D] merged embeddings."""
+        cfg = self.cfg
+        n = pixel_values.shape[0]
+        lay = vision_layout(grid_thw, n, cfg)
+        same = (lay["image"][:, None] == lay["image"][None]) & (
+            lay["frame"][:, None] == lay["frame"][None]
+        )
+        window = (
+            same
+            & (lay["win_h"][:, None] == lay["win_h"][None])
+            & (lay["win_w"][:, None] == lay["win_w"][None])
+        )
+        cos, sin = rope.vision_cos_sin(
+            lay["hpos"], lay["wpos"], cfg.vision_head_dim, cfg.vision_rope_theta
+        )
+        x = self.patch_embed(pixel_values.astype(cfg.dtype))
+        x = sharding.constrain(x, ("vision_tokens", "act_embed"), cfg.logical_axis_rules)
+        for i, blk in enumerate(self.blocks):
+            full = cfg.family == "qwen2_vl" or i in cfg.fullatt_block_indexes
+            x = _maybe_remat(blk, cfg.remat_policy)(x, cos, sin, same if full else window)
+        return self.merger(x)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Dense(
+            d, cfg.num_heads * hd, ("embed", "heads"), bias=True, cfg=cfg, rngs=rngs
+        )
+        kvn = ("embed", "kv_heads")
+        self.k_proj = Dense(d, cfg.num_kv_heads * hd, kvn, bias=True, cfg=cfg, rngs=rngs)
+        self.v_proj = Dense(d, cfg.num_kv_heads * hd, kvn, bias=True, cfg=cfg, rngs=rngs)
+        self.o_proj = Dense(
+            cfg.num_heads * hd, d, ("heads", "embed"), bias=False, cfg=cfg, rngs=rngs
+        )
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, key_valid, cache=None, cache_index=None):
+        """x [B, T, D]; cos/sin f32[B, T, hd]; key_valid bool[B, S].
+
+        Without a cache S == T and the mask is causal. With `cache` (dict k, v [B, S, KV, hd])
+        the new keys/values are written at `cache_index` and queries attend causally to
+        slots <= cache_index + t.
+        """
+        cfg = self.cfg
+        b, t, _ = x.shape
+        hd = cfg.head_dim
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, hd)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, hd)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, hd)
+        q = sharding.constrain(q, ("batch", "length", "act_heads", None), cfg.logical_axis_rules)
+        q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+        start = jnp.zeros((), jnp.int32) if cache_index is None else cache_index
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(
+                cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0)
+            )
+            v = jax.lax.dynamic_update_slice(
+                cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0)
+            )
+            new_cache = {"k": k, "v": v}
+        else:
+            new_cache = None
+        s = k.shape[1]
+        causal = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
+        mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
+        o = _attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd**-0.5)
+        o = o.astype(x.dtype).reshape(b, t, cfg.num_heads * hd)
+        return self.o_proj(o), new_cache
+
+
+class TextMLP(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Dense(d, f, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
+        self.up_proj = Dense(d, f, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
+        self.down_proj = Dense(f, d, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, ("norm",), cfg=cfg, rngs=rngs)
+        self.self_attn = TextAttention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, ("norm",), cfg=cfg, rngs=rngs)
+        self.mlp = TextMLP(cfg, rngs)
+        self.rules = cfg.logical_axis_rules
+
+    def __call__(self, x, cos, sin, key_valid, cache=None, cache_index=None):
+        a, new_cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, key_valid, cache, cache_index
+        )
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = sharding.constrain(x, ("batch", "length", "act_embed"), self.rules)
+        return x, new_cache
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(cfg, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("norm",), cfg=cfg, rngs=rngs)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+        self.weight = _param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype
+        )
+        self.dtype = cfg.dtype
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, h):
+        """h [..., D] -> [..., V] logits against the embedding (tied output head)."""
+        w = self.weight[...].astype(self.dtype)
+        return jnp.einsum(
+            "...d,vd->...v", h.astype(self.dtype), w, preferred_element_type=jnp.float32
+        )
+
+
+def _maybe_remat(module, policy: str):
+    if policy == "none":
+        return module
+    return _Remat(module, REMAT_POLICIES[policy])
+
+
+class _Remat:
+    """Calls `module` under `nnx.remat` with a checkpoint policy."""
+
+    def __init__(self, module, policy):
+        self.module, self.policy = module, policy
+
+    def __call__(self, *args):
+        fn = nnx.remat(lambda m, *a: m(*a), policy=self.policy, prevent_cse=True)
+        return fn(self.module, *args)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class QwenVL(nnx.Module):
+    """Qwen2-VL / Qwen2.5-VL for conditional generation (vision tower + Qwen2 decoder + head)."""
+
+    def __init__(self, cfg: QwenVLConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.visual = VisionTower(cfg, rngs)
+        self.model = TextModel(cfg, rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Dense(
+                cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, cfg=cfg, rngs=rngs
+            )
+
+    # -- separable pieces -------------------------------------------------------------
+
+    def encode_images(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
+        """f32[P, F] packed patches + i32[I, 3] grids -> f32[P / m^2, D] image embeddings."""
+        return self.visual(pixel_values, image_grid_thw)
+
+    def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None) -> jax.Array:
+        """i32[B, T] -> f32[B, T, D]; the k-th `<|image_pad|>` token of the batch (row-major)
+        takes row k of `image_embeds` f32[N, D] (transformers' `masked_scatter`)."""
+        x = self.model.embed_tokens(input_ids)
+        if image_embeds is None:
+            return x
+        is_img = input_ids == self.cfg.image_token_id
+        k = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+        k = jnp.clip(k, 0, image_embeds.shape[0] - 1)
+        return jnp.where(is_img[..., None], image_embeds.astype(x.dtype)[k], x)
+
+    def rope_index(self, input_ids, image_grid_thw, attention_mask):
+        """(i32[3, B, T] positions, i32[B, 1] rope deltas); see `rope.get_rope_index`."""
+        return rope.get_rope_index(
+            input_ids,
+            image_grid_thw,
+            attention_mask,
+            image_token_id=self.cfg.image_token_id,
+            spatial_merge_size=self.cfg.spatial_merge_size,
+        )
+
+    def decode(
+        self,
+        inputs_embeds: jax.Array,
+        position_ids: jax.Array,
+        attention_mask: jax.Array,
+        cache: Cache | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """The Qwen2 decoder on embeddings.
+
+        Args:
+          inputs_embeds: f32[B, T, D].
+          position_ids: i32[3, B, T] M-RoPE positions.
+          attention_mask: [B, S] key validity (S == T without cache, else the cache length).
+          cache: per layer {"k", "v": [B, S, KV, hd]} or None; cache_index: i32 write offset.
+        Returns:
+          final-norm hidden states f32[B, T, D] and the updated cache (None without one).
+        """
+        cfg = self.cfg
+        x = sharding.constrain(
+            inputs_embeds, ("batch", "length", "act_embed"), cfg.logical_axis_rules
+        )
+        cos, sin = rope.mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = cache[i] if cache is not None else None
+            fn = _maybe_remat(layer, cfg.remat_policy) if cache is None else layer
+            x, c = fn(x, cos, sin, attention_mask, layer_cache, cache_index)
+            if new_cache is not None:
+                new_cache.append(c)
+        return self.model.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """f32[..., D] -> f32[..., V]."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        w = self.lm_head.kernel[...].astype(self.cfg.dtype)
+        return jnp.einsum(
+            "...d,dv->...v", hidden.astype(self.cfg.dtype), w, preferred_element_type=jnp.float32
+        )
+
+    def hidden_states(self, input_ids, pixel_values, image_grid_thw, attention_mask):
+        """Final-norm hidden states f32[B, T, D] of a prompt batch (images encoded inside)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        emb = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            emb = self.encode_images(pixel_values, image_grid_thw)
+            pos, _ = self.rope_index(input_ids, image_grid_thw, attention_mask)
+        else:
+            pos = rope.text_positions(attention_mask)
+        x = self.embed(input_ids, emb)
+        h, _ = self.decode(x, pos, attention_mask)
+        return h
+
+    def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
+        """Logits f32[B, T, V] from the numpy outputs of the processor.
+
+        Args:
+          input_ids: i32[B, T]; pixel_values: f32[P, F]; image_grid_thw: i32[I, 3];
+          attention_mask: i32[B, T] (1 = real token).
+        """
+        h = self.hidden_states(input_ids, pixel_values, image_grid_thw, attention_mask)
+        return self.logits(h)
+
+    def token_logprobs(
+        self,
+        input_ids,
+        pixel_values,
+        image_grid_thw,
+        attention_mask,
+        targets: jax.Array,
+        *,
+        chunk_size: int = 128,
+        temperature: float = 1.0,
+    ) -> jax.Array:
+        """log softmax(logits[b, t] / temperature)[targets[b, t]] as f32[B, T].
+
+        For next-token log-probs pass `targets = input_ids` shifted left by one. Computed in
+        sequence chunks of `chunk_size` under `jax.checkpoint`, so neither the forward nor the
+        backward pass holds `f32[B, T, V]`.
+        """
+        h = self.hidden_states(input_ids, pixel_values, image_grid_thw, attention_mask)
+        return chunked_logprobs(self, h, targets, chunk_size=chunk_size, temperature=temperature)
+
+
+def chunked_logprobs(
+    model: QwenVL,
+    hidden: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int = 128,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """f32[B, T] log-probs of `targets` i32[B, T] from hidden states f32[B, T, D], one
+    `[B, chunk, V]` logits block at a time (rematerialised in the backward pass)."""
+    b, t, d = hidden.shape
+    c = min(chunk_size, t)
+    n = -(-t // c)
+    pad = n * c - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets, ((0, 0), (0, pad)))
+    h = h.reshape(b, n, c, d).swapaxes(0, 1)
+    y = y.reshape(b, n, c).swapaxes(0, 1)
+    graphdef, state = nnx.split(model)
+
+    @jax.checkpoint
+    def one(state, hc, yc):
+        m = nnx.merge(graphdef, state)
+        logits = m.logits(hc) / temperature
+        logits = sharding.constrain(
+            logits, ("batch", "length", "act_vocab"), m.cfg.logical_axis_rules
+        )
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
+        return tgt - lse
+
+    out = jax.lax.map(lambda xs: one(state, *xs), (h, y))
+    return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+
+
+def init_cache(cfg: QwenVLConfig, batch: int, length: int, dtype=None) -> Cache:
+    """Zero KV cache: per layer {"k", "v": [B, S, KV, hd]}."""
+    dtype = dtype or cfg.dtype
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+    ]
+
+
+def logical_axes(model_or_state) -> Any:
+    """Pytree of logical axis tuples, one per parameter (from `nnx.Param(logical_axes=...)`)."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    return jax.tree.map(
+        lambda v: v.get_metadata().get("logical_axes"),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def param_shardings(model_or_state, mesh, rules=sharding.DEFAULT_LOGICAL_AXIS_RULES):
+    """Pytree of NamedSharding per parameter from the rules table (odd dims replicated)."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    return jax.tree.map(
+        lambda v: sharding.named_sharding(
+            mesh, v.get_metadata().get("logical_axes"), rules, shape=v.get_value().shape
+        ),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def sequence_names() -> Sequence[str]:
+    """Logical names of the main activation `[B, T, D]`."""
+    return ("batch", "length", "act_embed")
