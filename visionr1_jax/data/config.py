@@ -23,6 +23,9 @@ def data_config() -> ml_collections.ConfigDict:
       min_pixels, max_pixels: image area bounds of the Qwen2-VL smart resize (SPEC §5).
       bad_data: ``skip`` (count, log the id, go on) or ``error`` (scan before training, stop
         at the first bad record with its id and reason).
+      max_prompt_len: longest prompt in tokens (image tokens included); longer is bad data.
+      length_buckets, patch_buckets: allowed padded prompt lengths T and per-image patch counts
+        S (each a compile shape); empty: one bucket, max_prompt_len / the max_pixels maximum.
       min_instances, max_instances: kept range of boxes per record (SPEC §6: 1..30); fewer is a
         selection, more is bad data.
       template: prompt template (``qwen25``/``griffon``); frame: answer coordinate frame
@@ -42,6 +45,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.min_pixels = 3136
     c.max_pixels = 401408
     c.bad_data = "skip"
+    c.max_prompt_len = 1024
+    c.length_buckets = ()
+    c.patch_buckets = ()
     c.min_instances = 1
     c.max_instances = 30
     c.template = "qwen25"
@@ -80,6 +86,16 @@ def validate_data_config(c: ml_collections.ConfigDict, *, num_processes: int = 1
         fail("min_instances", "must be an int >= 0")
     if not isinstance(c.max_instances, int) or c.max_instances < max(1, c.min_instances):
         fail("max_instances", "must be an int >= max(1, min_instances)")
+    if not isinstance(c.max_prompt_len, int) or c.max_prompt_len <= 0:
+        fail("max_prompt_len", "must be a positive int")
+    for key in ("length_buckets", "patch_buckets"):
+        values = tuple(c[key])
+        if not all(isinstance(v, int) and v > 0 for v in values):
+            fail(key, "must be a tuple of positive ints (empty: one bucket)")
+    if any(v % 4 for v in c.patch_buckets):
+        fail("patch_buckets", "must be multiples of merge_size**2 = 4")
+    if tuple(c.length_buckets) and max(c.length_buckets) < c.max_prompt_len:
+        fail("length_buckets", "largest must be >= max_prompt_len")
     if c.template not in templates.TEMPLATES:
         fail("template", f"must be one of {templates.TEMPLATES}")
     if c.frame is not None and c.frame not in templates.FRAMES:

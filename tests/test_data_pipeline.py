@@ -1,0 +1,265 @@
+"""Input pipeline: parity with the HF processor, determinism, exact resume, global arrays,
+and per-host sharding with 2 real JAX processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from visionr1_jax import processing
+from visionr1_jax.data import data_config, pipeline, records
+from visionr1_jax.data.builders import synthetic_shapes
+from visionr1_jax.models import tiny
+
+MAX_PIXELS = 112 * 112
+
+
+def make_processor(max_pixels: int = MAX_PIXELS):
+    tok = tiny.small_tokenizer()
+    tok.chat_template = processing.CHAT_TEMPLATE
+    return processing.build_processor(tok, min_pixels=3136, max_pixels=max_pixels)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_processor()
+
+
+def shapes_source(tmp_path_factory, name: str, **kw):
+    config = synthetic_shapes.ShapesConfig(name=name, **kw)
+    data_dir = str(tmp_path_factory.mktemp(name))
+    builder = synthetic_shapes.SyntheticShapes(config=config, data_dir=data_dir)
+    builder.download_and_prepare()
+    return builder.as_data_source(), data_dir
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    src, _ = shapes_source(tmp_path_factory, "pipe", num_train=40, num_validation=8)
+    return src["train"]
+
+
+def cfg(**overrides):
+    c = data_config()
+    c.batch_size = 4
+    c.max_pixels = MAX_PIXELS
+    c.max_prompt_len = 160
+    c.update(overrides)
+    return c
+
+
+def take(pipe, n):
+    return [next(pipe) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.record_ids == y.record_ids
+        for key in pipeline.ARRAY_KEYS:
+            np.testing.assert_array_equal(x.arrays[key], y.arrays[key], err_msg=key)
+
+
+def test_encoder_matches_the_hf_processor(tmp_path_factory):
+    # Images of several sizes and aspect ratios, resized by smart resize within the bounds.
+    proc = make_processor(max_pixels=200 * 28 * 28)
+    c = cfg(max_pixels=200 * 28 * 28, max_prompt_len=512)
+    enc = pipeline.Encoder(proc, c)
+    rng = np.random.default_rng(0)
+    for h, w in [(100, 100), (37, 290), (480, 640), (333, 77)]:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(buf, format="PNG")
+        record = records.make_record(
+            record_id=f"r{h}x{w}", image=buf.getvalue(), width=w, height=h, task="grounding",
+            template="qwen25", categories=["cat"], boxes=[[1, 1, 20, 30]], labels=["cat"],
+            label_map={"cat": 7}, source="test",
+        )  # fmt: skip
+        ex = enc.encode(record)
+        assert isinstance(ex, pipeline.Example), ex
+        text = processing.render_prompt(proc, records.as_text(record["prompt"]))
+        image = Image.open(io.BytesIO(record["image"])).convert("RGB")
+        ref = processing.encode_batch(proc, [text], [[image]])
+        np.testing.assert_array_equal(ex.input_ids, ref["input_ids"][0])
+        np.testing.assert_array_equal(ex.grid_thw, ref["image_grid_thw"][0])
+        np.testing.assert_allclose(ex.pixel_values, ref["pixel_values"], atol=1e-5)
+        h_in, w_in = ex.input_size
+        assert (h_in, w_in) == (ex.grid_thw[1] * 14, ex.grid_thw[2] * 14)
+        assert 3136 <= h_in * w_in <= 200 * 28 * 28
+        assert ex.image_size == (h, w)
+        np.testing.assert_array_equal(ex.classes, [7])
+
+
+def test_batches_have_static_shapes_and_the_records_ground_truth(processor, shapes):
+    pipe = pipeline.InputPipeline(cfg(), processor, source=shapes, process_index=0,
+                                  process_count=1)  # fmt: skip
+    by_id = {records.as_text(shapes[i]["id"]): shapes[i] for i in range(len(shapes))}
+    for batch in take(pipe, 3):
+        a = batch.arrays
+        assert a["input_ids"].shape == (4, 160) and a["pixel_values"].shape == (4, 64, 1176)
+        assert a["gt_boxes"].shape == (4, 30, 4) and a["valid"].all()
+        for i, rid in enumerate(batch.record_ids):
+            r = by_id[rid]
+            n = len(r["boxes"])
+            np.testing.assert_array_equal(a["gt_boxes"][i, :n], r["boxes"])
+            assert a["gt_mask"][i].sum() == n
+            lm = json.loads(records.as_text(r["label_map"]))
+            assert a["gt_classes"][i, :n].tolist() == [
+                lm[x] for x in records.text_list(r["labels"])
+            ]
+            assert batch.labels[i] == tuple(records.text_list(r["labels"]))
+            assert a["image_size"][i].tolist() == [112, 112]
+            assert a["input_size"][i].tolist() == [112, 112]
+            k = a["attention_mask"][i].sum()
+            assert a["attention_mask"][i, -k:].all()  # left padded
+            assert batch.prompts[i] == records.as_text(r["prompt"])
+    pipe.close()
+
+
+def test_same_seed_same_batches_other_seed_other_order(processor, shapes):
+    def run(seed):
+        pipe = pipeline.InputPipeline(cfg(seed=seed), processor, source=shapes,
+                                      process_index=0, process_count=1)  # fmt: skip
+        out = take(pipe, 12)  # 48 records: crosses the 40-record epoch boundary
+        pipe.close()
+        return out
+
+    a, b, other = run(3), run(3), run(4)
+    assert_same_batches(a, b)
+    ids = [rid for batch in a for rid in batch.record_ids]
+    assert sorted(ids[:40]) == sorted(records.as_text(shapes[i]["id"]) for i in range(40))
+    assert ids[40:48] != ids[:8]  # epoch 2 is reshuffled
+    assert ids != [rid for batch in other for rid in batch.record_ids]
+
+
+@pytest.mark.parametrize("threads,prefetch", [(2, 2), (0, 0)])
+def test_resume_exactly_from_a_saved_state_mid_epoch(processor, shapes, threads, prefetch):
+    c = cfg(num_threads=threads, prefetch=prefetch)
+    pipe = pipeline.InputPipeline(c, processor, source=shapes, process_index=0, process_count=1)
+    take(pipe, 3)  # 12 of 40 records: mid-epoch
+    state = pipe.get_state()
+    expected = take(pipe, 9)  # runs into the second epoch
+    pipe.close()
+    resumed = pipeline.InputPipeline(c, processor, source=shapes, process_index=0,
+                                     process_count=1)  # fmt: skip
+    resumed.set_state(state)
+    assert_same_batches(resumed_batches := take(resumed, 9), expected)
+    assert (
+        resumed_batches[0].record_ids
+        != take(
+            pipeline.InputPipeline(c, processor, source=shapes, process_index=0, process_count=1), 1
+        )[0].record_ids
+    )
+    with pytest.raises(ValueError, match="seed"):
+        pipeline.InputPipeline(cfg(seed=9), processor, source=shapes, process_index=0,
+                               process_count=1).set_state(state)  # fmt: skip
+    resumed.close()
+
+
+def test_finite_epoch_pads_the_last_batch(processor, shapes):
+    pipe = pipeline.InputPipeline(cfg(batch_size=6, num_epochs=1, shuffle=False), processor,
+                                  source=shapes, process_index=0, process_count=1)  # fmt: skip
+    batches = list(pipe)
+    assert len(batches) == pipe.num_batches == 7  # ceil(40 / 6)
+    ids = [r for b in batches for r in b.record_ids if r]
+    assert ids == [records.as_text(shapes[i]["id"]) for i in range(40)]
+    assert batches[-1].arrays["valid"].tolist() == [True] * 4 + [False] * 2
+    assert not batches[-1].arrays["attention_mask"][4:].any()
+
+
+def test_global_arrays_on_8_devices(processor, shapes):
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), devices=jax.devices()[:8])
+    pipe = pipeline.InputPipeline(cfg(batch_size=8), processor, source=shapes, process_index=0,
+                                  process_count=1)  # fmt: skip
+    batch = next(pipe)
+    arrays = pipeline.global_arrays(batch, mesh)
+    for key in pipeline.ARRAY_KEYS:
+        x = arrays[key]
+        assert x.shape == batch.arrays[key].shape
+        assert x.sharding.spec[0] == ("data", "fsdp")
+        assert len(x.addressable_shards) == 8
+        assert x.addressable_shards[0].data.shape[0] == 1
+        np.testing.assert_array_equal(np.asarray(x), batch.arrays[key])
+    pipe.close()
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                               process_id=int(sys.argv[2]))
+    import numpy as np
+    from jax.experimental import multihost_utils
+    sys.path.insert(0, sys.argv[5])
+    from test_data_pipeline import cfg, make_processor
+    from visionr1_jax.data import pipeline
+
+    c = cfg(batch_size=8, num_epochs=1, name="synthetic_shapes", builder_config="mp",
+            data_dir=sys.argv[3])
+    pipe = pipeline.InputPipeline(c, make_processor())
+    assert pipe.process_index == jax.process_index() and pipe.process_count == 2
+    mesh = jax.make_mesh((8,), ("data",))
+    ids, steps, valid = [], 0, 0
+    for batch in pipe:
+        arrays = pipeline.global_arrays(batch, mesh)
+        assert arrays["valid"].shape == (8,)
+        valid += int(multihost_utils.process_allgather(arrays["valid"], tiled=True).sum())
+        ids += [r for r in batch.record_ids if r]
+        steps += 1
+    out = {"ids": ids, "steps": steps, "valid": valid}
+    with open(os.path.join(sys.argv[4], f"host{jax.process_index()}.json"), "w") as f:
+        json.dump(out, f)
+    """
+)
+
+
+def test_two_processes_see_disjoint_shards_covering_the_split(tmp_path, tmp_path_factory):
+    src, data_dir = shapes_source(tmp_path_factory, "mp", num_train=21, num_validation=2)
+    # The worker opens the dataset by name from data_dir, as a run does.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")  # fmt: skip
+    tests_dir = os.path.dirname(__file__)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                f"127.0.0.1:{port}",
+                str(i),
+                data_dir,
+                str(tmp_path),
+                tests_dir,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+    hosts = [json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2)]
+    a, b = set(hosts[0]["ids"]), set(hosts[1]["ids"])
+    assert not a & b
+    assert a | b == {records.as_text(src["train"][i]["id"]) for i in range(21)}
+    assert len(hosts[0]["ids"]) == 11 and len(hosts[1]["ids"]) == 10
+    assert hosts[0]["steps"] == hosts[1]["steps"] == 3  # ceil(11 / 4), same on both hosts
+    # The global arrays assembled from both hosts' rows hold every record once.
+    assert hosts[0]["valid"] == hosts[1]["valid"] == 21

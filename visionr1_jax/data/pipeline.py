@@ -1,0 +1,625 @@
+"""The input pipeline: tfds records -> static-shape prompt batches -> global arrays on the mesh.
+
+Stages (one host; every host runs the same code on its own shard)::
+
+    tfds.data_source (random access, numpy)
+      -> shard: records [process_index::process_count]      disjoint, union = the split
+      -> shuffle(seed) per epoch, repeat(num_epochs)        grain MapDataset, index-based
+      -> encode (num_threads threads): checks, decode, smart resize into [min_pixels,
+         max_pixels], normalise + patchify (as the HF Qwen2-VL processor), tokenise the chat
+         prompt; a bad record becomes a BadRecord marker
+      -> drop BadRecord markers, count them by kind, log their ids   (resumable counters)
+      -> batch B/P per host, pad to static buckets (prompt length, patches, instances)
+      -> thread prefetch of `prefetch` batches
+      -> global jax.Arrays sharded over the batch axes (make_array_from_process_local_data)
+
+Determinism: the order is a pure function of (seed, epoch, shard); threads only change
+*when* elements are computed, never their order. Resume: ``get_state()`` after any number of
+batches, saved with the checkpoint (one small JSON per host), restores the exact position,
+including the skip counters.
+
+Bad data (``data.bad_data``): ``skip`` drops bad records while running (counted, exported by
+``metrics()``); ``error`` scans the host's shard before the first batch (``preflight``) and
+raises ``BadRecord`` with the record id and the reason. Records with fewer than
+``min_instances`` boxes are a selection, never an error.
+
+Batch layout (per host, b = B / P rows; the global arrays have B rows):
+
+    input_ids       i32[b, T]      left-padded chat prompts, T from ``length_buckets``
+    attention_mask  i32[b, T]
+    pixel_values    f32[b, S, F]   each row's patches (HF layout), zero-padded to S patches
+                                   (``patch_buckets``), F = 3·2·14·14
+    image_grid_thw  i32[b, 3]      (1, h_in/14, w_in/14); zeros for padding rows
+    gt_boxes        f32[b, N, 4]   xyxy in ORIGINAL image pixels, N = max_instances
+    gt_classes      i32[b, N]      label ids from the record's label map (0 = padding)
+    gt_mask         bool[b, N]
+    image_size      i32[b, 2]      original (H, W)
+    input_size      i32[b, 2]      resized model input (h_in, w_in) = grid·14
+    valid           bool[b]        False for padding rows (finite epochs only)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+from grain._src.python.dataset.transformations.prefetch import ThreadPrefetchIterDataset
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from visionr1_jax.data import config as config_lib
+from visionr1_jax.data import records
+
+ARRAY_KEYS = (
+    "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "gt_boxes", "gt_classes",
+    "gt_mask", "image_size", "input_size", "valid",
+)  # fmt: skip
+_PROMPT_SENTINEL = "\x00PROMPT\x00"
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One encoded record (host side, ragged).
+
+    Attributes:
+      input_ids: i32[T_i] chat prompt with the image tokens expanded.
+      pixel_values: f32[S_i, F] patches in the HF processor's layout.
+      grid_thw: i32[3] (1, h_in/14, w_in/14).
+      boxes: f32[N_i, 4] xyxy original pixels. classes: i32[N_i] label ids.
+    """
+
+    record_id: str
+    input_ids: np.ndarray
+    pixel_values: np.ndarray
+    grid_thw: np.ndarray
+    boxes: np.ndarray
+    classes: np.ndarray
+    labels: tuple[str, ...]
+    label_map: dict[str, int]
+    image_size: tuple[int, int]
+    input_size: tuple[int, int]
+    task: str
+    prompt: str
+
+
+class Encoder:
+    """Turns a record into an ``Example`` exactly as the HF Qwen2-VL processor would.
+
+    Resize (smart resize, factor 28, bicubic), rescale, normalise and patchify follow
+    ``Qwen2VLImageProcessorPil``; the prompt is the chat template applied to one image and the
+    record's prompt, with ``<|image_pad|>`` expanded to ``S_i / merge_size²`` tokens. A private
+    copy of the Rust tokenizer is used so that encoding threads never share mutable tokenizer
+    state with the trainer.
+    """
+
+    def __init__(self, processor: Any, c: ml_collections.ConfigDict):
+        from tokenizers import Tokenizer
+
+        ip = processor.image_processor
+        self.patch = int(ip.patch_size)
+        self.merge = int(ip.merge_size)
+        self.temporal = int(ip.temporal_patch_size)
+        self.mean = np.asarray(ip.image_mean, np.float32)
+        self.std = np.asarray(ip.image_std, np.float32)
+        self.rescale = float(ip.rescale_factor)
+        self.min_pixels, self.max_pixels = int(c.min_pixels), int(c.max_pixels)
+        self.limits = records.Limits(int(c.min_instances), int(c.max_instances))
+        self.max_prompt_len = int(c.max_prompt_len)
+        tok = processor.tokenizer
+        self.tokenizer = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        self.image_pad_id = int(tok.convert_tokens_to_ids("<|image_pad|>"))
+        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": _PROMPT_SENTINEL}],
+            }
+        ]
+        chat = tok.apply_chat_template(  # as processing.render_prompt, with the processor's
+            messages,  # template when the tokenizer carries none
+            chat_template=getattr(tok, "chat_template", None) or processor.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        self.chat_prefix, self.chat_suffix = chat.split(_PROMPT_SENTINEL)
+        self.feature_dim = 3 * self.temporal * self.patch**2
+        self.max_patches = self.patches_for(self.max_pixels)
+
+    def patches_for(self, pixels: int) -> int:
+        """Upper bound of S_i for images of at most ``pixels`` pixels (a multiple of merge²)."""
+        unit = self.patch * self.merge
+        return (pixels // unit**2) * self.merge**2
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h_in, w_in) of the smart resize: multiples of 28 within [min_pixels, max_pixels]."""
+        return smart_resize(
+            height,
+            width,
+            factor=self.patch * self.merge,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+
+    def token_ids(self, prompt: str, num_image_tokens: int) -> np.ndarray:
+        """i32[T]: the chat prompt's ids with the single image pad expanded."""
+        ids = self.tokenizer.encode(self.chat_prefix + prompt + self.chat_suffix).ids
+        at = ids.index(self.image_pad_id)
+        return np.asarray(
+            ids[:at] + [self.image_pad_id] * num_image_tokens + ids[at + 1 :], np.int32
+        )
+
+    def pixels(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        """f32[S, F] normalised patches of ``image`` resized to ``size`` = (h_in, w_in)."""
+        h, w = size
+        x = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC), np.float32)
+        x = (x * self.rescale - self.mean) / self.std  # [h, w, 3]
+        p, m = self.patch, self.merge
+        gh, gw = h // p, w // p
+        x = x.reshape(gh // m, m, p, gw // m, m, p, 3)
+        x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, C, p, p)
+        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], self.temporal, p, p))
+        return np.ascontiguousarray(x.reshape(gh * gw, self.feature_dim))
+
+    def check(self, record: Mapping[str, Any], *, draft: bool = True) -> None:
+        """Every check of ``encode`` without the resize: raises ``BadRecord``."""
+        rid = records.as_text(record["id"])
+        reason = records.check_record(record, self.limits)
+        if reason:
+            raise records.BadRecord(rid, reason)
+        records.decode_image(record, draft=draft)
+        h_in, w_in = self.input_size(int(record["height"]), int(record["width"]))
+        n_tokens = (h_in // self.patch) * (w_in // self.patch) // self.merge**2
+        length = len(self.token_ids(records.as_text(record["prompt"]), n_tokens))
+        if length > self.max_prompt_len:
+            raise records.BadRecord(
+                rid, f"prompt_too_long: {length} tokens > max_prompt_len={self.max_prompt_len}"
+            )
+
+    def encode(self, record: Mapping[str, Any]) -> Example | records.BadRecord:
+        """The record's ``Example``, or a ``BadRecord`` marker (never raises on bad data)."""
+        rid = records.as_text(record["id"])
+        try:
+            reason = records.check_record(record, self.limits)
+            if reason:
+                raise records.BadRecord(rid, reason)
+            image = records.decode_image(record)
+            height, width = int(record["height"]), int(record["width"])
+            h_in, w_in = self.input_size(height, width)
+            pixels = self.pixels(image, (h_in, w_in))
+            prompt = records.as_text(record["prompt"])
+            ids = self.token_ids(prompt, pixels.shape[0] // self.merge**2)
+            if len(ids) > self.max_prompt_len:
+                raise records.BadRecord(
+                    rid,
+                    f"prompt_too_long: {len(ids)} tokens > max_prompt_len={self.max_prompt_len}",
+                )
+            labels = tuple(records.text_list(record["labels"]))
+            label_map = json.loads(records.as_text(record["label_map"]))
+            lower = {k.lower(): int(v) for k, v in label_map.items()}
+            return Example(
+                record_id=rid,
+                input_ids=ids,
+                pixel_values=pixels,
+                grid_thw=np.array([1, h_in // self.patch, w_in // self.patch], np.int32),
+                boxes=np.asarray(record["boxes"], np.float32).reshape(-1, 4),
+                classes=np.array([lower[x.lower()] for x in labels], np.int32),
+                labels=labels,
+                label_map=label_map,
+                image_size=(height, width),
+                input_size=(h_in, w_in),
+                task=records.as_text(record["task"]),
+                prompt=prompt,
+            )
+        except records.BadRecord as e:
+            return e
+        except Exception as e:  # anything unforeseen in one record must not stop the run
+            return records.BadRecord(rid, f"encode_failed: {type(e).__name__}: {e}")
+
+
+# ------------------------------------------------------------------------------------ batching
+
+
+def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return int(b)
+    raise ValueError(f"{what} {n} exceeds the largest bucket {max(buckets)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBatch:
+    """This host's rows of one batch: static-shape arrays (see the module docstring) and the
+    ragged host-side ground truth, row-aligned with the arrays (empty strings/dicts for
+    padding rows)."""
+
+    arrays: dict[str, np.ndarray]
+    record_ids: tuple[str, ...]
+    labels: tuple[tuple[str, ...], ...]
+    label_maps: tuple[dict[str, int], ...]
+    tasks: tuple[str, ...]
+    prompts: tuple[str, ...]
+
+    def targets(self) -> list[Any]:
+        """``visionr1_jax.rewards.Target`` per valid row (original-pixel boxes, sizes, map)."""
+        from visionr1_jax.rewards import Target
+
+        a = self.arrays
+        out = []
+        for i in np.nonzero(a["valid"])[0]:
+            n = int(a["gt_mask"][i].sum())
+            out.append(
+                Target(
+                    a["gt_boxes"][i, :n],
+                    list(self.labels[i]),
+                    tuple(int(v) for v in a["image_size"][i]),
+                    tuple(int(v) for v in a["input_size"][i]),
+                    label_to_id=dict(self.label_maps[i]),
+                )
+            )
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Collator:
+    """Pads a list of ``Example`` to a ``HostBatch`` of ``rows`` rows with static shapes.
+
+    Attributes:
+      length_buckets: allowed prompt lengths T. patch_buckets: allowed patch counts S.
+    """
+
+    rows: int
+    length_buckets: tuple[int, ...]
+    patch_buckets: tuple[int, ...]
+    max_instances: int
+    feature_dim: int
+    pad_id: int
+
+    def __call__(self, examples: Sequence[Example]) -> HostBatch:
+        b, n = self.rows, self.max_instances
+        if len(examples) > b:
+            raise ValueError(f"{len(examples)} examples for {b} rows")
+        t = _bucket(
+            max([len(e.input_ids) for e in examples], default=1),
+            self.length_buckets,
+            "prompt length",
+        )
+        s = _bucket(
+            max([len(e.pixel_values) for e in examples], default=1),
+            self.patch_buckets,
+            "patch count",
+        )
+        a = {
+            "input_ids": np.full((b, t), self.pad_id, np.int32),
+            "attention_mask": np.zeros((b, t), np.int32),
+            "pixel_values": np.zeros((b, s, self.feature_dim), np.float32),
+            "image_grid_thw": np.zeros((b, 3), np.int32),
+            "gt_boxes": np.zeros((b, n, 4), np.float32),
+            "gt_classes": np.zeros((b, n), np.int32),
+            "gt_mask": np.zeros((b, n), bool),
+            "image_size": np.zeros((b, 2), np.int32),
+            "input_size": np.zeros((b, 2), np.int32),
+            "valid": np.zeros((b,), bool),
+        }
+        for i, e in enumerate(examples):
+            k, p, m = len(e.input_ids), len(e.pixel_values), len(e.boxes)
+            a["input_ids"][i, t - k :] = e.input_ids  # left padding: prompts end together
+            a["attention_mask"][i, t - k :] = 1
+            a["pixel_values"][i, :p] = e.pixel_values
+            a["image_grid_thw"][i] = e.grid_thw
+            a["gt_boxes"][i, :m] = e.boxes
+            a["gt_classes"][i, :m] = e.classes
+            a["gt_mask"][i, :m] = True
+            a["image_size"][i] = e.image_size
+            a["input_size"][i] = e.input_size
+            a["valid"][i] = True
+        pad = b - len(examples)
+        return HostBatch(
+            arrays=a,
+            record_ids=tuple(e.record_id for e in examples) + ("",) * pad,
+            labels=tuple(e.labels for e in examples) + ((),) * pad,
+            label_maps=tuple(e.label_map for e in examples) + ({},) * pad,
+            tasks=tuple(e.task for e in examples) + ("",) * pad,
+            prompts=tuple(e.prompt for e in examples) + ("",) * pad,
+        )
+
+
+# ------------------------------------------------------------------------- grain: skip & pad
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+    """Drops ``BadRecord`` markers, counting them by kind; the counts are part of the state."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._counts: dict[str, int] = {}
+
+    def __next__(self) -> Example:
+        while True:
+            element = next(self._parent)
+            if not isinstance(element, records.BadRecord):
+                return element
+            self._counts[element.kind] = self._counts.get(element.kind, 0) + 1
+            if element.kind in records.SELECTION_KINDS:
+                logging.log_every_n(logging.INFO, "data: filtered %s (%s)", 100,
+                                    element.record_id, element.reason)  # fmt: skip
+            else:
+                logging.warning(
+                    "data: skipped bad record %s: %s", element.record_id, element.reason
+                )
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "counts": dict(self._counts)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._counts = {str(k): int(v) for k, v in state["counts"].items()}
+
+
+class _SkipBad(grain.IterDataset):
+    def __iter__(self) -> _SkipBadIterator:
+        return _SkipBadIterator(self._parent.__iter__())
+
+
+class _PadToCountIterator(grain.DatasetIterator):
+    """Yields exactly ``count`` batches: the parent's, then all-padding ones (finite epochs),
+    so every host runs the same number of steps whatever its shard size and skips."""
+
+    def __init__(self, parent: grain.DatasetIterator, count: int, empty: HostBatch):
+        super().__init__(parent)
+        self._count, self._empty, self._emitted, self._exhausted = count, empty, 0, False
+
+    def __next__(self) -> HostBatch:
+        if self._emitted >= self._count:
+            raise StopIteration
+        batch = self._empty
+        if not self._exhausted:
+            try:
+                batch = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+        self._emitted += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "emitted": self._emitted,
+                "exhausted": self._exhausted}  # fmt: skip
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._emitted, self._exhausted = int(state["emitted"]), bool(state["exhausted"])
+
+
+class _PadToCount(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, count: int, empty: HostBatch):
+        super().__init__(parent)
+        self._count, self._empty = count, empty
+
+    def __iter__(self) -> _PadToCountIterator:
+        return _PadToCountIterator(self._parent.__iter__(), self._count, self._empty)
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def open_source(c: ml_collections.ConfigDict, split: str | None = None) -> Any:
+    """The random-access tfds source of ``data.name/data.builder_config`` (already built)."""
+    import tensorflow_datasets as tfds
+
+    import visionr1_jax.data.builders  # noqa: F401  (registers the builders)
+
+    return tfds.data_source(
+        f"{c.name}/{c.builder_config}", split=split or c.split, data_dir=c.data_dir,
+        download=False,
+    )  # fmt: skip
+
+
+def shard_indices(num_records: int, process_index: int, process_count: int) -> range:
+    """The record indices of one host: a strided slice, disjoint across hosts, union = all."""
+    return range(process_index, num_records, process_count)
+
+
+def preflight(
+    source: Any, indices: Sequence[int], encoder: Encoder, num_threads: int = 2
+) -> dict[str, int]:
+    """Checks every record of ``indices`` (policy ``error``), before any training step.
+
+    Returns:
+      counts of selected-out records (``too_few_instances``) by kind.
+    Raises:
+      BadRecord: the first bad record in index order, with its id and reason.
+    """
+
+    def one(i: int) -> records.BadRecord | None:
+        try:
+            encoder.check(source[i])
+        except records.BadRecord as e:
+            return e
+        return None
+
+    counts: dict[str, int] = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+        for bad in pool.map(one, indices, chunksize=64):
+            if bad is None:
+                continue
+            if bad.kind not in records.SELECTION_KINDS:
+                raise bad
+            counts[bad.kind] = counts.get(bad.kind, 0) + 1
+    return counts
+
+
+class InputPipeline:
+    """Iterator of ``HostBatch`` for this host, with a checkpointable state.
+
+    Usage::
+
+        pipe = InputPipeline(config.data, processor)
+        pipe.set_state(saved)            # optional: resume
+        batch = next(pipe)               # HostBatch, this host's b = B / P rows
+        arrays = global_arrays(batch, mesh)   # dict of jax.Array with B rows
+        saved = pipe.get_state()         # bytes, store with the checkpoint (per host)
+    """
+
+    def __init__(
+        self,
+        c: ml_collections.ConfigDict,
+        processor: Any,
+        *,
+        source: Any | None = None,
+        split: str | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        config_lib.validate_data_config(c, num_processes=process_count)
+        self.config = c
+        self.process_index, self.process_count = process_index, process_count
+        self.source = open_source(c, split) if source is None else source
+        self.encoder = Encoder(processor, c)
+        self.rows = c.batch_size // process_count
+        indices = shard_indices(len(self.source), process_index, process_count)
+        self.preflight_counts: dict[str, int] = {}
+        if c.bad_data == "error":
+            self.preflight_counts = preflight(self.source, indices, self.encoder, c.num_threads)
+        patch_buckets = tuple(c.patch_buckets) or (self.encoder.max_patches,)
+        length_buckets = tuple(c.length_buckets) or (int(c.max_prompt_len),)
+        if max(patch_buckets) < self.encoder.max_patches:
+            raise ValueError(
+                f"data.patch_buckets: largest {max(patch_buckets)} < {self.encoder.max_patches} "
+                f"patches of a max_pixels={c.max_pixels} image"
+            )
+        self.collate = Collator(
+            rows=self.rows, length_buckets=length_buckets, patch_buckets=patch_buckets,
+            max_instances=int(c.max_instances), feature_dim=self.encoder.feature_dim,
+            pad_id=self.encoder.pad_id,
+        )  # fmt: skip
+
+        ds = grain.MapDataset.source(self.source)[process_index::process_count]
+        shard_len = len(ds)
+        if c.shuffle:
+            ds = ds.shuffle(seed=int(c.seed))
+        ds = ds.repeat(c.num_epochs)
+        ds = ds.map(self.encoder.encode)
+        threads = int(c.num_threads)
+        it = ds.to_iter_dataset(
+            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * self.rows))
+            if threads
+            else grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        )
+        it = _SkipBad(it)
+        finite = c.num_epochs is not None
+        it = it.batch(self.rows, drop_remainder=not finite, batch_fn=self.collate)
+        if finite:
+            # Every host: ceil(largest shard · epochs / b) batches, the last ones padded.
+            largest = math.ceil(len(self.source) / process_count)
+            self.num_batches = math.ceil(largest * c.num_epochs / self.rows)
+            it = _PadToCount(it, self.num_batches, self.collate([]))
+        else:
+            self.num_batches = None
+        if c.prefetch:
+            it = ThreadPrefetchIterDataset(it, prefetch_buffer_size=int(c.prefetch))
+        self.shard_len = shard_len
+        self._dataset = it
+        self._iterator = iter(it)
+
+    def __iter__(self) -> InputPipeline:
+        return self
+
+    def __next__(self) -> HostBatch:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stops the prefetch threads."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def metrics(self) -> dict[str, int]:
+        """Counters for the metrics writer, as of the last batch returned (prefetching never
+        shows): ``data/skipped/<kind>``, ``data/filtered/<kind>``, ``data/skipped_total``."""
+        counts = dict(self.preflight_counts)
+        for kind, n in _find_counts(self._iterator.get_state()).items():
+            counts[kind] = counts.get(kind, 0) + n
+        out: dict[str, int] = {}
+        for kind, n in counts.items():
+            group = "filtered" if kind in records.SELECTION_KINDS else "skipped"
+            out[f"data/{group}/{kind}"] = n
+        out["data/skipped_total"] = sum(
+            n for k, n in counts.items() if k not in records.SELECTION_KINDS
+        )
+        return out
+
+    def get_state(self) -> bytes:
+        """This host's exact position (JSON bytes); restore with ``set_state``."""
+        state = {
+            "iterator": self._iterator.get_state(),
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "seed": int(self.config.seed),
+            "rows": self.rows,
+        }
+        return json.dumps(state, default=_json_default).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Restores a position saved by ``get_state`` with the same data config and host."""
+        s = json.loads(state)
+        for key, mine in (("process_index", self.process_index),
+                          ("process_count", self.process_count),
+                          ("seed", int(self.config.seed)), ("rows", self.rows)):  # fmt: skip
+            if s[key] != mine:
+                raise ValueError(f"iterator state saved with {key}={s[key]}, running with {mine}")
+        self._iterator.set_state(s["iterator"])
+
+
+def _find_counts(state: Any) -> dict[str, int]:
+    """The ``_SkipBadIterator`` counters inside a nested grain iterator state."""
+    if isinstance(state, dict):
+        if "counts" in state and "parent" in state:
+            return dict(state["counts"])
+        for value in state.values():
+            found = _find_counts(value)
+            if found:
+                return found
+    return {}
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def global_arrays(
+    batch: HostBatch, mesh: Any, batch_axes: Sequence[str] = ("data", "fsdp")
+) -> dict[str, Any]:
+    """The batch as global ``jax.Array``s with B = b·P rows, rows sharded over ``batch_axes``
+    (those present in the mesh: the ``batch`` logical axis), other dims replicated.
+
+    Every process passes its own rows; nothing is gathered on one host.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    out = {}
+    for key in ARRAY_KEYS:
+        local = batch.arrays[key]
+        spec = PartitionSpec(axes or None, *([None] * (local.ndim - 1)))
+        shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
+    return out
