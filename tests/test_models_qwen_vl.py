@@ -43,10 +43,12 @@ def test_logits_match_transformers(tmp_path_factory, name):
     assert _max_err(ours, ref, batch["attention_mask"]) <= 1e-4
 
 
-def test_logits_match_transformers_right_padding(tmp_path_factory):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_match_transformers_text_only_row(tmp_path_factory, side):
     path = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl_tiny")
-    batch = testing.prompt_batch(path, padding_side="right", seed=1)
-    assert (batch["attention_mask"][:, -1] == 0).any()
+    batch = testing.prompt_batch(path, padding_side=side, seed=1, text_only_row=True)
+    pad_col = 0 if side == "left" else -1
+    assert (batch["attention_mask"][:, pad_col] == 0).any()
     _, ours = _ours(path, batch)
     assert _max_err(ours, testing.hf_logits(path, batch), batch["attention_mask"]) <= 1e-4
 

@@ -31,10 +31,13 @@ def random_images(rng, sizes):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
-def prompt_batch(path: str, *, padding_side: str = "left", seed: int = 0):
+def prompt_batch(
+    path: str, *, padding_side: str = "left", seed: int = 0, text_only_row: bool = False
+):
     """A processor batch mixing image sizes, a two-image prompt, a one-image prompt and padding.
 
-    Returns the numpy dict of `processing.encode_batch` (3 rows, 4 images).
+    Returns the numpy dict of `processing.encode_batch` (3 rows, 4 images; plus a row without
+    image if `text_only_row`).
     """
     import numpy as np
 
@@ -48,9 +51,11 @@ def prompt_batch(path: str, *, padding_side: str = "left", seed: int = 0):
         processing.render_prompt(proc, "hi", num_images=1),
         processing.render_prompt(proc, "Find the red square please.", num_images=1),
     ]
-    return processing.encode_batch(
-        proc, texts, [ims[:2], ims[2:3], ims[3:]], padding_side=padding_side
-    )
+    images = [ims[:2], ims[2:3], ims[3:]]
+    if text_only_row:
+        texts.append(processing.render_prompt(proc, "No picture in this one.", num_images=0))
+        images.append([])
+    return processing.encode_batch(proc, texts, images, padding_side=padding_side)
 
 
 def hf_logits(path: str, batch, hf_model=None):
