@@ -430,14 +430,19 @@ def shard_indices(num_records: int, process_index: int, process_count: int) -> r
 
 
 def preflight(
-    source: Any, indices: Sequence[int], encoder: Encoder, num_threads: int = 2
+    source: Any,
+    indices: Sequence[int],
+    encoder: Encoder,
+    num_threads: int = 2,
+    max_listed: int = 20,
 ) -> dict[str, int]:
     """Checks every record of ``indices`` (policy ``error``), before any training step.
 
     Returns:
       counts of selected-out records (``too_few_instances``) by kind.
     Raises:
-      BadRecord: the first bad record in index order, with its id and reason.
+      BadRecord: the first bad record in index order, with its id and reason; the message
+        also lists up to ``max_listed`` others (all are logged).
     """
 
     def one(i: int) -> records.BadRecord | None:
@@ -448,13 +453,22 @@ def preflight(
         return None
 
     counts: dict[str, int] = {}
+    bad: list[records.BadRecord] = []
     with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-        for bad in pool.map(one, indices, chunksize=64):
-            if bad is None:
+        for found in pool.map(one, indices):
+            if found is None:
                 continue
-            if bad.kind not in records.SELECTION_KINDS:
-                raise bad
-            counts[bad.kind] = counts.get(bad.kind, 0) + 1
+            if found.kind in records.SELECTION_KINDS:
+                counts[found.kind] = counts.get(found.kind, 0) + 1
+            else:
+                bad.append(found)
+    if bad:
+        first = bad[0]
+        others = "; ".join(f"{b.record_id}: {b.reason}" for b in bad[1:max_listed])
+        more = f" [{len(bad)} bad records in all; also {others}]" if others else ""
+        for b in bad:
+            logging.error("data: bad record %s: %s", b.record_id, b.reason)
+        raise records.BadRecord(first.record_id, first.reason + more)
     return counts
 
 
@@ -550,9 +564,7 @@ class InputPipeline:
     def metrics(self) -> dict[str, int]:
         """Counters for the metrics writer, as of the last batch returned (prefetching never
         shows): ``data/skipped/<kind>``, ``data/filtered/<kind>``, ``data/skipped_total``."""
-        counts = dict(self.preflight_counts)
-        for kind, n in _find_counts(self._iterator.get_state()).items():
-            counts[kind] = counts.get(kind, 0) + n
+        counts = _find_counts(self._iterator.get_state())
         out: dict[str, int] = {}
         for kind, n in counts.items():
             group = "filtered" if kind in records.SELECTION_KINDS else "skipped"
