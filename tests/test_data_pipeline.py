@@ -66,7 +66,8 @@ def assert_same_batches(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.record_ids == y.record_ids
-        for key in pipeline.ARRAY_KEYS:
+        assert x.arrays.keys() == y.arrays.keys()
+        for key in x.arrays:
             np.testing.assert_array_equal(x.arrays[key], y.arrays[key], err_msg=key)
 
 
@@ -74,6 +75,10 @@ def test_encoder_matches_the_hf_processor(tmp_path_factory):
     # Images of several sizes and aspect ratios, resized by smart resize within the bounds.
     proc = make_processor(max_pixels=200 * 28 * 28)
     c = cfg(max_pixels=200 * 28 * 28, max_prompt_len=512)
+    enc = pipeline.Encoder(proc, c)
+    enc_u8 = pipeline.Encoder(proc, cfg(max_pixels=200 * 28 * 28, max_prompt_len=512,
+                                        pixels="uint8"))  # fmt: skip
+    c.pixels = "float32"
     enc = pipeline.Encoder(proc, c)
     rng = np.random.default_rng(0)
     for h, w in [(100, 100), (37, 290), (480, 640), (333, 77)]:
@@ -92,6 +97,12 @@ def test_encoder_matches_the_hf_processor(tmp_path_factory):
         np.testing.assert_array_equal(ex.input_ids, ref["input_ids"][0])
         np.testing.assert_array_equal(ex.grid_thw, ref["image_grid_thw"][0])
         np.testing.assert_allclose(ex.pixel_values, ref["pixel_values"], atol=1e-5)
+        # uint8 transport + on-device normalisation gives the same pixel_values.
+        raw = enc_u8.encode(record)
+        assert raw.pixel_values.dtype == np.uint8 and raw.pixel_values.shape[1] == 3 * 14 * 14
+        on_device = jax.jit(enc_u8.normalizer)(raw.pixel_values)
+        np.testing.assert_allclose(np.asarray(on_device), ref["pixel_values"], atol=1e-5)
+        np.testing.assert_array_equal(raw.input_ids, ex.input_ids)
         h_in, w_in = ex.input_size
         assert (h_in, w_in) == (ex.grid_thw[1] * 14, ex.grid_thw[2] * 14)
         assert 3136 <= h_in * w_in <= 200 * 28 * 28
@@ -105,7 +116,7 @@ def test_batches_have_static_shapes_and_the_records_ground_truth(processor, shap
     by_id = {records.as_text(shapes[i]["id"]): shapes[i] for i in range(len(shapes))}
     for batch in take(pipe, 3):
         a = batch.arrays
-        assert a["input_ids"].shape == (4, 160) and a["pixel_values"].shape == (4, 64, 1176)
+        assert a["input_ids"].shape == (4, 160) and a["pixel_patches"].shape == (4, 64, 588)
         assert a["gt_boxes"].shape == (4, 30, 4) and a["valid"].all()
         for i, rid in enumerate(batch.record_ids):
             r = by_id[rid]
@@ -178,17 +189,19 @@ def test_finite_epoch_pads_the_last_batch(processor, shapes):
 
 def test_global_arrays_on_8_devices(processor, shapes):
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), devices=jax.devices()[:8])
-    pipe = pipeline.InputPipeline(cfg(batch_size=8), processor, source=shapes, process_index=0,
-                                  process_count=1)  # fmt: skip
+    kw = dict(source=shapes, process_index=0, process_count=1)
+    pipe = pipeline.InputPipeline(cfg(batch_size=8), processor, **kw)
+    host_f32 = next(pipeline.InputPipeline(cfg(batch_size=8, pixels="float32"), processor, **kw))
     batch = next(pipe)
-    arrays = pipeline.global_arrays(batch, mesh)
-    for key in pipeline.ARRAY_KEYS:
-        x = arrays[key]
-        assert x.shape == batch.arrays[key].shape
+    arrays = pipe.global_arrays(batch, mesh)
+    assert set(arrays) == set(pipeline.ARRAY_KEYS) | {"pixel_values"}
+    for key, x in arrays.items():
+        expected = batch.arrays[key] if key != "pixel_values" else host_f32.arrays[key]
+        assert x.shape == expected.shape and x.dtype == expected.dtype
         assert x.sharding.spec[0] == ("data", "fsdp")
         assert len(x.addressable_shards) == 8
         assert x.addressable_shards[0].data.shape[0] == 1
-        np.testing.assert_array_equal(np.asarray(x), batch.arrays[key])
+        np.testing.assert_allclose(np.asarray(x), expected, atol=1e-5, err_msg=key)
     pipe.close()
 
 
@@ -211,7 +224,7 @@ _WORKER = textwrap.dedent(
     mesh = jax.make_mesh((8,), ("data",))
     ids, steps, valid = [], 0, 0
     for batch in pipe:
-        arrays = pipeline.global_arrays(batch, mesh)
+        arrays = pipe.global_arrays(batch, mesh)
         assert arrays["valid"].shape == (8,)
         valid += int(multihost_utils.process_allgather(arrays["valid"], tiled=True).sum())
         ids += [r for r in batch.record_ids if r]

@@ -28,7 +28,11 @@ Batch layout (per host, b = B / P rows; the global arrays have B rows):
     input_ids       i32[b, T]      left-padded chat prompts, T from ``length_buckets``
     attention_mask  i32[b, T]
     pixel_values    f32[b, S, F]   each row's patches (HF layout), zero-padded to S patches
-                                   (``patch_buckets``), F = 3·2·14·14
+                                   (``patch_buckets``), F = 3·2·14·14        (pixels=float32)
+    pixel_patches   u8[b, S, F/2]  the same patches before rescale/normalise and without the
+                                   temporal copy (pixels=uint8, the default): 8x less host
+                                   work and transfer; ``global_arrays`` turns them into
+                                   ``pixel_values`` on the devices (``PixelNormalizer``)
     image_grid_thw  i32[b, 3]      (1, h_in/14, w_in/14); zeros for padding rows
     gt_boxes        f32[b, N, 4]   xyxy in ORIGINAL image pixels, N = max_instances
     gt_classes      i32[b, N]      label ids from the record's label map (0 = padding)
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -59,9 +64,10 @@ from visionr1_jax.data import config as config_lib
 from visionr1_jax.data import records
 
 ARRAY_KEYS = (
-    "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "gt_boxes", "gt_classes",
-    "gt_mask", "image_size", "input_size", "valid",
+    "input_ids", "attention_mask", "image_grid_thw", "gt_boxes", "gt_classes", "gt_mask",
+    "image_size", "input_size", "valid",
 )  # fmt: skip
+PIXEL_KEYS = {"float32": "pixel_values", "uint8": "pixel_patches"}
 _PROMPT_SENTINEL = "\x00PROMPT\x00"
 
 
@@ -74,7 +80,8 @@ class Example:
 
     Attributes:
       input_ids: i32[T_i] chat prompt with the image tokens expanded.
-      pixel_values: f32[S_i, F] patches in the HF processor's layout.
+      pixel_values: f32[S_i, F] patches in the HF processor's layout, or u8[S_i, F/2] raw
+        patches (``pixels=uint8``).
       grid_thw: i32[3] (1, h_in/14, w_in/14).
       boxes: f32[N_i, 4] xyxy original pixels. classes: i32[N_i] label ids.
     """
@@ -134,6 +141,11 @@ class Encoder:
         )
         self.chat_prefix, self.chat_suffix = chat.split(_PROMPT_SENTINEL)
         self.feature_dim = 3 * self.temporal * self.patch**2
+        self.pixel_format = str(c.pixels)
+        self.normalizer = PixelNormalizer(
+            mean=tuple(float(v) for v in self.mean), std=tuple(float(v) for v in self.std),
+            rescale=self.rescale, temporal=self.temporal,
+        )  # fmt: skip
         self.max_patches = self.patches_for(self.max_pixels)
 
     def patches_for(self, pixels: int) -> int:
@@ -159,17 +171,26 @@ class Encoder:
             ids[:at] + [self.image_pad_id] * num_image_tokens + ids[at + 1 :], np.int32
         )
 
+    def _patch_grid(self, x: np.ndarray) -> np.ndarray:
+        """[h, w, 3] -> [S, 3, p, p] in the HF patch order (gh/m, gw/m, m, m)."""
+        p, m = self.patch, self.merge
+        gh, gw = x.shape[0] // p, x.shape[1] // p
+        x = x.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+        return x.reshape(gh * gw, 3, p, p)
+
+    def raw_patches(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        """u8[S, 3·p·p]: ``image`` resized to ``size`` = (h_in, w_in), cut into patches."""
+        h, w = size
+        x = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC), np.uint8)
+        return np.ascontiguousarray(self._patch_grid(x)).reshape(-1, 3 * self.patch**2)
+
     def pixels(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
         """f32[S, F] normalised patches of ``image`` resized to ``size`` = (h_in, w_in)."""
         h, w = size
         x = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC), np.float32)
-        x = (x * self.rescale - self.mean) / self.std  # [h, w, 3]
-        p, m = self.patch, self.merge
-        gh, gw = h // p, w // p
-        x = x.reshape(gh // m, m, p, gw // m, m, p, 3)
-        x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, C, p, p)
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], self.temporal, p, p))
-        return np.ascontiguousarray(x.reshape(gh * gw, self.feature_dim))
+        x = self._patch_grid((x * self.rescale - self.mean) / self.std)
+        x = np.broadcast_to(x[:, :, None], (x.shape[0], 3, self.temporal, *x.shape[2:]))
+        return np.ascontiguousarray(x.reshape(x.shape[0], self.feature_dim))
 
     def check(self, record: Mapping[str, Any], *, draft: bool = True) -> None:
         """Every check of ``encode`` without the resize: raises ``BadRecord``."""
@@ -196,7 +217,10 @@ class Encoder:
             image = records.decode_image(record)
             height, width = int(record["height"]), int(record["width"])
             h_in, w_in = self.input_size(height, width)
-            pixels = self.pixels(image, (h_in, w_in))
+            if self.pixel_format == "uint8":
+                pixels = self.raw_patches(image, (h_in, w_in))
+            else:
+                pixels = self.pixels(image, (h_in, w_in))
             prompt = records.as_text(record["prompt"])
             ids = self.token_ids(prompt, pixels.shape[0] // self.merge**2)
             if len(ids) > self.max_prompt_len:
@@ -284,6 +308,7 @@ class Collator:
     max_instances: int
     feature_dim: int
     pad_id: int
+    pixel_format: str = "float32"
 
     def __call__(self, examples: Sequence[Example]) -> HostBatch:
         b, n = self.rows, self.max_instances
@@ -302,7 +327,6 @@ class Collator:
         a = {
             "input_ids": np.full((b, t), self.pad_id, np.int32),
             "attention_mask": np.zeros((b, t), np.int32),
-            "pixel_values": np.zeros((b, s, self.feature_dim), np.float32),
             "image_grid_thw": np.zeros((b, 3), np.int32),
             "gt_boxes": np.zeros((b, n, 4), np.float32),
             "gt_classes": np.zeros((b, n), np.int32),
@@ -311,11 +335,16 @@ class Collator:
             "input_size": np.zeros((b, 2), np.int32),
             "valid": np.zeros((b,), bool),
         }
+        key = PIXEL_KEYS[self.pixel_format]
+        if self.pixel_format == "uint8":
+            a[key] = np.zeros((b, s, self.feature_dim // 2), np.uint8)
+        else:
+            a[key] = np.zeros((b, s, self.feature_dim), np.float32)
         for i, e in enumerate(examples):
             k, p, m = len(e.input_ids), len(e.pixel_values), len(e.boxes)
             a["input_ids"][i, t - k :] = e.input_ids  # left padding: prompts end together
             a["attention_mask"][i, t - k :] = 1
-            a["pixel_values"][i, :p] = e.pixel_values
+            a[key][i, :p] = e.pixel_values
             a["image_grid_thw"][i] = e.grid_thw
             a["gt_boxes"][i, :m] = e.boxes
             a["gt_classes"][i, :m] = e.classes
@@ -480,7 +509,7 @@ class InputPipeline:
         pipe = InputPipeline(config.data, processor)
         pipe.set_state(saved)            # optional: resume
         batch = next(pipe)               # HostBatch, this host's b = B / P rows
-        arrays = global_arrays(batch, mesh)   # dict of jax.Array with B rows
+        arrays = pipe.global_arrays(batch, mesh)   # dict of jax.Array, B rows
         saved = pipe.get_state()         # bytes, store with the checkpoint (per host)
     """
 
@@ -518,7 +547,7 @@ class InputPipeline:
         self.collate = Collator(
             rows=self.rows, length_buckets=length_buckets, patch_buckets=patch_buckets,
             max_instances=int(c.max_instances), feature_dim=self.encoder.feature_dim,
-            pad_id=self.encoder.pad_id,
+            pad_id=self.encoder.pad_id, pixel_format=str(c.pixels),
         )  # fmt: skip
 
         ds = grain.MapDataset.source(self.source)[process_index::process_count]
@@ -546,6 +575,7 @@ class InputPipeline:
         if c.prefetch:
             it = ThreadPrefetchIterDataset(it, prefetch_buffer_size=int(c.prefetch))
         self.shard_len = shard_len
+        self.normalizer = self.encoder.normalizer
         self._dataset = it
         self._iterator = iter(it)
 
@@ -554,6 +584,10 @@ class InputPipeline:
 
     def __next__(self) -> HostBatch:
         return next(self._iterator)
+
+    def global_arrays(self, batch: HostBatch, mesh: Any, **kw: Any) -> dict[str, Any]:
+        """``global_arrays`` with this pipeline's pixel normaliser."""
+        return global_arrays(batch, mesh, normalizer=self.normalizer, **kw)
 
     def close(self) -> None:
         """Stops the prefetch threads."""
@@ -616,22 +650,63 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class PixelNormalizer:
+    """Raw u8 patches -> the HF processor's ``pixel_values``, jittable (runs on the devices).
+
+    ``pixel_values[..., c, t, :, :] = (patches[..., c, :, :] · rescale − mean[c]) / std[c]``
+    for every temporal copy t, i.e. u8[..., S, 3·p·p] -> f32[..., S, 3·T·p·p].
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    rescale: float
+    temporal: int
+
+    def __call__(self, patches: Any) -> Any:
+        import jax.numpy as jnp
+
+        *lead, s, f = patches.shape
+        x = patches.astype(jnp.float32).reshape(*lead, s, 3, 1, f // 3)
+        mean = jnp.asarray(self.mean, jnp.float32)[:, None, None]
+        std = jnp.asarray(self.std, jnp.float32)[:, None, None]
+        x = (x * jnp.float32(self.rescale) - mean) / std
+        x = jnp.broadcast_to(x, (*lead, s, 3, self.temporal, f // 3))
+        return x.reshape(*lead, s, 3 * self.temporal * (f // 3))
+
+
 def global_arrays(
-    batch: HostBatch, mesh: Any, batch_axes: Sequence[str] = ("data", "fsdp")
+    batch: HostBatch,
+    mesh: Any,
+    batch_axes: Sequence[str] = ("data", "fsdp"),
+    normalizer: PixelNormalizer | None = None,
 ) -> dict[str, Any]:
     """The batch as global ``jax.Array``s with B = b·P rows, rows sharded over ``batch_axes``
     (those present in the mesh: the ``batch`` logical axis), other dims replicated.
 
-    Every process passes its own rows; nothing is gathered on one host.
+    Every process passes its own rows; nothing is gathered on one host. ``pixel_patches``
+    (uint8 mode) are normalised on the devices into ``pixel_values`` f32[B, S, F] with
+    ``normalizer`` (``InputPipeline.normalizer``), so the result always has ``pixel_values``.
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
     axes = tuple(a for a in batch_axes if a in mesh.axis_names)
     out = {}
-    for key in ARRAY_KEYS:
-        local = batch.arrays[key]
+    for key, local in batch.arrays.items():
         spec = PartitionSpec(axes or None, *([None] * (local.ndim - 1)))
         shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
         out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
+    if "pixel_patches" in out:
+        if normalizer is None:
+            raise ValueError("uint8 pixel_patches need the pipeline's PixelNormalizer")
+        patches = out.pop("pixel_patches")
+        out["pixel_values"] = _normalize_jit(normalizer, patches.sharding)(patches)
     return out
+
+
+@functools.cache
+def _normalize_jit(normalizer: PixelNormalizer, sharding: Any) -> Any:
+    import jax
+
+    return jax.jit(normalizer, out_shardings=sharding)
