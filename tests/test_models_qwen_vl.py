@@ -172,3 +172,18 @@ def test_remat_policies_keep_values_and_gradients(tmp_path_factory, policy):
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
     assert len(jax.tree.leaves(g0)) > 50
+
+
+def test_dense_and_block_local_vision_attention_agree(tmp_path_factory):
+    """Block-local vision attention (bound from the processor's max_pixels) equals dense masked
+    attention over the packed patches, and an image above the bound is reported as NaN."""
+    path = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl_mha")  # two full-attention blocks
+    batch = testing.prompt_batch(path)
+    block_model, block = _ours(path, batch)
+    assert block_model.cfg.max_image_patches == 224 * 224 // 14**2
+    assert batch["pixel_values"].shape[0] > block_model.cfg.max_image_patches
+    _, dense = _ours(path, batch, max_image_patches=None)
+    m = batch["attention_mask"].astype(bool)
+    assert _max_err(block, dense, m) <= 1e-5
+    _, poisoned = _ours(path, batch, max_image_patches=16)
+    assert np.isnan(poisoned[m]).any()

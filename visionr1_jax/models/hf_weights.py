@@ -140,6 +140,7 @@ def from_pretrained(
     compute_dtype=None,
     remat_policy: str = "none",
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES,
+    max_image_patches: int | str | None = "auto",
 ) -> QwenVL:
     """Loads a local HF checkpoint directory into a `QwenVL`.
 
@@ -151,13 +152,19 @@ def from_pretrained(
       compute_dtype: activation/matmul dtype (default: `dtype`).
       remat_policy: one of `qwen_vl.REMAT_POLICIES`.
       rules: logical axis rules.
+      max_image_patches: static bound on patches per image for block-local vision attention;
+        "auto" reads the processor's `max_pixels` from `preprocessor_config.json`, None means
+        dense attention over all packed patches.
     """
+    if max_image_patches == "auto":
+        max_image_patches = _max_patches_from_processor(path)
     cfg = QwenVLConfig.from_pretrained(
         path,
         param_dtype=dtype,
         dtype=compute_dtype or dtype,
         remat_policy=remat_policy,
         logical_axis_rules=rules,
+        max_image_patches=max_image_patches,
     )
     files = SafetensorsDir(path)
     abstract = abstract_model(cfg)
@@ -184,6 +191,19 @@ def from_pretrained(
     for pth, var in flat:
         var.set_value(values[pth])
     return nnx.merge(graphdef, state)
+
+
+def _max_patches_from_processor(path: str) -> int | None:
+    """max_pixels / patch_size**2 of the checkpoint's image processor, if it was saved."""
+    fname = os.path.join(path, "preprocessor_config.json")
+    if not os.path.exists(fname):
+        return None
+    with open(fname, encoding="utf-8") as f:
+        pre = json.load(f)
+    max_pixels = pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge")
+    if not max_pixels:
+        return None
+    return int(max_pixels) // int(pre.get("patch_size", 14)) ** 2
 
 
 def _sharded_array(tensor, transform, is_linear, shape, np_dtype, sh) -> jax.Array:

@@ -87,6 +87,10 @@ class QwenVLConfig:
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32  # compute dtype
     remat_policy: str = "none"
+    # Static bound on patches per image frame (the processor's max_pixels / patch_size**2); the
+    # vision tower then attends in blocks of this size instead of over all packed patches.
+    # None: dense attention over the packed sequence. An image above the bound yields NaN.
+    max_image_patches: int | None = None
     logical_axis_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
 
@@ -276,14 +280,51 @@ class VisionAttention(nnx.Module):
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), bias=True, cfg=cfg, rngs=rngs)
         self.num_heads = cfg.vision_num_heads
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segments, block):
         p, d = x.shape
         hd = d // self.num_heads
         qkv = self.qkv(x).reshape(p, 3, self.num_heads, hd)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-        o = _attention(q[None], k[None], v[None], mask[None, None], hd**-0.5)[0]
+        o = segment_attention(q, k, v, segments, block, hd**-0.5)
         return self.proj(o.reshape(p, d).astype(x.dtype))
+
+
+def segment_attention(q, k, v, segments, block: int, scale: float) -> jax.Array:
+    """Attention restricted to equal segment ids, for *contiguous* segments of length <= block.
+
+    The sequence is cut into blocks of `block` tokens; a segment then lies within two adjacent
+    blocks, so each query block attends only to its own and its two neighbouring key blocks:
+    cost P * 3 * block instead of P^2, exact for any packing.
+
+    Args:
+      q, k, v: [P, H, D]; segments: i32[P] non-decreasing ids; block: static segment bound.
+    Returns:
+      f32[P, H, D].
+    """
+    p = q.shape[0]
+    if block >= p:
+        mask = segments[:, None] == segments[None, :]
+        return _attention(q[None], k[None], v[None], mask[None, None], scale)[0]
+    nb = -(-p // block)
+    pad = nb * block - p
+    # Fresh ids for padding so that padded queries attend only to themselves.
+    seg = jnp.concatenate([segments, -1 - jnp.arange(pad, dtype=segments.dtype)])
+    none = jnp.full((block,), jnp.iinfo(jnp.int32).min, segments.dtype)
+    seg_k = jnp.concatenate([none, seg, none]).reshape(nb + 2, block)
+
+    def blocks(x):
+        return jnp.pad(x, ((0, pad), (0, 0), (0, 0))).reshape(nb, block, *x.shape[1:])
+
+    def neighbours(x):
+        xp = jnp.pad(x, ((1, 1), (0, 0), (0, 0), (0, 0)))
+        return jnp.concatenate([xp[:-2], xp[1:-1], xp[2:]], axis=1)  # [nb, 3 * block, H, D]
+
+    qb, kb, vb = blocks(q), neighbours(blocks(k)), neighbours(blocks(v))
+    seg_kb = jnp.concatenate([seg_k[:-2], seg_k[1:-1], seg_k[2:]], axis=1)
+    mask = seg.reshape(nb, block)[:, None, :, None] == seg_kb[:, None, None, :]
+    o = _attention(qb, kb, vb, mask, scale)  # [nb, block, H, D]
+    return o.reshape(nb * block, *q.shape[1:])[:p]
 
 
 class VisionBlock(nnx.Module):
@@ -295,8 +336,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, rngs)
         self.mlp = VisionMLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, segments, block):
+        x = x + self.attn(self.norm1(x), cos, sin, segments, block)
         return x + self.mlp(self.norm2(x))
 
 
@@ -382,22 +423,47 @@ class VisionTower(nnx.Module):
         cfg = self.cfg
         n = pixel_values.shape[0]
         lay = vision_layout(grid_thw, n, cfg)
-        same = (lay["image"][:, None] == lay["image"][None]) & (
-            lay["frame"][:, None] == lay["frame"][None]
+        windowed = cfg.family == "qwen2_5_vl" and any(
+            i not in cfg.fullatt_block_indexes for i in range(cfg.vision_depth)
         )
-        window = (
-            same
-            & (lay["win_h"][:, None] == lay["win_h"][None])
-            & (lay["win_w"][:, None] == lay["win_w"][None])
-        )
+        # Window order (transformers' `window_index`): windows row-major inside each image,
+        # patches in original order inside a window. Images stay contiguous, so the same
+        # order serves the full-attention blocks; it is undone after the merger.
+        if windowed:
+            order = jnp.lexsort((lay["win_w"], lay["win_h"], lay["frame"], lay["image"]))
+            lay = {k: v[order] for k, v in lay.items()}
+        pad = jnp.arange(n) >= jnp.sum(jnp.prod(grid_thw, axis=-1))
+
+        def segment_ids(*keys):
+            change = (
+                jnp.zeros(n, bool)
+                .at[1:]
+                .set(jnp.any(jnp.stack([k[1:] != k[:-1] for k in keys]), axis=0))
+            )
+            return jnp.where(pad, -1 - jnp.arange(n), jnp.cumsum(change)).astype(jnp.int32)
+
+        full_seg = segment_ids(lay["image"], lay["frame"])
+        win_seg = segment_ids(lay["image"], lay["frame"], lay["win_h"], lay["win_w"])
+        vms = max(cfg.window_size // cfg.spatial_merge_size // cfg.patch_size, 1)
+        win_block = min((vms * cfg.spatial_merge_size) ** 2, n)
+        full_block = n if cfg.max_image_patches is None else min(cfg.max_image_patches, n)
         cos, sin = rope.vision_cos_sin(
             lay["hpos"], lay["wpos"], cfg.vision_head_dim, cfg.vision_rope_theta
         )
-        x = self.patch_embed(pixel_values.astype(cfg.dtype))
+        x = jnp.asarray(pixel_values, cfg.dtype)
+        if windowed:
+            x = x[order]
+        x = self.patch_embed(x)
         x = sharding.constrain(x, ("vision_tokens", "act_embed"), cfg.logical_axis_rules)
         for i, blk in enumerate(self.blocks):
             full = cfg.family == "qwen2_vl" or i in cfg.fullatt_block_indexes
-            x = _maybe_remat(blk, cfg.remat_policy)(x, cos, sin, same if full else window)
+            seg, block = (full_seg, full_block) if full else (win_seg, win_block)
+            x = _maybe_remat(blk, cfg.remat_policy, block=block)(x, cos, sin, seg)
+        if full_block < n:  # an image above the static bound would be silently truncated
+            too_big = jnp.any(grid_thw[:, 1] * grid_thw[:, 2] > full_block)
+            x = jnp.where(too_big, jnp.nan, x)
+        if windowed:
+            x = x[jnp.argsort(order)]
         return self.merger(x)
 
 
@@ -507,20 +573,23 @@ class Embedding(nnx.Module):
         )
 
 
-def _maybe_remat(module, policy: str):
+def _maybe_remat(module, policy: str, **static):
+    """`module(*args, **static)`, under `nnx.remat` unless `policy == "none"`; `static` kwargs
+    (Python ints) stay out of the traced arguments."""
     if policy == "none":
-        return module
-    return _Remat(module, REMAT_POLICIES[policy])
+        return lambda *args: module(*args, **static)
+    return _Remat(module, REMAT_POLICIES[policy], static)
 
 
 class _Remat:
     """Calls `module` under `nnx.remat` with a checkpoint policy."""
 
-    def __init__(self, module, policy):
-        self.module, self.policy = module, policy
+    def __init__(self, module, policy, static):
+        self.module, self.policy, self.static = module, policy, static
 
     def __call__(self, *args):
-        fn = nnx.remat(lambda m, *a: m(*a), policy=self.policy, prevent_cse=True)
+        static = self.static
+        fn = nnx.remat(lambda m, *a: m(*a, **static), policy=self.policy, prevent_cse=True)
         return fn(self.module, *args)
 
 
