@@ -1,0 +1,326 @@
+"""Host-side parsing of model answers into padded box arrays (SPEC §1–2).
+
+The only host hop of the reward: ragged text in, fixed-shape numpy out. The same rules serve
+the reward and the evaluation. Parsing never raises, whatever the string (garbage, truncated,
+10⁶ characters, 10⁴-deep nesting, NaN/Infinity, huge numbers), returns at most ``max_boxes``
+boxes, and every number it returns is finite.
+
+Rules ("official", the released Vision-R1 code):
+
+1. Strip; if the first line starts with ```` ```json ```` drop it; if ```` ``` ```` remains keep the
+   text before it; ``json.loads``.
+2. A list: for each item take ``label`` and ``bbox_2d``; keep it when the box is a list of 4
+   numbers, cast to int in integer frames, with ``x1 < x2`` and ``y1 < y2``. A bad item is
+   skipped, never fatal.
+3. Nothing extracted: fall back to a regex over ``{"bbox_2d": [a, b, c, d], "label": "..."}``
+   items (integers ≤ 1000; decimals in the ``norm01`` frame), same ordering filter.
+4. Labels ``strip().lower()`` are looked up in the sample's label→id map (keys lower-cased);
+   unknown or non-string labels get id 0 (background).
+
+Additions of ours, documented because the reference code has no answer for them: boxes with a
+coordinate beyond ``±max_coord`` in the model's frame are dropped (they would overflow
+float32), and so are NaN / Infinity coordinates (``int()`` rejects them in the reference).
+
+Coordinate frames (config value, never guessed): ``qwen25_abs`` integer pixels of the resized
+model input (``x·W/w_in``), ``rel1000`` integers in 0–1000 (``x·W/1000``), ``norm01`` floats in
+[0, 1] (``x·W``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+FRAMES = ("qwen25_abs", "rel1000", "norm01")
+_INT_FRAMES = ("qwen25_abs", "rel1000")
+
+_FENCE_RE = re.compile(r"```json\n|\n```")
+_INT = r"(\d{1,3}|1000)"
+_ITEM_INT_RE = re.compile(
+    r"\{\"bbox_2d\": \[" + ", ".join([_INT] * 4) + r"\], \"label\": \"([^\"]+)\"\}"
+)
+_DEC = r"(\d+(?:\.\d+)?)"
+_ITEM_DEC_RE = re.compile(
+    r"\{\"bbox_2d\": \[" + ", ".join([_DEC] * 4) + r"\], \"label\": \"([^\"]+)\"\}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Ground truth of one prompt, host side.
+
+    Attributes:
+      boxes: ``float[N, 4]`` xyxy in original-image pixels (``N = 0`` for a negative sample).
+      labels: ``list[str]`` of length ``N``.
+      image_size: ``(height, width)`` of the original image.
+      input_size: ``(height, width)`` of the resized model input (``grid·14``); used by the
+        ``qwen25_abs`` frame.
+      label_to_id: category → id (0 = background). Defaults to the labels numbered from 1 in
+        first-seen order. Keys are matched case-insensitively.
+    """
+
+    boxes: np.ndarray
+    labels: Sequence[str]
+    image_size: tuple[int, int]
+    input_size: tuple[int, int]
+    label_to_id: Mapping[str, int] | None = None
+
+    def __post_init__(self):
+        boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        if not np.all(np.isfinite(boxes)):
+            raise ValueError("Target.boxes must be finite")
+        if len(self.labels) != len(boxes):
+            raise ValueError(
+                f"Target has {len(boxes)} boxes but {len(self.labels)} labels; they must match"
+            )
+        for name in ("image_size", "input_size"):
+            size = tuple(getattr(self, name))
+            if len(size) != 2 or min(size) <= 0:
+                raise ValueError(f"Target.{name} must be (height, width) > 0, got {size}")
+            object.__setattr__(self, name, (int(size[0]), int(size[1])))
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "labels", [str(x) for x in self.labels])
+        if self.label_to_id is None:
+            mapping: dict[str, int] = {}
+            for label in self.labels:
+                mapping.setdefault(label.lower(), len(mapping) + 1)
+        else:
+            mapping = {str(k).lower(): int(v) for k, v in self.label_to_id.items()}
+            missing = [x for x in self.labels if x.lower() not in mapping]
+            if missing:
+                raise ValueError(f"Target labels {missing} are not in label_to_id")
+        object.__setattr__(self, "label_to_id", mapping)
+
+    @property
+    def label_ids(self) -> np.ndarray:
+        """``i32[N]`` ids of the ground-truth labels."""
+        return np.array([self.label_to_id[x.lower()] for x in self.labels], dtype=np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedAnswer:
+    """One parsed completion (host): boxes in the model's frame, as returned by the rules."""
+
+    boxes: list[list[float]]
+    labels: list[object]
+    format_official: float
+    format_strict: float
+    num_dropped: int
+
+
+def strip_fences(text: str) -> str:
+    """Rule 1 up to ``json.loads``: drop a leading ```` ```json ```` line and a closing fence."""
+    lines = text.strip().splitlines()
+    if lines and lines[0].startswith("```json"):
+        text = "\n".join(lines[1:])
+    if "```" in text:
+        text = text.split("```")[0]
+    return text
+
+
+_INVALID = object()
+
+
+def _loads(text: str):
+    """``json.loads`` or ``_INVALID`` (bad JSON, too deep, …); never raises."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _INVALID
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _coords(bbox, frame: str, max_coord: float) -> list[float] | None:
+    """A valid ``[x1, y1, x2, y2]`` in the model's frame, or None (rule 2 + our range guard)."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(c) for c in bbox):
+        return None
+    if not all(math.isfinite(c) for c in bbox):
+        return None
+    values = [int(c) for c in bbox] if frame in _INT_FRAMES else [float(c) for c in bbox]
+    if any(abs(c) > max_coord for c in values):
+        return None
+    if not (values[0] < values[2] and values[1] < values[3]):
+        return None
+    return [float(c) for c in values]
+
+
+def _official_format(data) -> float:
+    """Dual-format check of the released code on the JSON of the fence-stripped text: valid
+    JSON, and every dict item carrying both keys has a 4-element list box. Non-list JSON and
+    ``[]`` pass."""
+    if data is _INVALID:
+        return 0.0
+    if isinstance(data, list):
+        for item in data:
+            if isinstance(item, dict) and "bbox_2d" in item and "label" in item:
+                bbox = item["bbox_2d"]
+                if not (isinstance(bbox, list) and len(bbox) == 4):
+                    return 0.0
+    return 1.0
+
+
+def _strict_format(data, official: float, frame: str, extent: tuple[float, float]) -> float:
+    """The paper's content check on top of the official one: a JSON list whose every item is a
+    dict with ``bbox_2d`` (4 finite numbers, well ordered, inside the image) and ``label``."""
+    if official == 0.0 or not isinstance(data, list):
+        return 0.0
+    width, height = extent
+    for item in data:
+        if not (isinstance(item, dict) and "bbox_2d" in item and "label" in item):
+            return 0.0
+        box = _coords(item["bbox_2d"], frame, max_coord=float("inf"))
+        if box is None:
+            return 0.0
+        x1, y1, x2, y2 = box
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            return 0.0
+    return 1.0
+
+
+def _frame_extent(frame: str, input_size: tuple[int, int]) -> tuple[float, float]:
+    """``(width, height)`` of the image in the model's coordinate frame."""
+    if frame == "qwen25_abs":
+        return float(input_size[1]), float(input_size[0])
+    return (1000.0, 1000.0) if frame == "rel1000" else (1.0, 1.0)
+
+
+def parse_answer(
+    text: str,
+    *,
+    frame: str = "qwen25_abs",
+    input_size: tuple[int, int] = (1, 1),
+    max_boxes: int = 64,
+    max_coord: float = 1e5,
+) -> ParsedAnswer:
+    """Parses one completion by the official rules (module docstring). Never raises."""
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    boxes: list[list[float]] = []
+    labels: list[object] = []
+    answer = strip_fences(text)
+    format_text = _FENCE_RE.sub("", text).strip()
+    data = _loads(answer)
+    format_data = data if format_text == answer.strip() else _loads(format_text)
+    if isinstance(data, list):
+        for item in data:
+            if not isinstance(item, dict):
+                continue
+            box = _coords(item.get("bbox_2d"), frame, max_coord)
+            if box is not None:
+                boxes.append(box)
+                labels.append(item.get("label"))
+    if not boxes:
+        pattern = _ITEM_DEC_RE if frame == "norm01" else _ITEM_INT_RE
+        for match in pattern.finditer(text):
+            box = [float(g) if frame == "norm01" else int(g) for g in match.groups()[:4]]
+            if box[0] < box[2] and box[1] < box[3] and max(box) <= max_coord:
+                boxes.append([float(c) for c in box])
+                labels.append(match.group(5))
+    official = _official_format(format_data)
+    strict = _strict_format(format_data, official, frame, _frame_extent(frame, input_size))
+    dropped = max(len(boxes) - max_boxes, 0)
+    return ParsedAnswer(boxes[:max_boxes], labels[:max_boxes], official, strict, dropped)
+
+
+def label_id(label: object, label_to_id: Mapping[str, int]) -> int:
+    """Rule 4: ``strip().lower()`` lookup; unknown or non-string labels are 0 (background)."""
+    if not isinstance(label, str):
+        return 0
+    return int(label_to_id.get(label.strip().lower(), 0))
+
+
+def to_original_pixels(
+    boxes: np.ndarray, frame: str, image_size: tuple[int, int], input_size: tuple[int, int]
+) -> np.ndarray:
+    """``f[M, 4]`` in the model's frame → ``f32[M, 4]`` xyxy in original-image pixels."""
+    height, width = image_size
+    ext_w, ext_h = _frame_extent(frame, input_size)
+    scale = np.array([width / ext_w, height / ext_h] * 2, dtype=np.float64)
+    return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedBatch:
+    """Padded parse results for ``C`` completions (numpy, host).
+
+    Attributes:
+      boxes: ``f32[C, M, 4]`` xyxy in original-image pixels (0 where padded).
+      labels: ``i32[C, M]`` class ids (0 = unknown / background).
+      valid: ``bool[C, M]``.
+      format_official, format_strict: ``f32[C]`` in {0, 1}, before the negative inversion.
+      num_dropped: ``i32[C]`` boxes beyond ``max_boxes``.
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    format_official: np.ndarray
+    format_strict: np.ndarray
+    num_dropped: np.ndarray
+
+
+def bucket(n: int, cap: int) -> int:
+    """Static size for ``n`` items: the next power of two ≥ max(n, 1), at most ``cap``."""
+    size = 1
+    while size < n:
+        size *= 2
+    return max(1, min(size, max(cap, 1)))
+
+
+def parse_batch(
+    completions: Sequence[str],
+    targets: Sequence[Target],
+    *,
+    frame: str = "qwen25_abs",
+    max_boxes: int = 64,
+    max_coord: float = 1e5,
+    pad_to: int | None = None,
+) -> ParsedBatch:
+    """Parses ``C`` completions against their targets into padded arrays.
+
+    Args:
+      completions: ``C`` strings.
+      targets: ``C`` targets (their image/input sizes and label maps are used).
+      frame: coordinate frame of the answers.
+      max_boxes: per-completion cap on boxes.
+      pad_to: static ``M``; defaults to ``bucket(max boxes found, max_boxes)``.
+    """
+    if len(completions) != len(targets):
+        raise ValueError(f"{len(completions)} completions but {len(targets)} targets")
+    parsed = [
+        parse_answer(
+            text, frame=frame, input_size=t.input_size, max_boxes=max_boxes, max_coord=max_coord
+        )
+        for text, t in zip(completions, targets, strict=True)
+    ]
+    width = pad_to or bucket(max((len(p.boxes) for p in parsed), default=0), max_boxes)
+    count = len(parsed)
+    boxes = np.zeros((count, width, 4), np.float32)
+    labels = np.zeros((count, width), np.int32)
+    valid = np.zeros((count, width), bool)
+    for c, (p, t) in enumerate(zip(parsed, targets, strict=True)):
+        m = min(len(p.boxes), width)
+        if m:
+            boxes[c, :m] = to_original_pixels(
+                np.array(p.boxes[:m]), frame, t.image_size, t.input_size
+            )
+            labels[c, :m] = [label_id(x, t.label_to_id) for x in p.labels[:m]]
+            valid[c, :m] = True
+    return ParsedBatch(
+        boxes=boxes,
+        labels=labels,
+        valid=valid,
+        format_official=np.array([p.format_official for p in parsed], np.float32),
+        format_strict=np.array([p.format_strict for p in parsed], np.float32),
+        num_dropped=np.array([p.num_dropped for p in parsed], np.int32),
+    )
