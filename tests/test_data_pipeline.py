@@ -276,3 +276,24 @@ def test_two_processes_see_disjoint_shards_covering_the_split(tmp_path, tmp_path
     assert hosts[0]["steps"] == hosts[1]["steps"] == 3  # ceil(11 / 4), same on both hosts
     # The global arrays assembled from both hosts' rows hold every record once.
     assert hosts[0]["valid"] == hosts[1]["valid"] == 21
+
+
+def test_device_prefetch_same_batches_and_state_of_the_consumed_position(processor, shapes):
+    mesh = jax.make_mesh((8,), ("data",))
+    kw = dict(source=shapes, process_index=0, process_count=1)
+    direct = take(pipeline.InputPipeline(cfg(batch_size=8), processor, **kw), 6)
+    batches = pipeline.DevicePrefetch(
+        pipeline.InputPipeline(cfg(batch_size=8), processor, **kw), mesh, size=3
+    )
+    got = [next(batches) for _ in range(3)]
+    state = batches.get_state()  # the thread has prefetched further; the state must not show it
+    got += [next(batches) for _ in range(3)]
+    batches.close()
+    assert [b.host.record_ids for b in got] == [b.record_ids for b in direct]
+    for b, d in zip(got, direct, strict=True):
+        np.testing.assert_array_equal(np.asarray(b.arrays["gt_boxes"]), d.arrays["gt_boxes"])
+        assert b.arrays["pixel_values"].shape == (8, 64, 1176)
+    resumed = pipeline.InputPipeline(cfg(batch_size=8), processor, **kw)
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 3), direct[3:])
+    resumed.close()

@@ -49,6 +49,8 @@ import dataclasses
 import functools
 import json
 import math
+import queue
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -595,10 +597,12 @@ class InputPipeline:
         if close is not None:
             close()
 
-    def metrics(self) -> dict[str, int]:
+    def metrics(self, state: bytes | None = None) -> dict[str, int]:
         """Counters for the metrics writer, as of the last batch returned (prefetching never
-        shows): ``data/skipped/<kind>``, ``data/filtered/<kind>``, ``data/skipped_total``."""
-        counts = _find_counts(self._iterator.get_state())
+        shows) or of a saved ``state``: ``data/skipped/<kind>``, ``data/filtered/<kind>``,
+        ``data/skipped_total``."""
+        raw = json.loads(state)["iterator"] if state is not None else self._iterator.get_state()
+        counts = _find_counts(raw)
         out: dict[str, int] = {}
         for kind, n in counts.items():
             group = "filtered" if kind in records.SELECTION_KINDS else "skipped"
@@ -628,6 +632,81 @@ class InputPipeline:
             if s[key] != mine:
                 raise ValueError(f"iterator state saved with {key}={s[key]}, running with {mine}")
         self._iterator.set_state(s["iterator"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBatch:
+    """A batch already on the devices: ``arrays`` (global, see ``global_arrays``), the host
+    rows it came from, and the pipeline state right after it (for the checkpoint)."""
+
+    arrays: dict[str, Any]
+    host: HostBatch
+    state: bytes
+
+
+class DevicePrefetch:
+    """Assembles the next ``size`` batches' global arrays in a background thread, so the
+    transfer (and the on-device pixel normalisation) overlaps the train step.
+
+    Usage::
+
+        pipe = InputPipeline(config.data, processor); pipe.set_state(saved)   # optional
+        batches = DevicePrefetch(pipe, mesh)
+        batch = next(batches)       # DeviceBatch
+        saved = batches.get_state() # position after the last batch returned
+    """
+
+    def __init__(self, pipe: InputPipeline, mesh: Any, size: int = 2, **kw: Any):
+        self._pipe, self._mesh, self._kw = pipe, mesh, kw
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._state = pipe.get_state()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="device_prefetch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for host in self._pipe:
+                item = DeviceBatch(
+                    self._pipe.global_arrays(host, self._mesh, **self._kw), host,
+                    self._pipe.get_state(),
+                )  # fmt: skip
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(StopIteration())
+        except BaseException as e:  # re-raised in the consumer's thread
+            self._queue.put(e)
+
+    def __iter__(self) -> DevicePrefetch:
+        return self
+
+    def __next__(self) -> DeviceBatch:
+        item = self._queue.get()
+        if isinstance(item, StopIteration):
+            self._queue.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        self._state = item.state
+        return item
+
+    def get_state(self) -> bytes:
+        """The pipeline position after the last batch returned (prefetched ones excluded)."""
+        return self._state
+
+    def metrics(self) -> dict[str, int]:
+        return self._pipe.metrics(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pipe.close()
 
 
 def _find_counts(state: Any) -> dict[str, int]:

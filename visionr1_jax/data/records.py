@@ -211,7 +211,8 @@ def decode_image(record: Mapping[str, Any], *, draft: bool = False) -> Image.Ima
         if draft:
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
         image.load()
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except Exception as e:  # PIL raises many types for bad bytes
         raise BadRecord(record_id, f"corrupt_image: {type(e).__name__}: {e}") from None
     expected = (int(record["width"]), int(record["height"]))
