@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -444,3 +446,25 @@ def test_griffon_prompt_round_trip():
         assert templates.parse_griffon_prompt("<image>\n" + griffon) == (task, cats, expr)
     with pytest.raises(ValueError, match="not a Griffon-template prompt"):
         templates.parse_griffon_prompt("What is this?")
+
+
+def test_tfds_build_command_line(tmp_path):
+    """``tfds build`` (through the TF-free wrapper) builds a builder from its manual dir."""
+    root = tmp_path / "coco"
+    jpg = _image(64, 48, seed=3)
+    images = [{"id": 5, "file_name": "5.jpg", "width": 64, "height": 48}]
+    anns = [{"id": 1, "image_id": 5, "category_id": 3, "bbox": [1, 2, 3, 4], "iscrowd": 0}]
+    _write_coco(root, "train2017", images, anns, COCO_CATS, {"5.jpg": jpg})
+    cmd = [sys.executable, "-m", "visionr1_jax.data.tfds_cli", "build", "coco_detection",
+           "--imports", "visionr1_jax.data.builders", "--config", "present",
+           "--data_dir", str(tmp_path / "tfds"), "--manual_dir", str(root),
+           "--file_format", "array_record"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    source = tfds.data_source("coco_detection/present", split="train",
+                              data_dir=str(tmp_path / "tfds"))  # fmt: skip
+    assert len(source) == 1
+    _assert_record(
+        source[0], image=jpg, width=64, height=48, task="detection", prompt=QWEN_DET.format("car"),
+        boxes=[[1, 2, 4, 6]], labels=["car"], label_map={"car": 3}, source="coco_detection",
+    )  # fmt: skip

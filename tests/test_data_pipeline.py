@@ -133,6 +133,12 @@ def test_batches_have_static_shapes_and_the_records_ground_truth(processor, shap
             k = a["attention_mask"][i].sum()
             assert a["attention_mask"][i, -k:].all()  # left padded
             assert batch.prompts[i] == records.as_text(r["prompt"])
+        for i, target in enumerate(batch.targets()):  # the rewards' host type
+            r = by_id[batch.record_ids[i]]
+            np.testing.assert_array_equal(target.boxes, r["boxes"])
+            assert list(target.labels) == records.text_list(r["labels"])
+            assert tuple(target.image_size) == (112, 112) == tuple(target.input_size)
+            assert dict(target.label_to_id) == json.loads(records.as_text(r["label_map"]))
     pipe.close()
 
 
