@@ -1,0 +1,21 @@
+"""Reward demo: scores a handful of hand-written answers and prints the term table.
+
+    python -m visionr1_jax.rewards.demo --config=configs/rewards_demo.py:official
+    python -m visionr1_jax.rewards.demo --config=configs/rewards_demo.py:variant=paper,step=2000
+
+Expect one row per answer (perfect, shifted, duplicated, truncated, garbage, negative, ...)
+with format / recall / precision / total; ``make demo`` runs this until the trainer lands.
+"""
+
+import ml_collections
+
+from visionr1_jax import config_lib, rewards
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = config_lib.parse_arg(arg, variant="official", step=0, switch_step=1500)
+    config = ml_collections.ConfigDict()
+    config.reward = rewards.default_config(args.variant, switch_step=args.switch_step)
+    config.step = args.step
+    config.seed = 0
+    return config

@@ -1,0 +1,103 @@
+"""Shared config pieces and validation (big_vision style).
+
+Every run config is a file in ``configs/`` with ``get_config(arg=None) -> ConfigDict``;
+variants come through ``--config=configs/x.py:variant`` (or ``key=value,key2=value``) and
+single values through ``--config.a.b=value``. ``validate`` runs before anything compiles and
+rejects a bad value with a message naming the key and the allowed range.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from visionr1_jax import rewards
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+def parse_arg(arg: str | None, **defaults):
+    """Parses ``"variant"`` or ``"k=v,k2=v2"`` into a ConfigDict over ``defaults``.
+
+    A bare word sets the first default key; values are cast to the default's type.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    first = next(iter(defaults), None)
+    for item in arg.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            key, value = first, key
+        if key not in defaults:
+            raise ValueError(f"config arg {key!r} is not one of {sorted(defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif defaults[key] is None:
+            out[key] = value
+        else:
+            out[key] = kind(value)
+    return out
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:arg]`` like ``config_flags.DEFINE_config_file`` does."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(f"config file {path!r} not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def mesh_config(ici=(-1, 1, 1), dcn=(1, 1, 1)) -> ml_collections.ConfigDict:
+    """The ``mesh`` section: ICI and DCN parallelism over ``('data', 'fsdp', 'tensor')``; one
+    entry may be -1 (all remaining devices)."""
+    return ml_collections.ConfigDict({"ici_parallelism": tuple(ici), "dcn_parallelism": tuple(dcn)})
+
+
+def _check_parallelism(values, key: str) -> None:
+    values = tuple(values)
+    if len(values) != 3 or not all(isinstance(v, int) and (v >= 1 or v == -1) for v in values):
+        raise ValueError(f"{key}={values!r} must be 3 ints >= 1 over (data, fsdp, tensor); -1 once")
+    if sum(v == -1 for v in values) > 1:
+        raise ValueError(f"{key}={values!r} may hold -1 at most once")
+
+
+def _validate_model(c) -> None:
+    for key in ("param_dtype", "dtype"):
+        if c.get(key) not in _DTYPES:
+            raise ValueError(f"model.{key}={c.get(key)!r} must be one of {list(_DTYPES)}")
+    if c.get("remat_policy") not in _REMAT:
+        raise ValueError(f"model.remat_policy={c.get('remat_policy')!r} must be one of {_REMAT}")
+    chunk = c.get("logprob_chunk")
+    if not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"model.logprob_chunk={chunk!r} must be a positive integer")
+    if c.get("tokenizer") not in ("small", "qwen"):
+        raise ValueError(f"model.tokenizer={c.get('tokenizer')!r} must be 'small' or 'qwen'")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validates every section present; returns the config for chaining."""
+    if "reward" in config:
+        rewards.validate_config(config.reward, "reward")
+    if "data" in config:
+        from visionr1_jax.data.config import validate_data_config
+
+        validate_data_config(config.data)
+    if "model" in config:
+        _validate_model(config.model)
+    if "mesh" in config:
+        _check_parallelism(config.mesh.ici_parallelism, "mesh.ici_parallelism")
+        _check_parallelism(config.mesh.dcn_parallelism, "mesh.dcn_parallelism")
+    for key in ("seed", "total_steps"):
+        if key in config:
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key}={value!r} must be an integer >= 0")
+    return config
