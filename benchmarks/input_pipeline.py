@@ -115,14 +115,15 @@ def demo_source(root: str, n: int) -> tuple[object, list[dict]]:
     return source, rows
 
 
-def reference_throughput(rows: list[dict], processor, repeats: int = 1) -> float:
-    """Samples/s of HF ``datasets`` rows -> chat template -> HF processor, one row at a time."""
+def reference_throughput(rows: list[dict], processor, repeats: int = 1) -> tuple[float, float]:
+    """(samples/s, CPU ms/sample) of HF ``datasets`` rows -> chat template -> HF processor,
+    one row at a time."""
     import datasets
 
     features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string")})
     ds = datasets.Dataset.from_list(rows, features=features)
     n = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         for example in ds:  # decodes the image (PIL) like the trainer's dataloader
             text = processing.render_prompt(processor, example["problem"])
@@ -132,26 +133,29 @@ def reference_throughput(rows: list[dict], processor, repeats: int = 1) -> float
             )  # fmt: skip
             assert out["pixel_values"].shape[0] > 0
             n += 1
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / n
 
 
-def ours_throughput(c, processor, source, num_batches: int) -> tuple[float, float]:
-    """Samples/s of our pipeline in steady state (after the first batch): host batches only
-    (what the reference produces), and including the global arrays on the local devices."""
+def ours_throughput(c, processor, source, num_batches: int) -> tuple[float, float, float]:
+    """Our pipeline in steady state (after the first batch): samples/s and CPU ms/sample (all
+    threads) of host batches (what the reference produces), and samples/s including the
+    global arrays on the local devices."""
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     rates = []
     for to_device in (False, True):
         pipe = pipeline.InputPipeline(c, processor, source=source, process_index=0,
                                       process_count=1)  # fmt: skip
         pipe.global_arrays(next(pipe), mesh)  # compiles the on-device normalisation
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(num_batches):
             batch = next(pipe)
             if to_device:
                 jax.block_until_ready(pipe.global_arrays(batch, mesh))
         rates.append(num_batches * c.batch_size / (time.perf_counter() - start))
+        if not to_device:
+            cpu_ms = 1000 * (time.process_time() - cpu) / (num_batches * c.batch_size)
         pipe.close()
-    return rates[0], rates[1]
+    return rates[0], cpu_ms, rates[1]
 
 
 def wait_per_step(c, processor, source, steps: int, step_ms: float) -> dict[str, float]:
@@ -195,18 +199,23 @@ def wait_per_step(c, processor, source, steps: int, step_ms: float) -> dict[str,
 
 def _compare(name, rows, c, proc, source, rounds, table):
     """Alternates reference and ours ``rounds`` times (the host may be shared: interleaving
-    exposes both to the same load) and records the medians."""
-    refs, ours, devs = [], [], []
+    exposes both to the same load) and records medians: samples/s, the per-round speed-up,
+    and CPU time per sample (which load from other processes barely changes)."""
+    res = {k: [] for k in ("ref", "ref_cpu", "ours", "ours_cpu", "dev", "ratio")}
     for _ in range(rounds):
-        refs.append(reference_throughput(rows, proc))
-        host, dev = ours_throughput(c, proc, source, 2 * len(source) // c.batch_size)
-        ours.append(host)
-        devs.append(dev)
-        print(f"  {name}: reference {refs[-1]:.1f}, ours {host:.1f} (+global {dev:.1f})",
-              flush=True)  # fmt: skip
-    ref, host, dev = (statistics.median(x) for x in (refs, ours, devs))
-    table.append(f"| {name} | {ref:.1f} samples/s | {host:.1f} samples/s | {host / ref:.2f}x "
-                 f"| {dev:.1f} samples/s |")  # fmt: skip
+        ref, ref_cpu = reference_throughput(rows, proc)
+        host, host_cpu, dev = ours_throughput(c, proc, source, 2 * len(source) // c.batch_size)
+        for key, value in zip(res, (ref, ref_cpu, host, host_cpu, dev, host / ref), strict=True):
+            res[key].append(value)
+        print(f"  {name}: reference {ref:.1f}/s ({ref_cpu:.2f} CPU ms), ours {host:.1f}/s "
+              f"({host_cpu:.2f} CPU ms), +global {dev:.1f}/s", flush=True)  # fmt: skip
+    m = {k: statistics.median(v) for k, v in res.items()}
+    table.append(
+        f"| {name} | {m['ref']:.1f}/s, {m['ref_cpu']:.2f} CPU ms | {m['ours']:.1f}/s, "
+        f"{m['ours_cpu']:.2f} CPU ms | {m['ratio']:.2f}x "
+        f"(CPU per sample {m['ref_cpu'] / m['ours_cpu']:.2f}x less) "
+        f"| {m['dev']:.1f}/s |"
+    )
     print(table[-1], flush=True)
 
 
@@ -224,7 +233,8 @@ def main() -> None:
     print(f"host: {os.cpu_count()} cores, load average {os.getloadavg()}, jax {jax.devices()}")
     table = [
         "| scenario | reference: HF datasets + processor, 1 row | ours: host batches "
-        f"(grain, {args.num_threads} threads) | speed-up | ours incl. global arrays (CPU) |",
+        f"(grain, {args.num_threads} threads) | speed-up (median of rounds) "
+        "| ours incl. global arrays (CPU device) |",
         "|---|---|---|---|---|",
     ]
     notes = []
