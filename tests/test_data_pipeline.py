@@ -213,7 +213,7 @@ def test_global_arrays_on_8_devices(processor, shapes):
 
 _WORKER = textwrap.dedent(
     """
-    import json, os, sys
+    import dataclasses, json, os, sys
     import jax
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                                process_id=int(sys.argv[2]))
@@ -230,7 +230,25 @@ _WORKER = textwrap.dedent(
     mesh = jax.make_mesh((8,), ("data",))
     ids, steps, valid = [], 0, 0
     for batch in pipe:
+        if jax.process_index() == 1 and steps == 0:
+            # Host 1 picked a longer prompt bucket this step: host 0 must follow.
+            a = dict(batch.arrays)
+            a["input_ids"] = np.pad(a["input_ids"], ((0, 0), (8, 0)), constant_values=batch.pad_id)
+            a["attention_mask"] = np.pad(a["attention_mask"], ((0, 0), (8, 0)))
+            batch = dataclasses.replace(batch, arrays=a)
+        t_local = batch.arrays["input_ids"].shape[1]
         arrays = pipe.global_arrays(batch, mesh)
+        if steps == 0:
+            ids_all = multihost_utils.process_allgather(arrays["input_ids"], tiled=True)
+            mask_all = multihost_utils.process_allgather(arrays["attention_mask"], tiled=True)
+            assert ids_all.shape == (8, 168), ids_all.shape
+            # Each row ends with the same tokens whatever its host's padding.
+            mine = slice(4 * jax.process_index(), 4 * jax.process_index() + 4)
+            k = batch.arrays["attention_mask"].sum(1)
+            for row, n in zip(range(mine.start, mine.stop), k):
+                local_row = batch.arrays["input_ids"][row - mine.start]
+                np.testing.assert_array_equal(ids_all[row, 168 - n:], local_row[t_local - n:])
+                assert mask_all[row].sum() == n
         assert arrays["valid"].shape == (8,)
         valid += int(multihost_utils.process_allgather(arrays["valid"], tiled=True).sum())
         ids += [r for r in batch.record_ids if r]

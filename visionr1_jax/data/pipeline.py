@@ -275,6 +275,7 @@ class HostBatch:
     label_maps: tuple[dict[str, int], ...]
     tasks: tuple[str, ...]
     prompts: tuple[str, ...]
+    pad_id: int = 0
 
     def targets(self) -> list[Any]:
         """``visionr1_jax.rewards.Target`` per valid row (original-pixel boxes, sizes, map)."""
@@ -362,6 +363,7 @@ class Collator:
             label_maps=tuple(e.label_map for e in examples) + ({},) * pad,
             tasks=tuple(e.task for e in examples) + ("",) * pad,
             prompts=tuple(e.prompt for e in examples) + ("",) * pad,
+            pad_id=self.pad_id,
         )
 
 
@@ -771,8 +773,11 @@ def global_arrays(
     from jax.sharding import NamedSharding, PartitionSpec
 
     axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    arrays = batch.arrays
+    if jax.process_count() > 1:
+        arrays = agree_on_buckets(batch)
     out = {}
-    for key, local in batch.arrays.items():
+    for key, local in arrays.items():
         spec = PartitionSpec(axes or None, *([None] * (local.ndim - 1)))
         shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
         out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
@@ -782,6 +787,25 @@ def global_arrays(
         patches = out.pop("pixel_patches")
         out["pixel_values"] = _normalize_jit(normalizer, patches.sharding)(patches)
     return out
+
+
+def agree_on_buckets(batch: HostBatch) -> dict[str, np.ndarray]:
+    """Pads this host's arrays to the largest prompt length T and patch count S chosen by any
+    host for this step (one small all-gather), so that every host contributes rows of the same
+    shape to the global arrays. Prompts stay left-padded, patches right-padded."""
+    from jax.experimental import multihost_utils
+
+    a = dict(batch.arrays)
+    pixel_key = "pixel_patches" if "pixel_patches" in a else "pixel_values"
+    mine = np.array([a["input_ids"].shape[1], a[pixel_key].shape[1]], np.int64)
+    t, s = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(0)
+    if t > mine[0]:
+        extra = int(t - mine[0])
+        a["input_ids"] = np.pad(a["input_ids"], ((0, 0), (extra, 0)), constant_values=batch.pad_id)
+        a["attention_mask"] = np.pad(a["attention_mask"], ((0, 0), (extra, 0)))
+    if s > mine[1]:
+        a[pixel_key] = np.pad(a[pixel_key], ((0, 0), (0, int(s - mine[1])), (0, 0)))
+    return a
 
 
 @functools.cache
