@@ -321,3 +321,17 @@ def test_device_prefetch_same_batches_and_state_of_the_consumed_position(process
     resumed.set_state(state)
     assert_same_batches(take(resumed, 3), direct[3:])
     resumed.close()
+
+
+def test_state_saved_with_a_checkpoint_directory(processor, shapes, tmp_path):
+    kw = dict(source=shapes, process_index=0, process_count=1)
+    pipe = pipeline.InputPipeline(cfg(), processor, **kw)
+    take(pipe, 2)
+    pipeline.save_state(tmp_path / "step_2", pipe)
+    assert (tmp_path / "step_2" / "data" / "process_0-of-1.json").exists()
+    expected = take(pipe, 2)
+    pipe.close()
+    resumed = pipeline.InputPipeline(cfg(), processor, **kw)
+    pipeline.restore_state(tmp_path / "step_2", resumed)
+    assert_same_batches(take(resumed, 2), expected)
+    resumed.close()

@@ -514,7 +514,8 @@ class InputPipeline:
         pipe.set_state(saved)            # optional: resume
         batch = next(pipe)               # HostBatch, this host's b = B / P rows
         arrays = pipe.global_arrays(batch, mesh)   # dict of jax.Array, B rows
-        saved = pipe.get_state()         # bytes, store with the checkpoint (per host)
+        saved = pipe.get_state()         # bytes, store with the checkpoint (per host):
+        save_state(step_dir, pipe)       # -> step_dir/data/process_{i}-of-{n}.json
     """
 
     def __init__(
@@ -709,6 +710,28 @@ class DevicePrefetch:
         self._stop.set()
         self._thread.join(timeout=5)
         self._pipe.close()
+
+
+def state_path(directory: Any, process_index: int, process_count: int) -> Any:
+    """Where one host's iterator state lives inside a checkpoint step directory."""
+    from etils import epath
+
+    return epath.Path(directory) / "data" / f"process_{process_index}-of-{process_count}.json"
+
+
+def save_state(directory: Any, pipe: InputPipeline | DevicePrefetch) -> None:
+    """Writes this host's iterator state next to the model checkpoint (local or gs://); every
+    host writes its own file, as in grain's orbax handler."""
+    import jax
+
+    path = state_path(directory, jax.process_index(), jax.process_count())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pipe.get_state())
+
+
+def restore_state(directory: Any, pipe: InputPipeline) -> None:
+    """Restores this host's position saved by ``save_state`` (before the first batch)."""
+    pipe.set_state(state_path(directory, pipe.process_index, pipe.process_count).read_bytes())
 
 
 def _find_counts(state: Any) -> dict[str, int]:
