@@ -236,16 +236,19 @@ class LayerNorm(nnx.Module):
 
 
 def _attention(q, k, v, mask, scale):
-    """Softmax attention in float32. q [B, Tq, H, D], k/v [B, S, KV, D], mask bool[B, 1, Tq, S]
-    (or broadcastable); grouped-query heads share K/V without materialising repeats."""
+    """Softmax attention with float32 scores. q [B, Tq, H, D], k/v [B, S, KV, D], mask
+    bool[B, 1, Tq, S] (or broadcastable). The G = H / KV query heads of a group are folded into
+    the query axis (one [G * Tq, S] matmul per KV head), which XLA:CPU runs ~2x faster than a
+    5-D grouped einsum and which needs no repeated K/V."""
     b, tq, h, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, tq, kv, h // kv, d)
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
-    return o.reshape(b, tq, h, d)
+    s_len, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    qx = q.reshape(b, tq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * tq, d)
+    s = jnp.einsum("bkxd,bskd->bkxs", qx, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, :, None], s.reshape(b, kv, g, tq, s_len), jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(b, kv, g * tq, s_len)
+    o = jnp.einsum("bkxs,bskd->bkxd", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(b, kv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
 
 
 # ----------------------------------------------------------------------------- vision

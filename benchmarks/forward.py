@@ -1,0 +1,148 @@
+"""Forward and log-prob throughput: our jitted Flax NNX Qwen-VL vs transformers (PyTorch), CPU.
+
+Both sides get 2 threads, the same tiny checkpoint and the same processor batch (B prompts, one or
+two images each of different sizes, left padding). transformers' log-probs are computed the way
+TRL does it (full logits, `log_softmax`, gather); ours with `QwenVL.token_logprobs` (chunked).
+
+    .venv/bin/python benchmarks/forward.py                  # all tiny configs, batch 8
+    .venv/bin/python benchmarks/forward.py --configs qwen2_5_vl_tiny --batch 16 --tokenizer qwen
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2"
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+
+from visionr1_jax import processing
+from visionr1_jax.models import from_pretrained, tiny
+from visionr1_jax.models.testing import random_images
+
+
+def make_batch(path: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    proc = processing.load_processor(path)
+    rng = np.random.default_rng(seed)
+    sizes = [(100, 150), (224, 168), (60, 60), (300, 120), (140, 140), (112, 224)]
+    texts, images = [], []
+    for i in range(batch):
+        n = 1 + i % 2
+        ims = random_images(rng, [sizes[(i + j) % len(sizes)] for j in range(n)])
+        q = "Locate every cat in the image and output the coordinates in JSON format." * (1 + i % 3)
+        texts.append(processing.render_prompt(proc, q, num_images=n))
+        images.append(ims)
+    return processing.encode_batch(proc, texts, images)
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` seconds per function, runs interleaved (A B C D A B C D ...) so that
+    load from other processes on a shared machine hits every contender alike."""
+    for fn in fns.values():
+        fn()  # warm-up / compile
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.min(v)) for k, v in times.items()}
+
+
+def bench_config(name: str, batch_size: int, repeats: int, tokenizer: str, workdir: str):
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny.write_tiny_checkpoint(os.path.join(workdir, name), name, tokenizer=tokenizer)
+    b = make_batch(path, batch_size)
+    targets = np.roll(b["input_ids"], -1, axis=1)
+    args = (b["input_ids"], b["pixel_values"], b["image_grid_thw"], b["attention_mask"])
+
+    model = from_pretrained(path)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logits_fn(state, ids, pv, g, am):
+        return nnx.merge(graphdef, state)(ids, pv, g, am)
+
+    @jax.jit
+    def logprob_fn(state, ids, pv, g, am, y):
+        return nnx.merge(graphdef, state).token_logprobs(ids, pv, g, am, y, chunk_size=128)
+
+    hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(b["input_ids"]).long()
+    kw = dict(
+        input_ids=ids,
+        attention_mask=torch.tensor(b["attention_mask"]).long(),
+        pixel_values=torch.tensor(b["pixel_values"]),
+        image_grid_thw=torch.tensor(b["image_grid_thw"]).long(),
+        mm_token_type_ids=(ids == hf.config.image_token_id).long(),
+    )
+    y = torch.tensor(targets).long()
+
+    def hf_fwd():
+        with torch.no_grad():
+            return hf(**kw).logits
+
+    def hf_lp():
+        with torch.no_grad():
+            logits = hf(**kw).logits
+            return torch.gather(logits.log_softmax(-1), -1, y[..., None])[..., 0]
+
+    t = interleaved(
+        {
+            "ours_fwd": lambda: logits_fn(state, *args).block_until_ready(),
+            "hf_fwd": hf_fwd,
+            "ours_lp": lambda: logprob_fn(state, *args, targets).block_until_ready(),
+            "hf_lp": hf_lp,
+        },
+        repeats,
+    )
+    tokens = int(b["attention_mask"].sum())
+    return dict(
+        config=name,
+        shape="B={} T={} P={}".format(*b["input_ids"].shape, b["pixel_values"].shape[0]),
+        tokens=tokens,
+        **t,
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="*", default=list(tiny.TINY_CONFIGS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--tokenizer", default="small", choices=["small", "qwen"])
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    platform = jax.devices()[0].platform
+    print(f"jax {jax.__version__} on {platform}, torch {torch.__version__}, 2 threads")
+    print(
+        f"{'config':18s} {'shape':22s} {'fwd ours ms':>11s} {'fwd hf ms':>10s} {'ratio':>6s}"
+        f" {'logp ours ms':>12s} {'logp hf ms':>10s} {'ratio':>6s}"
+    )
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in a.configs:
+            r = bench_config(name, a.batch, a.repeats, a.tokenizer, workdir)
+            print(
+                f"{r['config']:18s} {r['shape']:22s} {1e3 * r['ours_fwd']:11.1f}"
+                f" {1e3 * r['hf_fwd']:10.1f} {r['hf_fwd'] / r['ours_fwd']:5.2f}x"
+                f" {1e3 * r['ours_lp']:12.1f} {1e3 * r['hf_lp']:10.1f}"
+                f" {r['hf_lp'] / r['ours_lp']:5.2f}x",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
