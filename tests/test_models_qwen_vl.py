@@ -187,3 +187,19 @@ def test_dense_and_block_local_vision_attention_agree(tmp_path_factory):
     assert _max_err(block, dense, m) <= 1e-5
     _, poisoned = _ours(path, batch, max_image_patches=16)
     assert np.isnan(poisoned[m]).any()
+
+
+def test_real_vocabulary_and_tokenizer(tmp_path_factory):
+    """The real Qwen tokenizer (151,643 + specials at the official ids) and the 151,936-token
+    vocabulary of the releases."""
+    from visionr1_jax import processing
+
+    path = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl_tiny", tokenizer="qwen")
+    proc = processing.load_processor(path)
+    assert proc.image_token_id == 151655
+    assert proc.tokenizer.convert_tokens_to_ids("<|vision_start|>") == 151652
+    batch = testing.prompt_batch(path)
+    model, ours = _ours(path, batch)
+    assert model.cfg.vocab_size == 151936 and ours.shape[-1] == 151936
+    ref = testing.hf_logits(path, batch)
+    assert _max_err(ours, ref, batch["attention_mask"]) <= 1e-4
