@@ -335,3 +335,13 @@ def test_state_saved_with_a_checkpoint_directory(processor, shapes, tmp_path):
     pipeline.restore_state(tmp_path / "step_2", resumed)
     assert_same_batches(take(resumed, 2), expected)
     resumed.close()
+
+
+def test_open_source_builds_the_synthetic_default_and_explains_missing_data(tmp_path):
+    c = cfg(builder_config="grounding", data_dir=str(tmp_path), split="validation")
+    source = pipeline.open_source(c)  # built on first use from its seed
+    assert len(source) > 256  # one record per (image, shape category present), 256 images
+    assert records.as_text(source[0]["task"]) == "grounding"
+    c = cfg(name="coco_detection", builder_config="all", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="tfds_cli build coco_detection --config all"):
+        pipeline.open_source(c)

@@ -445,16 +445,30 @@ class _PadToCount(grain.IterDataset):
 # ------------------------------------------------------------------------------------ pipeline
 
 
-def open_source(c: ml_collections.ConfigDict, split: str | None = None) -> Any:
-    """The random-access tfds source of ``data.name/data.builder_config`` (already built)."""
+def open_source(
+    c: ml_collections.ConfigDict, split: str | None = None, *, build_synthetic: bool = True
+) -> Any:
+    """The random-access tfds source of ``data.name/data.builder_config``.
+
+    ``synthetic_shapes`` needs no input files and is built on first use when
+    ``build_synthetic`` (single-process runs; multi-host runs build it beforehand with
+    ``python -m visionr1_jax.data.tfds_cli build``, as every other dataset).
+    """
     import tensorflow_datasets as tfds
 
     import visionr1_jax.data.builders  # noqa: F401  (registers the builders)
 
-    return tfds.data_source(
-        f"{c.name}/{c.builder_config}", split=split or c.split, data_dir=c.data_dir,
-        download=False,
-    )  # fmt: skip
+    name = f"{c.name}/{c.builder_config}"
+    build = build_synthetic and c.name == "synthetic_shapes"
+    try:
+        return tfds.data_source(name, split=split or c.split, data_dir=c.data_dir, download=build)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"dataset {name} is not built under data_dir={c.data_dir!r} ({e}); build it with "
+            f"python -m visionr1_jax.data.tfds_cli build {c.name} --config {c.builder_config} "
+            "--imports visionr1_jax.data.builders --file_format array_record "
+            "[--data_dir DIR] [--manual_dir DIR]"
+        ) from e
 
 
 def shard_indices(num_records: int, process_index: int, process_count: int) -> range:
@@ -535,7 +549,9 @@ class InputPipeline:
         config_lib.validate_data_config(c, num_processes=process_count)
         self.config = c
         self.process_index, self.process_count = process_index, process_count
-        self.source = open_source(c, split) if source is None else source
+        if source is None:
+            source = open_source(c, split, build_synthetic=process_count == 1)
+        self.source = source
         self.encoder = Encoder(processor, c)
         self.rows = c.batch_size // process_count
         indices = shard_indices(len(self.source), process_index, process_count)
