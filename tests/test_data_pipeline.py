@@ -81,9 +81,14 @@ def test_encoder_matches_the_hf_processor(tmp_path_factory):
     c.pixels = "float32"
     enc = pipeline.Encoder(proc, c)
     rng = np.random.default_rng(0)
-    for h, w in [(100, 100), (37, 290), (480, 640), (333, 77)]:
+    modes = ["RGB", "RGBA", "L", "P", "RGB"]  # alpha is composited onto white, as HF does
+    for (h, w), mode in zip([(100, 100), (37, 290), (480, 640), (333, 77), (64, 64)], modes,
+                            strict=True):  # fmt: skip
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(buf, format="PNG")
+        pixels = rng.integers(0, 255, (h, w, 4), np.uint8)
+        image = Image.fromarray(pixels, "RGBA")
+        image = image.convert(mode) if mode != "RGBA" else image
+        image.save(buf, format="PNG" if mode != "RGB" or h != 64 else "JPEG")
         record = records.make_record(
             record_id=f"r{h}x{w}", image=buf.getvalue(), width=w, height=h, task="grounding",
             template="qwen25", categories=["cat"], boxes=[[1, 1, 20, 30]], labels=["cat"],
@@ -92,7 +97,7 @@ def test_encoder_matches_the_hf_processor(tmp_path_factory):
         ex = enc.encode(record)
         assert isinstance(ex, pipeline.Example), ex
         text = processing.render_prompt(proc, records.as_text(record["prompt"]))
-        image = Image.open(io.BytesIO(record["image"])).convert("RGB")
+        image = Image.open(io.BytesIO(record["image"]))  # the processor converts it itself
         ref = processing.encode_batch(proc, [text], [[image]])
         np.testing.assert_array_equal(ex.input_ids, ref["input_ids"][0])
         np.testing.assert_array_equal(ex.grid_thw, ref["image_grid_thw"][0])

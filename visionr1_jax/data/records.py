@@ -194,6 +194,15 @@ def check_record(record: Mapping[str, Any], limits: Limits) -> str | None:
 SELECTION_KINDS = frozenset({"too_few_instances"})
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the HF image processors make it: transparency composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def decode_image(record: Mapping[str, Any], *, draft: bool = False) -> Image.Image:
     """Decodes the record's image to RGB and checks its size against the record.
 
@@ -211,8 +220,7 @@ def decode_image(record: Mapping[str, Any], *, draft: bool = False) -> Image.Ima
         if draft:
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
         image.load()
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
     except Exception as e:  # PIL raises many types for bad bytes
         raise BadRecord(record_id, f"corrupt_image: {type(e).__name__}: {e}") from None
     expected = (int(record["width"]), int(record["height"]))
