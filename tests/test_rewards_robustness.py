@@ -1,0 +1,166 @@
+"""Parsing and scoring never raise, stay finite and bounded, whatever the model writes."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from visionr1_jax import rewards
+from visionr1_jax.rewards import parse
+
+TARGET = rewards.Target(
+    [[10, 20, 110, 220], [200, 40, 300, 90]], ["cat", "dog"], (480, 640), (476, 644)
+)
+NEGATIVE = rewards.Target(np.zeros((0, 4)), [], (480, 640), (476, 644), {"cat": 1})
+VALID = '```json\n[{"bbox_2d": [10, 20, 111, 219], "label": "cat"}, {"bbox_2d": [201, 41, 300, 90], "label": "dog"}]\n```'  # noqa: E501
+
+
+def _check(texts, targets=None, variants=("official", "paper", "easyr1")):
+    targets = targets or [TARGET if k % 3 else NEGATIVE for k in range(len(texts))]
+    for variant in variants:
+        config = rewards.default_config(variant)
+        config.max_boxes = 32
+        for step in (0, 5000):
+            out = rewards.score(texts, targets, step=step, config=config)
+            hi = 1.0 if config.combine == "mean" else 3.0
+            for key in ("format", "recall", "precision", "total"):
+                assert out[key].shape == (len(texts),)
+                assert np.all(np.isfinite(out[key])), key
+            assert np.all((out["total"] >= 0) & (out["total"] <= hi + 1e-6))
+            assert np.all(out["num_pred"] <= config.max_boxes)
+    config = rewards.default_config()
+    config.family = "visual_rft"
+    out = rewards.score(texts, targets, config=config)
+    assert np.all(np.isfinite(out["total"])) and np.all((out["total"] >= 0) & (out["total"] <= 2))
+
+
+ADVERSARIAL = [
+    "",
+    " ",
+    "[]",
+    "```json\n[]\n```",
+    "{}",
+    "null",
+    "42",
+    '"just a string"',
+    "[" * 10_000 + "]" * 10_000,
+    "[" * 10_000,
+    '{"a":' * 10_000 + "1" + "}" * 10_000,
+    "x" * 1_000_000,
+    '[{"bbox_2d": [1, 2, 3, 4], "label": "cat"}' + ", 1" * 300_000 + "]",
+    '[{"bbox_2d": [NaN, 2, 30, 40], "label": "cat"}]',
+    '[{"bbox_2d": [Infinity, 2, -Infinity, 40], "label": "cat"}]',
+    '[{"bbox_2d": [1e309, 2, 30, 40], "label": "cat"}]',
+    '[{"bbox_2d": [1e300, 2, 1e301, 40], "label": "cat"}]',
+    '[{"bbox_2d": [' + "9" * 5000 + ', 2, 30, 40], "label": "cat"}]',
+    '[{"bbox_2d": [-50, -20, -10, -5], "label": "cat"}]',
+    '[{"bbox_2d": [10.7, 20.2, 110.9, 219.5], "label": "cat"}]',
+    '[{"bbox_2d": [10, 20, 110, 220], "label": "chat 🐱 猫"}]',
+    '[{"bbox_2d": [10, 20, 110, 220], "label": "\\ud800"}]',
+    '[{"bbox_2d": [10, 20, 110, 220], "label": null}]',
+    '[{"bbox_2d": [10, 20, 110, 220], "label": ["cat"]}]',
+    '[{"bbox_2d": {"x": 1}, "label": "cat"}]',
+    '[{"bbox_2d": [true, false, 1, 2], "label": "cat"}]',
+    '{"bbox_2d": [10, 20, 110, 220], "label": "cat"}',
+    "```json\n```json\n[]\n```\n```",
+    "```\n[]",
+    '[{"bbox_2d": [10, 20, 110, 220], "label": "cat"}] trailing',
+    json.dumps([{"bbox_2d": [k, k, k + 10, k + 10], "label": "cat"} for k in range(500)]),
+    "\x00\x01\x02",
+    "\ufeff[]",
+]
+
+
+def test_adversarial_corpus():
+    _check(ADVERSARIAL)
+    # Too many boxes are capped and counted.
+    out = rewards.score([ADVERSARIAL[-3]], [TARGET], config=rewards.default_config())
+    assert out["num_dropped"][0] == 500 - 64 and out["num_pred"][0] == 64
+
+
+def test_truncation_at_every_position():
+    texts = [VALID[:k] for k in range(len(VALID) + 1)]
+    _check(texts, [TARGET] * len(texts), variants=("official",))
+    # Truncated answers still recover the complete items through the regex fallback.
+    out = rewards.score([VALID[: VALID.index("}, {") + 1]], [TARGET])
+    assert out["num_pred"][0] == 1 and out["format"][0] == 0.0
+
+
+def test_parse_answer_bounds_and_frames():
+    many = json.dumps([{"bbox_2d": [1, 1, 5, 5], "label": "a"}] * 100)
+    parsed = parse.parse_answer(many, max_boxes=7)
+    assert len(parsed.boxes) == 7 and parsed.num_dropped == 93
+    rel = parse.parse_answer('[{"bbox_2d": [100, 200, 500, 1000], "label": "a"}]', frame="rel1000")
+    px = parse.to_original_pixels(np.array(rel.boxes), "rel1000", (480, 640), (1, 1))
+    np.testing.assert_allclose(px, [[64, 96, 320, 480]])
+    norm = parse.parse_answer('[{"bbox_2d": [0.1, 0.25, 0.5, 1.0], "label": "a"}]', frame="norm01")
+    px = parse.to_original_pixels(np.array(norm.boxes), "norm01", (480, 640), (1, 1))
+    np.testing.assert_allclose(px, [[64, 120, 320, 480]], rtol=1e-6)
+    # Integer frames truncate like the reference's int(); norm01 keeps decimals.
+    assert parse.parse_answer('[{"bbox_2d": [0.1, 0.2, 0.9, 1.0], "label": "a"}]').boxes == []
+    truncated = '[{"bbox_2d": [0.1, 0.2, 0.9, 0.95], "label": "a"}, {"bbox'
+    assert parse.parse_answer(truncated, frame="norm01").boxes == [[0.1, 0.2, 0.9, 0.95]]
+    with pytest.raises(ValueError, match="frame"):
+        parse.parse_answer("[]", frame="pixels")
+
+
+def test_strict_format_checks_content():
+    inside = '[{"bbox_2d": [0, 0, 644, 476], "label": "cat"}]'
+    outside = '[{"bbox_2d": [0, 0, 645, 476], "label": "cat"}]'
+    unordered = '[{"bbox_2d": [50, 0, 10, 476], "label": "cat"}]'
+    missing = '[{"bbox_2d": [0, 0, 10, 10]}]'
+    got = [parse.parse_answer(t, input_size=(476, 644)) for t in (inside, outside, unordered)]
+    assert [g.format_strict for g in got] == [1.0, 0.0, 0.0]
+    assert [g.format_official for g in got] == [1.0, 1.0, 1.0]
+    assert parse.parse_answer(missing, input_size=(476, 644)).format_strict == 0.0
+
+
+def test_target_validation():
+    with pytest.raises(ValueError, match="labels"):
+        rewards.Target([[0, 0, 1, 1]], [], (10, 10), (28, 28))
+    with pytest.raises(ValueError, match="finite"):
+        rewards.Target([[0, 0, np.nan, 1]], ["a"], (10, 10), (28, 28))
+    with pytest.raises(ValueError, match="image_size"):
+        rewards.Target([[0, 0, 1, 1]], ["a"], (0, 10), (28, 28))
+    with pytest.raises(ValueError, match="label_to_id"):
+        rewards.Target([[0, 0, 1, 1]], ["a"], (10, 10), (28, 28), {"b": 1})
+    t = rewards.Target([[0, 0, 1, 1]] * 3, ["Dog", "cat", "dog"], (10, 10), (28, 28))
+    assert t.label_to_id == {"dog": 1, "cat": 2} and list(t.label_ids) == [1, 2, 1]
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+items = st.fixed_dictionaries(
+    {"bbox_2d": st.one_of(st.lists(json_values, max_size=5), json_values),
+     "label": st.one_of(st.sampled_from(["cat", "dog", " CAT ", "bird"]), json_values)}
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=200),
+            st.builds(lambda xs: json.dumps(xs), st.lists(items, max_size=8)),
+            st.builds(
+                lambda xs, k: json.dumps(xs)[:k], st.lists(items, max_size=8), st.integers(0, 400)
+            ),
+            st.builds(lambda v: "```json\n" + json.dumps(v) + "\n```", json_values),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_fuzz_never_raises(texts):
+    _check(texts, variants=("official",))
