@@ -182,3 +182,10 @@ def test_coco_fixture_end_to_end_by_name(tmp_path, processor):
     msg = str(info.value)
     for rid, kind in [("1", "missing_image"), ("2", "unknown_category"), ("3", "box_out_of_image")]:
         assert f"instances_val2017/{rid}" in msg and kind in msg
+
+
+def test_a_shard_with_no_valid_record_stops_instead_of_spinning(processor):
+    source = [_record(f"bad/{i}", image=b"") for i in range(3)]
+    pipe = _pipe(_cfg("skip", num_epochs=None), processor, source)
+    with pytest.raises(RuntimeError, match="all 3 records of this host's shard"):
+        next(pipe)

@@ -58,7 +58,7 @@ import grain
 import ml_collections
 import numpy as np
 from absl import logging
-from grain._src.python.dataset.transformations.prefetch import ThreadPrefetchIterDataset
+from grain.experimental import ThreadPrefetchIterDataset
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -373,15 +373,23 @@ class Collator:
 class _SkipBadIterator(grain.DatasetIterator):
     """Drops ``BadRecord`` markers, counting them by kind; the counts are part of the state."""
 
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, shard_len: int):
         super().__init__(parent)
         self._counts: dict[str, int] = {}
+        self._shard_len = shard_len
 
     def __next__(self) -> Example:
+        run = 0  # consecutive bad records: a whole shard of them would loop forever
         while True:
             element = next(self._parent)
             if not isinstance(element, records.BadRecord):
                 return element
+            run += 1
+            if run > self._shard_len:
+                raise RuntimeError(
+                    f"data: all {self._shard_len} records of this host's shard are filtered or "
+                    f"bad (last: {element.record_id}: {element.reason}); see data/* metrics"
+                )
             self._counts[element.kind] = self._counts.get(element.kind, 0) + 1
             if element.kind in records.SELECTION_KINDS:
                 logging.log_every_n(logging.INFO, "data: filtered %s (%s)", 100,
@@ -400,8 +408,12 @@ class _SkipBadIterator(grain.DatasetIterator):
 
 
 class _SkipBad(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, shard_len: int):
+        super().__init__(parent)
+        self._shard_len = shard_len
+
     def __iter__(self) -> _SkipBadIterator:
-        return _SkipBadIterator(self._parent.__iter__())
+        return _SkipBadIterator(self._parent.__iter__(), self._shard_len)
 
 
 class _PadToCountIterator(grain.DatasetIterator):
@@ -583,7 +595,7 @@ class InputPipeline:
             if threads
             else grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         )
-        it = _SkipBad(it)
+        it = _SkipBad(it, max(1, shard_len))
         finite = c.num_epochs is not None
         it = it.batch(self.rows, drop_remainder=not finite, batch_fn=self.collate)
         if finite:
