@@ -48,17 +48,24 @@ def make_batch(path: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` seconds per function, runs interleaved (A B C D A B C D ...) so that
-    load from other processes on a shared machine hits every contender alike."""
+    """Per function: best-of-`repeats` wall seconds and median process CPU seconds (all threads).
+
+    Runs are interleaved (A B C D A B C D ...) so that load from other processes on a shared
+    machine hits every contender alike; CPU time is the load-independent figure.
+    """
     for fn in fns.values():
         fn()  # warm-up / compile
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.min(v)) for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    out = {k: float(np.min(v)) for k, v in wall.items()}
+    out.update({k + "_cpu": float(np.median(v)) for k, v in cpu.items()})
+    return out
 
 
 def bench_config(name: str, batch_size: int, repeats: int, tokenizer: str, workdir: str):
@@ -128,20 +135,24 @@ def main():
     torch.set_num_threads(2)
     platform = jax.devices()[0].platform
     print(f"jax {jax.__version__} on {platform}, torch {torch.__version__}, 2 threads")
+    print("wall: best of N, ms (ratio = hf / ours); cpu: median process CPU ms per call")
     print(
-        f"{'config':18s} {'shape':22s} {'fwd ours ms':>11s} {'fwd hf ms':>10s} {'ratio':>6s}"
-        f" {'logp ours ms':>12s} {'logp hf ms':>10s} {'ratio':>6s}"
+        f"{'config':18s} {'shape':22s} {'fwd ours':>9s} {'fwd hf':>8s} {'ratio':>6s}"
+        f" {'logp ours':>9s} {'logp hf':>8s} {'ratio':>6s} | {'cpu fwd':>13s} {'ratio':>6s}"
+        f" {'cpu logp':>13s} {'ratio':>6s}"
     )
     with tempfile.TemporaryDirectory() as workdir:
         for name in a.configs:
             r = bench_config(name, a.batch, a.repeats, a.tokenizer, workdir)
-            print(
-                f"{r['config']:18s} {r['shape']:22s} {1e3 * r['ours_fwd']:11.1f}"
-                f" {1e3 * r['hf_fwd']:10.1f} {r['hf_fwd'] / r['ours_fwd']:5.2f}x"
-                f" {1e3 * r['ours_lp']:12.1f} {1e3 * r['hf_lp']:10.1f}"
-                f" {r['hf_lp'] / r['ours_lp']:5.2f}x",
-                flush=True,
-            )
+            cells = []
+            for k in ("fwd", "lp"):
+                o, h = r[f"ours_{k}"], r[f"hf_{k}"]
+                cells.append(f"{1e3 * o:9.1f} {1e3 * h:8.1f} {h / o:5.2f}x")
+            cpu = []
+            for k in ("fwd", "lp"):
+                o, h = r[f"ours_{k}_cpu"], r[f"hf_{k}_cpu"]
+                cpu.append(f"{1e3 * o:6.1f}/{1e3 * h:6.1f} {h / o:5.2f}x")
+            print(f"{r['config']:18s} {r['shape']:22s} " + " ".join(cells) + " | " + " ".join(cpu))
 
 
 if __name__ == "__main__":
