@@ -203,3 +203,20 @@ def test_real_vocabulary_and_tokenizer(tmp_path_factory):
     assert model.cfg.vocab_size == 151936 and ours.shape[-1] == 151936
     ref = testing.hf_logits(path, batch)
     assert _max_err(ours, ref, batch["attention_mask"]) <= 1e-4
+
+
+def test_sharded_index_checkpoint_loads(tmp_path_factory, tmp_path):
+    """A multi-file checkpoint (`model.safetensors.index.json`) in the transformers-5 key
+    layout loads to the same parameters as the single-file hub layout."""
+    import os
+
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_checkpoint(tmp_path_factory, "qwen2_vl_tiny")
+    hf = AutoModelForImageTextToText.from_pretrained(path).eval()
+    hf.save_pretrained(str(tmp_path), max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    a, b = _flat_params(from_pretrained(path)), _flat_params(from_pretrained(str(tmp_path)))
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        np.testing.assert_array_equal(b[key], value)
