@@ -29,6 +29,7 @@ model input (``x·W/w_in``), ``rel1000`` integers in 0–1000 (``x·W/1000``), `
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import re
@@ -39,6 +40,7 @@ import numpy as np
 FRAMES = ("qwen25_abs", "rel1000", "norm01")
 _INT_FRAMES = ("qwen25_abs", "rel1000")
 
+_MAX_FINITE = 1e300  # larger integers are rejected before float() could overflow
 _FENCE_RE = re.compile(r"```json\n|\n```")
 _INT = r"(\d{1,3}|1000)"
 _ITEM_INT_RE = re.compile(
@@ -134,22 +136,38 @@ def _loads(text: str):
         return _INVALID
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+def _coords(bbox, integer: bool, max_coord: float) -> list[float] | None:
+    """A valid ``[x1, y1, x2, y2]`` in the model's frame, or None (rule 2 + our range guard).
 
-
-def _coords(bbox, frame: str, max_coord: float) -> list[float] | None:
-    """A valid ``[x1, y1, x2, y2]`` in the model's frame, or None (rule 2 + our range guard)."""
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(c) for c in bbox):
+    Numbers only (``bool`` excluded), finite, cast with ``int()`` (truncation, as the
+    reference) in integer frames, within ``±max_coord``, and ``x1 < x2``, ``y1 < y2``.
+    """
+    if type(bbox) is not list or len(bbox) != 4:
         return None
-    if not all(math.isfinite(c) for c in bbox):
-        return None
-    values = [int(c) for c in bbox] if frame in _INT_FRAMES else [float(c) for c in bbox]
-    if any(abs(c) > max_coord for c in values):
-        return None
+    x1, y1, x2, y2 = bbox
+    if type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int:  # fast path
+        if max(abs(x1), abs(y1), abs(x2), abs(y2)) > max_coord or not (x1 < x2 and y1 < y2):
+            return None
+        return [float(x1), float(y1), float(x2), float(y2)]
+    values = []
+    for c in bbox:
+        kind = type(c)
+        if kind is float:
+            if not math.isfinite(c):
+                return None
+            c = float(int(c)) if integer else c
+        elif kind is int:
+            if abs(c) > max_coord:  # callers cap max_coord at 1e300: float() never overflows
+                return None
+            c = float(c)
+        else:
+            return None
+        if abs(c) > max_coord:
+            return None
+        values.append(c)
     if not (values[0] < values[2] and values[1] < values[3]):
         return None
-    return [float(c) for c in values]
+    return values
 
 
 def _official_format(data) -> float:
@@ -176,7 +194,7 @@ def _strict_format(data, official: float, frame: str, extent: tuple[float, float
     for item in data:
         if not (isinstance(item, dict) and "bbox_2d" in item and "label" in item):
             return 0.0
-        box = _coords(item["bbox_2d"], frame, max_coord=float("inf"))
+        box = _coords(item["bbox_2d"], frame in _INT_FRAMES, max_coord=_MAX_FINITE)
         if box is None:
             return 0.0
         x1, y1, x2, y2 = box
@@ -210,15 +228,28 @@ def parse_answer(
     answer = strip_fences(text)
     format_text = _FENCE_RE.sub("", text).strip()
     data = _loads(answer)
-    format_data = data if format_text == answer.strip() else _loads(format_text)
+    shared = format_text == answer.strip()
+    format_data = data if shared else _loads(format_text)
+    integer = frame in _INT_FRAMES
+    max_coord = min(float(max_coord), _MAX_FINITE)
+    width, height = _frame_extent(frame, input_size)
+    # The strict check rides along the extraction loop when both read the same JSON.
+    strict_ok = isinstance(data, list)
     if isinstance(data, list):
         for item in data:
-            if not isinstance(item, dict):
+            if type(item) is not dict:
+                strict_ok = False
                 continue
-            box = _coords(item.get("bbox_2d"), frame, max_coord)
-            if box is not None:
-                boxes.append(box)
-                labels.append(item.get("label"))
+            box = _coords(item.get("bbox_2d"), integer, max_coord)
+            if box is None:
+                strict_ok = False
+                continue
+            if strict_ok and (
+                "label" not in item or box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height
+            ):
+                strict_ok = False
+            boxes.append(box)
+            labels.append(item.get("label"))
     if not boxes:
         pattern = _ITEM_DEC_RE if frame == "norm01" else _ITEM_INT_RE
         for match in pattern.finditer(text):
@@ -227,7 +258,10 @@ def parse_answer(
                 boxes.append([float(c) for c in box])
                 labels.append(match.group(5))
     official = _official_format(format_data)
-    strict = _strict_format(format_data, official, frame, _frame_extent(frame, input_size))
+    if shared:
+        strict = float(official == 1.0 and strict_ok)
+    else:
+        strict = _strict_format(format_data, official, frame, (width, height))
     dropped = max(len(boxes) - max_boxes, 0)
     return ParsedAnswer(boxes[:max_boxes], labels[:max_boxes], official, strict, dropped)
 
@@ -239,13 +273,18 @@ def label_id(label: object, label_to_id: Mapping[str, int]) -> int:
     return int(label_to_id.get(label.strip().lower(), 0))
 
 
+def _pixel_scale(frame: str, image_size, input_size) -> list[float]:
+    """Per-coordinate factors (x, y, x, y) from the model's frame to original pixels."""
+    height, width = image_size
+    ext_w, ext_h = _frame_extent(frame, input_size)
+    return [width / ext_w, height / ext_h] * 2
+
+
 def to_original_pixels(
     boxes: np.ndarray, frame: str, image_size: tuple[int, int], input_size: tuple[int, int]
 ) -> np.ndarray:
     """``f[M, 4]`` in the model's frame → ``f32[M, 4]`` xyxy in original-image pixels."""
-    height, width = image_size
-    ext_w, ext_h = _frame_extent(frame, input_size)
-    scale = np.array([width / ext_w, height / ext_h] * 2, dtype=np.float64)
+    scale = np.array(_pixel_scale(frame, image_size, input_size), dtype=np.float64)
     return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale).astype(np.float32)
 
 
@@ -297,25 +336,41 @@ def parse_batch(
     """
     if len(completions) != len(targets):
         raise ValueError(f"{len(completions)} completions but {len(targets)} targets")
-    parsed = [
-        parse_answer(
-            text, frame=frame, input_size=t.input_size, max_boxes=max_boxes, max_coord=max_coord
-        )
-        for text, t in zip(completions, targets, strict=True)
-    ]
+    # Parsing allocates many short-lived containers; pausing the cyclic GC (nothing here makes
+    # cycles) keeps a full collection from landing in the middle of a batch.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        parsed = [
+            parse_answer(
+                text, frame=frame, input_size=t.input_size, max_boxes=max_boxes, max_coord=max_coord
+            )
+            for text, t in zip(completions, targets, strict=True)
+        ]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     width = pad_to or bucket(max((len(p.boxes) for p in parsed), default=0), max_boxes)
     count = len(parsed)
+    counts = np.array([min(len(p.boxes), width) for p in parsed], np.int64)
+    rows = np.repeat(np.arange(count), counts)
+    slots = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    flat = [b for p, m in zip(parsed, counts, strict=True) for b in p.boxes[:m]]
+    flat = np.array(flat, np.float64).reshape(-1, 4)
+    # Per-row frame → original-pixel scale, applied to all boxes at once.
+    scale = np.array(
+        [_pixel_scale(frame, t.image_size, t.input_size) for t in targets], np.float64
+    ).reshape(count, 4)
     boxes = np.zeros((count, width, 4), np.float32)
+    boxes[rows, slots] = (flat * scale[rows]).astype(np.float32)
     labels = np.zeros((count, width), np.int32)
+    labels[rows, slots] = [
+        label_id(x, t.label_to_id)
+        for p, t, m in zip(parsed, targets, counts, strict=True)
+        for x in p.labels[:m]
+    ]
     valid = np.zeros((count, width), bool)
-    for c, (p, t) in enumerate(zip(parsed, targets, strict=True)):
-        m = min(len(p.boxes), width)
-        if m:
-            boxes[c, :m] = to_original_pixels(
-                np.array(p.boxes[:m]), frame, t.image_size, t.input_size
-            )
-            labels[c, :m] = [label_id(x, t.label_to_id) for x in p.labels[:m]]
-            valid[c, :m] = True
+    valid[rows, slots] = True
     return ParsedBatch(
         boxes=boxes,
         labels=labels,
