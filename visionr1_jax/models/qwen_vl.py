@@ -45,6 +45,8 @@ from visionr1_jax.models import rope
 
 Cache = list[dict[str, jax.Array]]
 
+ALIGN = 32  # image alignment (query block) of the vision tower's full-attention blocks
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -283,14 +285,62 @@ class VisionAttention(nnx.Module):
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), bias=True, cfg=cfg, rngs=rngs)
         self.num_heads = cfg.vision_num_heads
 
-    def __call__(self, x, cos, sin, segments, block):
+    def __call__(self, x, cos, sin, plan, block):
         p, d = x.shape
         hd = d // self.num_heads
         qkv = self.qkv(x).reshape(p, 3, self.num_heads, hd)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-        o = segment_attention(q, k, v, segments, block, hd**-0.5)
+        if "slot" in plan:
+            o = aligned_attention(q, k, v, plan, block, hd**-0.5)
+        else:
+            o = segment_attention(q, k, v, plan["segments"], block, hd**-0.5)
         return self.proj(o.reshape(p, d).astype(x.dtype))
+
+
+def aligned_plan(image: jax.Array, grid_thw: jax.Array, max_patches: int, align: int = 32):
+    """Gather plan of `aligned_attention`: every image moved to a slot range starting at a
+    multiple of `align`, so each block of `align` query slots belongs to one image and attends
+    to one key window of `ceil(max_patches / align) * align` slots starting at its image.
+
+    Work is P_aligned * max_patches (P_aligned <= P + I * (align - 1)) instead of P^2 (dense)
+    or P * 3 * max_patches (`segment_attention`). Args: image i32[P] image id per patch
+    (patches of an image contiguous; I = padding); grid_thw i32[I, 3] (t == 1).
+    """
+    n, n_img = image.shape[0], grid_thw.shape[0]
+    p_al = -(-(n + n_img * (align - 1)) // align) * align
+    width = min(-(-max_patches // align) * align, p_al)
+    sizes = jnp.prod(grid_thw, axis=-1).astype(jnp.int32)
+    start = jnp.cumsum(sizes) - sizes
+    al_sizes = -(-sizes // align) * align
+    al_start = jnp.cumsum(al_sizes) - al_sizes
+    gi = jnp.clip(image, 0, n_img - 1)
+    valid = image < n_img
+    slot = jnp.where(valid, al_start[gi] + jnp.arange(n) - start[gi], p_al)
+    slot_image = jnp.full((p_al,), -1, jnp.int32).at[slot].set(image, mode="drop")
+    blk_img = slot_image.reshape(-1, align)[:, 0]
+    kstart = al_start[jnp.clip(blk_img, 0, n_img - 1)]
+    key_idx = jnp.clip(kstart[:, None] + jnp.arange(width), 0, p_al - 1)
+    key_ok = (slot_image[key_idx] == blk_img[:, None]) & (blk_img[:, None] >= 0)
+    return {"slot": slot, "key_idx": key_idx, "key_ok": key_ok}
+
+
+def aligned_attention(q, k, v, plan, align: int, scale: float) -> jax.Array:
+    """Per-image full attention through an `aligned_plan` built with the same `align`.
+
+    q, k, v [P, H, D] -> f32[P, H, D].
+    """
+    slot, key_idx, key_ok = plan["slot"], plan["key_idx"], plan["key_ok"]
+    nb = key_idx.shape[0]
+    total = nb * align
+
+    def scatter(x):
+        return jnp.zeros((total, *x.shape[1:]), x.dtype).at[slot].set(x, mode="drop")
+
+    qa = scatter(q).reshape(nb, align, *q.shape[1:])
+    ka, va = scatter(k)[key_idx], scatter(v)[key_idx]  # [nb, width, H, D]
+    o = _attention(qa, ka, va, key_ok[:, None, None, :], scale)
+    return o.reshape(total, *q.shape[1:])[jnp.clip(slot, 0, total - 1)]
 
 
 def segment_attention(q, k, v, segments, block: int, scale: float) -> jax.Array:
@@ -339,8 +389,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, rngs)
         self.mlp = VisionMLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, segments, block):
-        x = x + self.attn(self.norm1(x), cos, sin, segments, block)
+    def __call__(self, x, cos, sin, plan, block):
+        x = x + self.attn(self.norm1(x), cos, sin, plan, block)
         return x + self.mlp(self.norm2(x))
 
 
@@ -445,11 +495,14 @@ class VisionTower(nnx.Module):
             )
             return jnp.where(pad, -1 - jnp.arange(n), jnp.cumsum(change)).astype(jnp.int32)
 
-        full_seg = segment_ids(lay["image"], lay["frame"])
-        win_seg = segment_ids(lay["image"], lay["frame"], lay["win_h"], lay["win_w"])
+        win_plan = {"segments": segment_ids(lay["image"], lay["frame"], lay["win_h"], lay["win_w"])}
         vms = max(cfg.window_size // cfg.spatial_merge_size // cfg.patch_size, 1)
         win_block = min((vms * cfg.spatial_merge_size) ** 2, n)
-        full_block = n if cfg.max_image_patches is None else min(cfg.max_image_patches, n)
+        if cfg.max_image_patches is None or cfg.max_image_patches >= n:
+            full_plan, full_block = {"segments": segment_ids(lay["image"], lay["frame"])}, n
+        else:
+            full_block = ALIGN
+            full_plan = aligned_plan(lay["image"], grid_thw, cfg.max_image_patches, ALIGN)
         cos, sin = rope.vision_cos_sin(
             lay["hpos"], lay["wpos"], cfg.vision_head_dim, cfg.vision_rope_theta
         )
@@ -460,11 +513,13 @@ class VisionTower(nnx.Module):
         x = sharding.constrain(x, ("vision_tokens", "act_embed"), cfg.logical_axis_rules)
         for i, blk in enumerate(self.blocks):
             full = cfg.family == "qwen2_vl" or i in cfg.fullatt_block_indexes
-            seg, block = (full_seg, full_block) if full else (win_seg, win_block)
-            x = _maybe_remat(blk, cfg.remat_policy, block=block)(x, cos, sin, seg)
-        if full_block < n:  # an image above the static bound would be silently truncated
-            too_big = jnp.any(grid_thw[:, 1] * grid_thw[:, 2] > full_block)
-            x = jnp.where(too_big, jnp.nan, x)
+            plan, block = (full_plan, full_block) if full else (win_plan, win_block)
+            x = _maybe_remat(blk, cfg.remat_policy, block=block)(x, cos, sin, plan)
+        if "slot" in full_plan:
+            # An image above the static bound (or a multi-frame grid, whose frames are separate
+            # segments) would be silently wrong: report it as NaN instead.
+            bad = jnp.any(grid_thw[:, 1] * grid_thw[:, 2] > cfg.max_image_patches)
+            x = jnp.where(bad | jnp.any(grid_thw[:, 0] > 1), jnp.nan, x)
         if windowed:
             x = x[jnp.argsort(order)]
         return self.merger(x)
