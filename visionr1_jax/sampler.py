@@ -1,0 +1,506 @@
+"""Rollout sampler: the training graph generates its own completions.
+
+GRPO spends most of its time generating. We generate with the same `QwenVL` graph and the same
+parameters that we train, so there is nothing to sync between a trainer and an inference engine
+and no numerical mismatch between the sampling and the training policy.
+
+One jitted program per bucket does the whole rollout of B prompts x G completions:
+
+1. **Encode once.** The packed images of the B prompts go through the vision tower once
+   (`model.encode_images`), the B prompts are embedded and prefilled once into a preallocated
+   KV cache `[B, T + L, KV, hd]` (dtype `cache_dtype`, bf16 by default).
+2. **Share the prefix.** The prompt cache, the M-RoPE deltas and the last prompt logits are
+   broadcast to the G completions of each group (row `b * G + g` is completion g of prompt b);
+   nothing of the prompt is recomputed per completion (the Vision-R1 / TRL reference re-encodes
+   the image for every completion).
+3. **Decode** in a `lax.while_loop`: sample a token per row (greedy, or temperature -> top-k ->
+   top-p as transformers' logits warpers), record its log-prob under the sampling
+   distribution, stop rows at EOS, feed the token back at M-RoPE position
+   `n_real_prompt_tokens + i + rope_delta` (Qwen2-VL paper, Sec. 2.1: text after the image
+   advances all three axes together). The loop exits once every row has stopped or after
+   `max_new_tokens` steps.
+
+Shapes are static: the prompt length T, the packed patch count P, the number of image slots I
+and the completion length L are padded up to buckets on the host (numpy, before the program), so
+a run compiles at most one program per combination of buckets (and batch size / sampling mode).
+Programs are compiled ahead of time and cached here; `compile_count()` is the number compiled so
+far (exposed to metrics), each compilation is logged with its bucket shapes.
+
+    rollout = generate(model, batch, rng=jax.random.key(0), num_generations=4,
+                       max_new_tokens=128, temperature=1.0)
+    rollout.tokens      # i32[B*G, L]
+    rollout.mask        # bool[B*G, L]
+    rollout.logprobs    # f32[B*G, L]
+
+Sharding: the program runs under the caller's mesh (`with jax.set_mesh(mesh)`), with the same
+logical axis rules as training; the batch axis of the cache and of every per-row array is
+constrained to the `batch` rule (mesh axes `data`, `fsdp`), KV heads to `act_kv_heads`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from visionr1_jax import sharding
+from visionr1_jax.models import qwen_vl
+
+log = logging.getLogger(__name__)
+
+# Default buckets: powers of two. A run whose prompts, images and budgets vary compiles at most
+# one program per (prompt, patch, image, completion) bucket combination.
+PROMPT_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 .. 32768 tokens
+PATCH_BUCKETS = tuple(2**i for i in range(4, 20))  # 16 .. 524288 patches (multiples of 4)
+IMAGE_BUCKETS = tuple(2**i for i in range(0, 10))  # 1 .. 512 image slots
+COMPLETION_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 .. 32768 new tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """G completions per prompt, grouped by prompt: row `b * G + g` is completion g of prompt b.
+
+    Attributes:
+      tokens: i32[B*G, L] sampled tokens; `pad_token_id` after a row stopped (L is the
+        completion bucket >= max_new_tokens).
+      mask: bool[B*G, L] True for generated tokens, including the EOS token that stopped a row.
+      logprobs: f32[B*G, L] log-prob of each sampled token under the sampling distribution
+        (tempered, top-k/top-p filtered logits; the untempered model for greedy); 0 where masked.
+      num_tokens: i32[B*G] generated tokens per row (`mask.sum(1)`).
+      steps: i32[] decode-loop iterations run (the longest row; < max_new_tokens on early exit).
+      num_generations: G (static).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    num_tokens: jax.Array
+    steps: jax.Array
+    num_generations: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+
+jax.tree_util.register_dataclass(
+    Rollout,
+    data_fields=["tokens", "mask", "logprobs", "num_tokens", "steps"],
+    meta_fields=["num_generations"],
+)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
+    """Top-k then top-p (nucleus) filtering, as transformers' `TopKLogitsWarper` and
+    `TopPLogitsWarper`: removed entries become -inf.
+
+    Top-k keeps logits >= the k-th largest (ties kept); top-p keeps the smallest prefix of the
+    descending order whose probability mass reaches `top_p` (a token is kept if the mass strictly
+    before it is < top_p; the most likely token is always kept).
+
+    Args:
+      logits: f32[R, V] (already divided by the temperature).
+      top_k: static, 0 = off.
+      top_p: f32[] or None (off).
+    Returns:
+      f32[R, V].
+    """
+    v = logits.shape[-1]
+    neg = jnp.asarray(-jnp.inf, logits.dtype)
+    k = v if top_k <= 0 else min(top_k, v)
+    if top_k <= 0 and top_p is None:
+        return logits
+    # Sorted candidates: the top-k (or the whole vocabulary when only top-p is on).
+    vals, _ = jax.lax.top_k(logits, k)  # [R, k] descending
+    if top_k > 0:
+        logits = jnp.where(logits < vals[:, -1:], neg, logits)
+    if top_p is not None:
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = before < top_p
+        keep = keep.at[:, 0].set(True)
+        n_keep = keep.sum(-1)
+        threshold = jnp.take_along_axis(vals, (n_keep - 1)[:, None], axis=-1)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return logits
+
+
+def sample_tokens(
+    logits: jax.Array,
+    keys: jax.Array,
+    *,
+    greedy: bool,
+    temperature: jax.Array,
+    top_k: int,
+    top_p: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row and its log-prob under the sampling distribution.
+
+    Args:
+      logits: f32[R, V] model logits; keys: [R] one PRNG key per row.
+      greedy: static; argmax, with log-probs of the untempered softmax.
+      temperature: f32[]; top_k: static (0 = off); top_p: f32[] or None (off).
+    Returns:
+      tokens i32[R], logprobs f32[R].
+    """
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        lp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = filter_logits(logits / temperature, top_k, top_p)
+        tok = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        lp = jax.nn.log_softmax(scaled, axis=-1)
+    return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- the program
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that selects a program besides the argument shapes."""
+
+    num_generations: int
+    completion_len: int
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    pad_id: int
+    cache_dtype: str
+
+
+def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature, top_p, eos, st):
+    """The rollout of B prompts x G completions (traced once per bucket; see module doc).
+
+    Args:
+      ids, mask: i32[B, T] prompt tokens / validity (any padding side); pixels f32[P, F];
+      grid i32[I, 3]; rng: PRNG key; max_new: i32[] token budget (<= L); temperature,
+      top_p: f32[]; eos: i32[E] stop tokens (-1: none); st: `_Static`.
+    Returns:
+      `Rollout` with [B*G, L] arrays.
+    """
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    rules = cfg.logical_axis_rules
+    b, t = ids.shape
+    g, big_l = st.num_generations, st.completion_len
+    r = b * g
+    ids = sharding.constrain(ids, ("batch", "length"), rules)
+    mask = sharding.constrain(mask, ("batch", "length"), rules)
+
+    # 1. Encode the images and prefill the prompts, once per prompt.
+    pos, delta = model.rope_index(ids, grid, mask)
+    emb = model.encode_images(pixels, grid) if pixels.shape[0] else None
+    x = model.embed(ids, emb)
+    key_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, big_l), bool)], axis=1)
+    cache = qwen_vl.init_cache(cfg, b, t + big_l, jnp.dtype(st.cache_dtype))
+    cache = _constrain_cache(cache, rules)
+    h, cache = model.decode(x, pos, key_valid, cache, jnp.int32(0))
+    last = jnp.max(jnp.where(mask.astype(bool), jnp.arange(t)[None], 0), axis=1)  # [B]
+    logits = model.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [B, V]
+
+    # 2. Broadcast the prefix to the G completions of each group: row b * G + g.
+    def per_row(a):
+        return jnp.repeat(a, g, axis=0) if g > 1 else a
+
+    cache = _constrain_cache(jax.tree.map(per_row, cache), rules)
+    logits = sharding.constrain(per_row(logits), ("batch", "act_vocab"), rules)
+    key_valid = sharding.constrain(per_row(key_valid), ("batch", "length"), rules)
+    next_pos = per_row(mask.sum(1).astype(jnp.int32) + delta[:, 0])  # M-RoPE pos of token 0
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(r))
+    top_p_arg = top_p if st.use_top_p else None
+
+    # 3. Decode until every row stopped or the budget is spent.
+    def cond(c):
+        i, _, _, _, _, done = c[:6]
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(c):
+        i, logits, cache, tokens, logps, done = c
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
+        tok, lp = sample_tokens(
+            logits, keys, greedy=st.greedy, temperature=temperature, top_k=st.top_k,
+            top_p=top_p_arg,
+        )  # fmt: skip
+        tok = jnp.where(done, st.pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+        logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, i))
+        done = done | jnp.isin(tok, eos)
+        p = jnp.broadcast_to((next_pos + i)[None, :, None], (3, r, 1))
+        h, cache = model.decode(model.embed(tok[:, None]), p, key_valid, cache, t + i)
+        logits = sharding.constrain(model.logits(h[:, 0]), ("batch", "act_vocab"), rules)
+        return i + 1, logits, _constrain_cache(cache, rules), tokens, logps, done
+
+    tokens = jnp.full((r, big_l), st.pad_id, jnp.int32)
+    logps = jnp.zeros((r, big_l), jnp.float32)
+    done = jnp.zeros((r,), bool)
+    carry = (jnp.int32(0), logits, cache, tokens, logps, done)
+    steps, _, _, tokens, logps, _ = jax.lax.while_loop(cond, body, carry)
+    # A row's tokens are valid up to and including its first EOS, within the steps run.
+    ar = jnp.arange(big_l)[None]
+    is_eos = jnp.isin(tokens, eos) & (ar < steps)
+    first_eos = jnp.min(jnp.where(is_eos, ar, big_l), axis=1)
+    num = jnp.minimum(first_eos + 1, steps).astype(jnp.int32)
+    out_mask = ar < num[:, None]
+    names = ("batch", None)
+    return Rollout(
+        tokens=sharding.constrain(tokens, names, rules),
+        mask=sharding.constrain(out_mask, names, rules),
+        logprobs=sharding.constrain(jnp.where(out_mask, logps, 0.0), names, rules),
+        num_tokens=num,
+        steps=steps,
+        num_generations=g,
+    )
+
+
+def _constrain_cache(cache: qwen_vl.Cache, rules) -> qwen_vl.Cache:
+    names = ("batch", "length", "act_kv_heads", None)
+    return [{k: sharding.constrain(v, names, rules) for k, v in layer.items()} for layer in cache]
+
+
+# ----------------------------------------------------------------------------- compilation
+
+
+_PROGRAMS: dict[Any, Any] = {}
+_LOCK = threading.Lock()
+_JITTED = jax.jit(_rollout, static_argnums=(0, 11))
+
+
+def compile_count() -> int:
+    """Number of rollout programs compiled in this process (one per bucket combination)."""
+    return len(_PROGRAMS)
+
+
+def clear_cache() -> None:
+    """Forgets the compiled programs (and resets `compile_count`)."""
+    with _LOCK:
+        _PROGRAMS.clear()
+
+
+def _signature(tree) -> tuple:
+    def sig(x):
+        sh = getattr(x, "sharding", None)
+        return (tuple(np.shape(x)), str(np.asarray(x).dtype if sh is None else x.dtype), sh)
+
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(sig(x) for x in leaves)
+
+
+def _program(graphdef, args, st: _Static):
+    """The compiled program for these argument shapes/shardings and static options."""
+    mesh = jax.sharding.get_abstract_mesh()
+    key = (graphdef, _signature(args), st, None if mesh is None or mesh.empty else mesh)
+    with _LOCK:
+        prog = _PROGRAMS.get(key)
+        if prog is None:
+            ids, _, pixels, grid = args[1:5]
+            log.info(
+                "sampler: compiling program %d (B=%d, T=%d, P=%d, I=%d, G=%d, L=%d, %s)",
+                len(_PROGRAMS) + 1, ids.shape[0], ids.shape[1], pixels.shape[0], grid.shape[0],
+                st.num_generations, st.completion_len,
+                "greedy" if st.greedy else f"top_k={st.top_k} top_p={st.use_top_p}",
+            )  # fmt: skip
+            prog = _JITTED.lower(graphdef, *args, st).compile()
+            _PROGRAMS[key] = prog
+    return prog
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (buckets ascending); raises if none fits."""
+    i = bisect.bisect_left(list(buckets), n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return int(buckets[i])
+
+
+def pad_batch(
+    batch: Mapping[str, Any],
+    *,
+    pad_token_id: int,
+    prompt_buckets: Sequence[int] | None = PROMPT_BUCKETS,
+    patch_buckets: Sequence[int] | None = PATCH_BUCKETS,
+    image_buckets: Sequence[int] | None = IMAGE_BUCKETS,
+) -> dict[str, Any]:
+    """Pads a processor batch up to the buckets, on the host (None: keep that size).
+
+    Prompts are padded on the left (masked), patches and image-grid rows with zeros (ignored by
+    the model). Arrays already at a bucket size are passed through untouched (device arrays
+    from the input pipeline stay on the device).
+
+    Returns:
+      input_ids i32[B, T'], attention_mask i32[B, T'], pixel_values f32[P', F],
+      image_grid_thw i32[I', 3].
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pixels = batch.get("pixel_values")
+    grid = batch.get("image_grid_thw")
+    if pixels is None:
+        pixels = np.zeros((0, 0), np.float32)
+        grid = np.zeros((0, 3), np.int32)
+    t = ids.shape[1]
+    t2 = bucket(t, prompt_buckets) if prompt_buckets else t
+    if t2 != t:
+        ids = np.pad(np.asarray(ids), ((0, 0), (t2 - t, 0)), constant_values=pad_token_id)
+        mask = np.pad(np.asarray(mask), ((0, 0), (t2 - t, 0)))
+    p = pixels.shape[0]
+    p2 = bucket(p, patch_buckets) if patch_buckets and p else p
+    if p2 != p:
+        pixels = np.pad(np.asarray(pixels), ((0, p2 - p), (0, 0)))
+    n = grid.shape[0]
+    n2 = bucket(n, image_buckets) if image_buckets and n else n
+    if n2 != n:
+        grid = np.pad(np.asarray(grid), ((0, n2 - n), (0, 0)))
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixels,
+        "image_grid_thw": grid,
+    }
+
+
+def repeat_prompts(batch: Mapping[str, np.ndarray], n: int, image_token_id: int) -> dict:
+    """The batch with every prompt repeated `n` times (row b * n + j), images included.
+
+    This is the reference's unshared path (each completion re-encodes its image and prefills
+    its prompt); used to test that prefix sharing changes nothing.
+    """
+    ids = np.asarray(batch["input_ids"])
+    mask = np.asarray(batch["attention_mask"])
+    grid = np.asarray(batch["image_grid_thw"])
+    pixels = np.asarray(batch["pixel_values"])
+    is_img = (ids == image_token_id) & mask.astype(bool)
+    starts = is_img & ~np.pad(is_img, ((0, 0), (1, 0)))[:, :-1]
+    per_row = starts.sum(1)
+    sizes = np.prod(grid, axis=1)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    img_rows, pix_rows, k = [], [], 0
+    for b in range(ids.shape[0]):
+        imgs = list(range(k, k + per_row[b]))
+        k += per_row[b]
+        for _ in range(n):
+            img_rows += imgs
+            pix_rows += [np.arange(offsets[i], offsets[i + 1]) for i in imgs]
+    pix_idx = np.concatenate(pix_rows) if pix_rows else np.zeros((0,), int)
+    return {
+        "input_ids": np.repeat(ids, n, axis=0),
+        "attention_mask": np.repeat(mask, n, axis=0),
+        "pixel_values": pixels[pix_idx],
+        "image_grid_thw": grid[np.asarray(img_rows, int)].reshape(-1, 3),
+    }
+
+
+def default_token_ids(model: qwen_vl.QwenVL) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) from the checkpoint's config (text_config first)."""
+    hf = model.cfg.hf_config or {}
+    text = hf.get("text_config") or {}
+    eos = text.get("eos_token_id", hf.get("eos_token_id"))
+    pad = text.get("pad_token_id", hf.get("pad_token_id"))
+    eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return tuple(int(e) for e in eos_ids), int(pad)
+
+
+def generate(
+    model: qwen_vl.QwenVL,
+    batch: Mapping[str, Any],
+    *,
+    rng: jax.Array,
+    num_generations: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    cache_dtype: Any = jnp.bfloat16,
+    prompt_buckets: Sequence[int] | None = PROMPT_BUCKETS,
+    patch_buckets: Sequence[int] | None = PATCH_BUCKETS,
+    image_buckets: Sequence[int] | None = IMAGE_BUCKETS,
+    completion_buckets: Sequence[int] | None = COMPLETION_BUCKETS,
+) -> Rollout:
+    """Samples `num_generations` completions for each of the B prompts of a processor batch.
+
+    Args:
+      model: the policy (`QwenVL`), as trained; its parameters may be sharded.
+      batch: `processing.encode_batch` output for B prompts: input_ids i32[B, T],
+        attention_mask i32[B, T], pixel_values f32[P, F], image_grid_thw i32[I, 3].
+      rng: PRNG key; row r at step i draws with `fold_in(fold_in(rng, r), i)`, so results do
+        not depend on sharding or on prefix sharing.
+      num_generations: G completions per prompt; row `b * G + g` is completion g of prompt b.
+      max_new_tokens: token budget per completion.
+      temperature: 0 = greedy; else logits / temperature.
+      top_k: keep the k most likely tokens (0 = off).
+      top_p: nucleus mass (1.0 = off).
+      eos_token_id: stop token(s); default from the checkpoint config; () = never stop.
+      pad_token_id: fills tokens after a row stopped; default from the checkpoint config.
+      cache_dtype: KV cache dtype (bf16 by default; float32 for bit-parity tests).
+      prompt_buckets, patch_buckets, image_buckets, completion_buckets: static size buckets
+        (None: the batch's own size / `max_new_tokens`).
+
+    Returns:
+      `Rollout` with tokens i32[B*G, L], mask bool[B*G, L], logprobs f32[B*G, L] where L is
+      the completion bucket of `max_new_tokens`.
+    """
+    eos_default, pad_default = default_token_ids(model)
+    if eos_token_id is None:
+        eos_ids = eos_default
+    elif isinstance(eos_token_id, int):
+        eos_ids = (int(eos_token_id),)
+    else:
+        eos_ids = tuple(int(e) for e in eos_token_id)
+    pad = pad_default if pad_token_id is None else int(pad_token_id)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    big_l = bucket(max_new_tokens, completion_buckets) if completion_buckets else max_new_tokens
+    padded = pad_batch(
+        batch,
+        pad_token_id=pad,
+        prompt_buckets=prompt_buckets,
+        patch_buckets=patch_buckets,
+        image_buckets=image_buckets,
+    )
+    greedy = temperature == 0.0
+    st = _Static(
+        num_generations=int(num_generations),
+        completion_len=int(big_l),
+        greedy=greedy,
+        top_k=0 if greedy else int(top_k),
+        use_top_p=(not greedy) and top_p < 1.0,
+        pad_id=pad,
+        cache_dtype=jnp.dtype(cache_dtype).name,
+    )
+    graphdef, state = nnx.split(model)
+    args = (
+        state,
+        _as_int32(padded["input_ids"]),
+        _as_int32(padded["attention_mask"]),
+        padded["pixel_values"],
+        _as_int32(padded["image_grid_thw"]),
+        rng,
+        np.int32(max_new_tokens),
+        np.float32(1.0 if greedy else temperature),
+        np.float32(top_p),
+        np.asarray(eos_ids or (-1,), np.int32),
+    )
+    return _program(graphdef, args, st)(*args)
+
+
+def _as_int32(x):
+    if isinstance(x, np.ndarray) and x.dtype != np.int32:
+        return x.astype(np.int32)
+    return x
