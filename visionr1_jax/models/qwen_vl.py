@@ -506,10 +506,9 @@ class VisionTower(nnx.Module):
         cos, sin = rope.vision_cos_sin(
             lay["hpos"], lay["wpos"], cfg.vision_head_dim, cfg.vision_rope_theta
         )
-        x = jnp.asarray(pixel_values, cfg.dtype)
-        if windowed:
+        x = self.patch_embed(jnp.asarray(pixel_values, cfg.dtype))
+        if windowed:  # permute the embeddings, 36x narrower than the raw patches
             x = x[order]
-        x = self.patch_embed(x)
         x = sharding.constrain(x, ("vision_tokens", "act_embed"), cfg.logical_axis_rules)
         for i, blk in enumerate(self.blocks):
             full = cfg.family == "qwen2_vl" or i in cfg.fullatt_block_indexes
