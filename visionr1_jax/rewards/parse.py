@@ -217,8 +217,12 @@ def parse_answer(
     input_size: tuple[int, int] = (1, 1),
     max_boxes: int = 64,
     max_coord: float = 1e5,
+    label_to_id: Mapping[str, int] | None = None,
 ) -> ParsedAnswer:
-    """Parses one completion by the official rules (module docstring). Never raises."""
+    """Parses one completion by the official rules (module docstring). Never raises.
+
+    With ``label_to_id`` (keys lower-case) the labels come back as class ids (rule 4).
+    """
     if frame not in FRAMES:
         raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
     if not isinstance(text, str):
@@ -233,23 +237,42 @@ def parse_answer(
     integer = frame in _INT_FRAMES
     max_coord = min(float(max_coord), _MAX_FINITE)
     width, height = _frame_extent(frame, input_size)
-    # The strict check rides along the extraction loop when both read the same JSON.
-    strict_ok = isinstance(data, list)
-    if isinstance(data, list):
+    # One pass extracts the boxes and, when the format checks read the same JSON, also decides
+    # the official flag (dict items with both keys need a 4-element list box) and the strict one.
+    official_ok = strict_ok = type(data) is list
+    if type(data) is list:
         for item in data:
             if type(item) is not dict:
                 strict_ok = False
                 continue
-            box = _coords(item.get("bbox_2d"), integer, max_coord)
+            bbox = item.get("bbox_2d")
+            has_label = "label" in item
+            if has_label and bbox is not None and (type(bbox) is not list or len(bbox) != 4):
+                official_ok = False
+            if type(bbox) is list and len(bbox) == 4:
+                x1, y1, x2, y2 = bbox
+                if type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int:
+                    if max(abs(x1), abs(y1), abs(x2), abs(y2)) > max_coord or not (
+                        x1 < x2 and y1 < y2
+                    ):
+                        box = None
+                    else:
+                        box = [float(x1), float(y1), float(x2), float(y2)]
+                else:
+                    box = _coords(bbox, integer, max_coord)
+            else:
+                box = None
             if box is None:
                 strict_ok = False
                 continue
             if strict_ok and (
-                "label" not in item or box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height
+                not has_label or box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height
             ):
                 strict_ok = False
             boxes.append(box)
             labels.append(item.get("label"))
+            if len(boxes) > max_boxes and not shared:
+                break
     if not boxes:
         pattern = _ITEM_DEC_RE if frame == "norm01" else _ITEM_INT_RE
         for match in pattern.finditer(text):
@@ -257,13 +280,17 @@ def parse_answer(
             if box[0] < box[2] and box[1] < box[3] and max(box) <= max_coord:
                 boxes.append([float(c) for c in box])
                 labels.append(match.group(5))
-    official = _official_format(format_data)
     if shared:
+        official = 0.0 if data is _INVALID else float(official_ok or type(data) is not list)
         strict = float(official == 1.0 and strict_ok)
     else:
+        official = _official_format(format_data)
         strict = _strict_format(format_data, official, frame, (width, height))
     dropped = max(len(boxes) - max_boxes, 0)
-    return ParsedAnswer(boxes[:max_boxes], labels[:max_boxes], official, strict, dropped)
+    boxes, labels = boxes[:max_boxes], labels[:max_boxes]
+    if label_to_id is not None:
+        labels = [label_to_id.get(x.strip().lower(), 0) if type(x) is str else 0 for x in labels]
+    return ParsedAnswer(boxes, labels, official, strict, dropped)
 
 
 def label_id(label: object, label_to_id: Mapping[str, int]) -> int:
@@ -343,7 +370,12 @@ def parse_batch(
     try:
         parsed = [
             parse_answer(
-                text, frame=frame, input_size=t.input_size, max_boxes=max_boxes, max_coord=max_coord
+                text,
+                frame=frame,
+                input_size=t.input_size,
+                max_boxes=max_boxes,
+                max_coord=max_coord,
+                label_to_id=t.label_to_id,
             )
             for text, t in zip(completions, targets, strict=True)
         ]
@@ -364,11 +396,7 @@ def parse_batch(
     boxes = np.zeros((count, width, 4), np.float32)
     boxes[rows, slots] = (flat * scale[rows]).astype(np.float32)
     labels = np.zeros((count, width), np.int32)
-    labels[rows, slots] = [
-        label_id(x, t.label_to_id)
-        for p, t, m in zip(parsed, targets, counts, strict=True)
-        for x in p.labels[:m]
-    ]
+    labels[rows, slots] = [x for p, m in zip(parsed, counts, strict=True) for x in p.labels[:m]]
     valid = np.zeros((count, width), bool)
     valid[rows, slots] = True
     return ParsedBatch(
