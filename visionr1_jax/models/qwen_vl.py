@@ -14,10 +14,16 @@ or untied embeddings).
 
 Images of different sizes are *packed*: `pixel_values f32[P, F]` holds the patches of all images
 of the batch back to back (zero padded to a bucket), `image_grid_thw i32[I, 3]` their grids (zero
-rows for unused slots). Attention between patches is restricted by segment masks computed on
-device from the grids (same image and frame; plus same window for windowed blocks), which equals
-transformers' window reordering + per-window attention because attention inside a segment does
-not depend on token order. No Python loop runs over images.
+rows for unused slots). Everything that depends on the grids is computed on device with static
+shapes; no Python loop runs over images:
+
+* the patch embeddings are permuted into transformers' window order (windows row-major inside
+  each image), and windowed blocks attend inside blocks of at most (window / 14)^2 patches with
+  `segment_attention` (each query block sees its own and the two neighbouring key blocks);
+* full-attention blocks use `aligned_attention`: images are moved to slot ranges aligned to 32,
+  and each 32-query block attends to a key window of `max_image_patches` slots (the processor's
+  `max_pixels / 14^2`, read from the checkpoint) — or, without that bound, to all P patches;
+* the merger output is permuted back, so the image embeddings are in processor order.
 
 Calls, separable so that the sampler can encode images once and reuse a KV cache:
 
@@ -33,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -844,8 +849,3 @@ def param_shardings(model_or_state, mesh, rules=sharding.DEFAULT_LOGICAL_AXIS_RU
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-
-
-def sequence_names() -> Sequence[str]:
-    """Logical names of the main activation `[B, T, D]`."""
-    return ("batch", "length", "act_embed")
