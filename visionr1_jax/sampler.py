@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from visionr1_jax import sharding
-from visionr1_jax.models import qwen_vl
+from visionr1_jax.models import qwen_vl, rope
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,20 @@ def sample_tokens(
         lp = jax.nn.log_softmax(logits, axis=-1)
     else:
         scaled = filter_logits(logits / temperature, top_k, top_p)
-        tok = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         lp = jax.nn.log_softmax(scaled, axis=-1)
+        tok = _inverse_cdf(jnp.exp(lp), jax.vmap(jax.random.uniform)(keys))
     return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+
+def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
+    """i32[R]: token j with cdf[j-1] <= u * cdf[-1] < cdf[j] for probs f32[R, V], u f32[R] in
+    [0, 1). One uniform per row instead of V Gumbel draws (the sampling step's main cost on
+    CPU); a zero-probability token is never returned."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    tok = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1)
+    v = probs.shape[-1]
+    last = v - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)  # last token with mass
+    return jnp.minimum(tok, last).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- the program
@@ -193,6 +204,7 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     b, t = ids.shape
     g, big_l = st.num_generations, st.completion_len
     r = b * g
+    cache_dtype = jnp.dtype(st.cache_dtype)
     ids = sharding.constrain(ids, ("batch", "length"), rules)
     mask = sharding.constrain(mask, ("batch", "length"), rules)
 
@@ -200,31 +212,27 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     pos, delta = model.rope_index(ids, grid, mask)
     emb = model.encode_images(pixels, grid) if pixels.shape[0] else None
     x = model.embed(ids, emb)
-    key_valid = jnp.concatenate([mask.astype(bool), jnp.ones((b, big_l), bool)], axis=1)
-    cache = qwen_vl.init_cache(cfg, b, t + big_l, jnp.dtype(st.cache_dtype))
-    cache = _constrain_cache(cache, rules)
-    h, cache = model.decode(x, pos, key_valid, cache, jnp.int32(0))
+    prompt_kv = _constrain_cache(qwen_vl.init_cache(cfg, b, t, cache_dtype), rules)
+    h, prompt_kv = model.decode(x, pos, mask, prompt_kv, jnp.int32(0))
     last = jnp.max(jnp.where(mask.astype(bool), jnp.arange(t)[None], 0), axis=1)  # [B]
     logits = model.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [B, V]
 
-    # 2. Broadcast the prefix to the G completions of each group: row b * G + g.
-    def per_row(a):
-        return jnp.repeat(a, g, axis=0) if g > 1 else a
-
-    cache = _constrain_cache(jax.tree.map(per_row, cache), rules)
-    logits = sharding.constrain(per_row(logits), ("batch", "act_vocab"), rules)
-    key_valid = sharding.constrain(per_row(key_valid), ("batch", "length"), rules)
-    next_pos = per_row(mask.sum(1).astype(jnp.int32) + delta[:, 0])  # M-RoPE pos of token 0
+    # 2. Share the prefix with the G completions of each group (row b * G + g): the prompt
+    # KV cache stays [B, T] and is read once per group; completions get their own [B*G, L].
+    logits = sharding.constrain(jnp.repeat(logits, g, axis=0), ("batch", "act_vocab"), rules)
+    gen_kv = _constrain_cache(qwen_vl.init_cache(cfg, r, big_l, cache_dtype), rules)
+    next_pos = jnp.repeat(mask.sum(1).astype(jnp.int32) + delta[:, 0], g)  # position of token 0
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(r))
     top_p_arg = top_p if st.use_top_p else None
+    prompt_valid = mask.astype(bool)
 
     # 3. Decode until every row stopped or the budget is spent.
     def cond(c):
-        i, _, _, _, _, done = c[:6]
+        i, _, _, _, _, done = c
         return (i < max_new) & ~jnp.all(done)
 
     def body(c):
-        i, logits, cache, tokens, logps, done = c
+        i, logits, gen_kv, tokens, logps, done = c
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
         tok, lp = sample_tokens(
             logits, keys, greedy=st.greedy, temperature=temperature, top_k=st.top_k,
@@ -236,14 +244,14 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
         logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, i))
         done = done | jnp.isin(tok, eos)
         p = jnp.broadcast_to((next_pos + i)[None, :, None], (3, r, 1))
-        h, cache = model.decode(model.embed(tok[:, None]), p, key_valid, cache, t + i)
-        logits = sharding.constrain(model.logits(h[:, 0]), ("batch", "act_vocab"), rules)
-        return i + 1, logits, _constrain_cache(cache, rules), tokens, logps, done
+        h, gen_kv = decode_step(model, tok, p, prompt_kv, prompt_valid, gen_kv, i)
+        logits = sharding.constrain(model.logits(h), ("batch", "act_vocab"), rules)
+        return i + 1, logits, _constrain_cache(gen_kv, rules), tokens, logps, done
 
     tokens = jnp.full((r, big_l), st.pad_id, jnp.int32)
     logps = jnp.zeros((r, big_l), jnp.float32)
     done = jnp.zeros((r,), bool)
-    carry = (jnp.int32(0), logits, cache, tokens, logps, done)
+    carry = (jnp.int32(0), logits, gen_kv, tokens, logps, done)
     steps, _, _, tokens, logps, _ = jax.lax.while_loop(cond, body, carry)
     # A row's tokens are valid up to and including its first EOS, within the steps run.
     ar = jnp.arange(big_l)[None]
@@ -260,6 +268,79 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
         steps=steps,
         num_generations=g,
     )
+
+
+def decode_step(
+    model: qwen_vl.QwenVL,
+    tokens: jax.Array,
+    position_ids: jax.Array,
+    prompt_kv: qwen_vl.Cache,
+    prompt_valid: jax.Array,
+    gen_kv: qwen_vl.Cache,
+    index: jax.Array,
+) -> tuple[jax.Array, qwen_vl.Cache]:
+    """One decoding step of B*G rows against a shared prompt cache and per-row completion caches.
+
+    The same computation as `QwenVL.decode` with a cache (its layers, norms, rotary and the
+    float32-score attention), except that attention is split over two key sets: the prompt
+    keys `[B, T]`, shared by the G rows of a group (read once per group, never copied G times),
+    and the completion keys `[B*G, L]` of each row. One softmax runs over their concatenated
+    scores, so the result equals attention over `concat(prompt, completion)`.
+
+    Args:
+      tokens: i32[B*G] the tokens just sampled; position_ids: i32[3, B*G, 1] their M-RoPE ids.
+      prompt_kv: per layer {"k", "v": [B, T, KV, hd]}; prompt_valid: bool[B, T].
+      gen_kv: per layer {"k", "v": [B*G, L, KV, hd]}; index: i32[] slot of `tokens` in gen_kv.
+    Returns:
+      final-norm hidden states f32[B*G, D] and the updated completion caches.
+    """
+    cfg = model.cfg
+    rules = cfg.logical_axis_rules
+    b, t = prompt_valid.shape
+    r = tokens.shape[0]
+    g, big_l = r // b, gen_kv[0]["k"].shape[1]
+    h_n, kv_n, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    hg = h_n // kv_n
+    x = model.embed(tokens[:, None])  # [R, 1, D]
+    x = sharding.constrain(x, ("batch", "length", "act_embed"), rules)
+    cos, sin = rope.mrope_cos_sin(position_ids, hd, cfg.rope_theta, cfg.mrope_section)
+    neg = jnp.finfo(jnp.float32).min
+    gen_valid = jnp.arange(big_l) <= index  # [L]
+    new_kv = []
+    for layer, pkv, gkv in zip(model.model.layers, prompt_kv, gen_kv, strict=True):
+        attn = layer.self_attn
+        y = layer.input_layernorm(x)
+        q = attn.q_proj(y).reshape(r, 1, h_n, hd)
+        k = attn.k_proj(y).reshape(r, 1, kv_n, hd)
+        v = attn.v_proj(y).reshape(r, 1, kv_n, hd)
+        q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+        gk = jax.lax.dynamic_update_slice(gkv["k"], k.astype(gkv["k"].dtype), (0, index, 0, 0))
+        gv = jax.lax.dynamic_update_slice(gkv["v"], v.astype(gkv["v"].dtype), (0, index, 0, 0))
+        new_kv.append({"k": gk, "v": gv})
+        # Query head h = kv * hg + j attends with KV head kv (grouped-query attention).
+        qx = q.reshape(b, g, kv_n, hg, hd)
+        dt = q.dtype
+        s_p = jnp.einsum(
+            "bgkjd,btkd->bgkjt", qx, pkv["k"].astype(dt), preferred_element_type=jnp.float32
+        )
+        s_g = jnp.einsum(
+            "bgkjd,bglkd->bgkjl", qx, gk.astype(dt).reshape(b, g, big_l, kv_n, hd),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        s_p = jnp.where(prompt_valid[:, None, None, None, :], s_p * hd**-0.5, neg)
+        s_g = jnp.where(gen_valid, s_g * hd**-0.5, neg)
+        pr = jax.nn.softmax(jnp.concatenate([s_p, s_g], axis=-1), axis=-1).astype(dt)
+        o = jnp.einsum(
+            "bgkjt,btkd->bgkjd", pr[..., :t], pkv["v"].astype(dt),
+            preferred_element_type=jnp.float32,
+        ) + jnp.einsum(
+            "bgkjl,bglkd->bgkjd", pr[..., t:], gv.astype(dt).reshape(b, g, big_l, kv_n, hd),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        x = x + attn.o_proj(o.astype(x.dtype).reshape(r, 1, h_n * hd))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = sharding.constrain(x, ("batch", "length", "act_embed"), rules)
+    return model.model.norm(x)[:, 0], new_kv
 
 
 def _constrain_cache(cache: qwen_vl.Cache, rules) -> qwen_vl.Cache:
