@@ -85,6 +85,16 @@ def test_bf16_checkpoint_loads(tmp_path_factory):
     model_bf16 = from_pretrained(path, dtype=jnp.bfloat16)
     dtypes = {v.dtype for v in _flat_params(model_bf16).values()}
     assert dtypes == {np.dtype(jnp.bfloat16)}
+    # bf16 export: transformers reads it back as bf16, bit for bit.
+    out = tmp_path_factory.mktemp("bf16_export")
+    save_pretrained(model_bf16, str(out))
+    hf_bf16 = AutoModelForImageTextToText.from_pretrained(str(out))
+    assert hf_bf16.dtype == torch.bfloat16
+    ours_params = _flat_params(model_bf16)
+    hf_embed = hf_bf16.model.language_model.embed_tokens.weight.detach().float().numpy()
+    np.testing.assert_array_equal(
+        hf_embed, ours_params[("model", "embed_tokens", "weight")].astype(np.float32)
+    )
 
 
 def test_token_logprobs_equal_log_softmax(tmp_path_factory):
