@@ -689,7 +689,9 @@ class QwenVL(nnx.Module):
         k = jnp.clip(k, 0, image_embeds.shape[0] - 1)
         return jnp.where(is_img[..., None], image_embeds.astype(x.dtype)[k], x)
 
-    def rope_index(self, input_ids, image_grid_thw, attention_mask):
+    def rope_index(
+        self, input_ids: jax.Array, image_grid_thw: jax.Array, attention_mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
         """(i32[3, B, T] positions, i32[B, 1] rope deltas); see `rope.get_rope_index`."""
         return rope.get_rope_index(
             input_ids,
@@ -740,7 +742,13 @@ class QwenVL(nnx.Module):
             "...d,dv->...v", hidden.astype(self.cfg.dtype), w, preferred_element_type=jnp.float32
         )
 
-    def hidden_states(self, input_ids, pixel_values, image_grid_thw, attention_mask):
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        image_grid_thw: jax.Array | None,
+        attention_mask: jax.Array | None,
+    ) -> jax.Array:
         """Final-norm hidden states f32[B, T, D] of a prompt batch (images encoded inside)."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -754,7 +762,13 @@ class QwenVL(nnx.Module):
         h, _ = self.decode(x, pos, attention_mask)
         return h
 
-    def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        image_grid_thw: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits f32[B, T, V] from the numpy outputs of the processor.
 
         Args:
@@ -766,10 +780,10 @@ class QwenVL(nnx.Module):
 
     def token_logprobs(
         self,
-        input_ids,
-        pixel_values,
-        image_grid_thw,
-        attention_mask,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        image_grid_thw: jax.Array | None,
+        attention_mask: jax.Array | None,
         targets: jax.Array,
         *,
         chunk_size: int = 128,
@@ -829,7 +843,7 @@ def init_cache(cfg: QwenVLConfig, batch: int, length: int, dtype=None) -> Cache:
     ]
 
 
-def logical_axes(model_or_state) -> Any:
+def logical_axes(model_or_state: nnx.Module | nnx.State) -> Any:
     """Pytree of logical axis tuples, one per parameter (from `nnx.Param(logical_axes=...)`)."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
     return jax.tree.map(
@@ -839,7 +853,11 @@ def logical_axes(model_or_state) -> Any:
     )
 
 
-def param_shardings(model_or_state, mesh, rules=sharding.DEFAULT_LOGICAL_AXIS_RULES):
+def param_shardings(
+    model_or_state: nnx.Module | nnx.State,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES,
+) -> Any:
     """Pytree of NamedSharding per parameter from the rules table (odd dims replicated)."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
     return jax.tree.map(
