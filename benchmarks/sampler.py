@@ -5,8 +5,10 @@ early stop) for the same B prompts (one image each, six sizes, left padding) of 
 checkpoint, with 2 threads each. transformers gets the prompts once and
 `num_return_sequences=G` (it expands prompts and images per completion, as the Vision-R1 / TRL
 reference does); ours encodes and prefills each prompt once and shares its KV cache across the
-G completions. Each side runs in its own process so that its peak resident memory
-(`ru_maxrss`) is its own.
+G completions. Each side runs in its own process (so that its peak resident memory, VmHWM
+after the warm-up call, is its own); the parent alternates calls between the two processes
+(A B A B ...) so that load from other processes on a shared machine hits both alike, and reports
+best-of-rounds and median-of-rounds ratios plus the ratio of process CPU time.
 
     .venv/bin/python benchmarks/sampler.py                       # B*G = 32 and 128, 128 tokens
     .venv/bin/python benchmarks/sampler.py --shapes 8x4 --new 64 --repeats 2
@@ -28,6 +30,10 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch's OpenMP threads otherwise spin at barriers; on a shared 2-core machine a descheduled
+# thread then costs the other one its whole time slice (observed: the same generate call taking
+# 0.4 s or 32 s). Passive waiting only helps the baseline; XLA does not use OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
@@ -53,10 +59,34 @@ def make_batch(path: str, b: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB), since start or the last `reset_peak_rss`."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(path: str, b: int, g: int, new: int, repeats: int, cache_dtype: str) -> dict:
+def rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Resets VmHWM to the current RSS (Linux `clear_refs` 5), so that the peak measured next
+    is the steady-state generation's, not the imports' or the compiler's."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+
+
+def setup_ours(path: str, b: int, g: int, new: int, cache_dtype: str):
+    """(run(i) -> completion tokens, info() -> dict) for our sampler; compiles on setup."""
     import jax
 
     from visionr1_jax import sampler
@@ -68,28 +98,25 @@ def run_ours(path: str, b: int, g: int, new: int, repeats: int, cache_dtype: str
         num_generations=g, max_new_tokens=new, temperature=1.0, eos_token_id=(),
         cache_dtype=cache_dtype,
     )  # fmt: skip
+
+    def run(i: int) -> int:
+        out = sampler.generate(model, batch, rng=jax.random.key(i), **kw)
+        return int(np.asarray(out.num_tokens).sum())  # waits for the result
+
     t0 = time.perf_counter()
-    out = sampler.generate(model, batch, rng=jax.random.key(0), **kw)
-    jax.block_until_ready(out)
+    run(0)
     first = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        out = sampler.generate(model, batch, rng=jax.random.key(i + 1), **kw)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    n_tok = int(np.asarray(out.num_tokens).sum())
-    assert n_tok == b * g * new, n_tok
-    return dict(
-        seconds=min(times),
-        tokens=n_tok,
-        first_call_s=first,
-        compiled=sampler.compile_count(),
-        peak_rss_mb=peak_rss_mb(),
-    )
+
+    def info() -> dict:
+        mem = next(iter(sampler._PROGRAMS.values())).memory_analysis()
+        xla = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        return dict(first_call_s=first, compiled=sampler.compile_count(), xla_mb=xla / 2**20)
+
+    return run, info
 
 
-def run_hf(path: str, b: int, g: int, new: int, repeats: int) -> dict:
+def setup_hf(path: str, b: int, g: int, new: int):
+    """(run(i) -> completion tokens, info) for transformers `generate`."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -112,41 +139,72 @@ def run_hf(path: str, b: int, g: int, new: int, repeats: int) -> dict:
         min_new_tokens=new,
     )
 
-    def once():
-        with torch.no_grad():
-            return hf.generate(**kw)
-
-    once()  # warm-up
-    times = []
-    for i in range(repeats):
+    def run(i: int) -> int:
         torch.manual_seed(i)
-        t0 = time.perf_counter()
-        out = once()
-        times.append(time.perf_counter() - t0)
-    n_tok = int(out[:, ids.shape[1] :].numel())
-    assert n_tok == b * g * new, n_tok
-    return dict(seconds=min(times), tokens=n_tok, peak_rss_mb=peak_rss_mb())
+        with torch.no_grad():
+            out = hf.generate(**kw)
+        return int(out[:, ids.shape[1] :].numel())
+
+    run(0)
+    return run, dict
 
 
 def child(args) -> None:
+    """One side in its own process, driven over stdin by the parent: `run I` times one call
+    (prints `TIME wall cpu`), `quit` prints memory figures and exits."""
     if args.side == "ours":
-        res = run_ours(args.path, args.b, args.g, args.new, args.repeats, args.cache_dtype)
+        run, info = setup_ours(args.path, args.b, args.g, args.new, args.cache_dtype)
     else:
-        res = run_hf(args.path, args.b, args.g, args.new, args.repeats)
-    print("RESULT " + json.dumps(res), flush=True)
+        run, info = setup_hf(args.path, args.b, args.g, args.new)
+    base = rss_mb()
+    reset_peak_rss()  # the peak below is steady-state generation, not imports or compilation
+    print("READY", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "run":
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = run(int(cmd[1]))
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            assert n == args.b * args.g * args.new, n
+            print(f"TIME {wall} {cpu}", flush=True)
+        else:
+            peak = peak_rss_mb()
+            total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            res = dict(peak_rss_mb=peak, gen_rss_mb=peak - base, total_peak_rss_mb=total, **info())
+            print("RESULT " + json.dumps(res), flush=True)
+            return
 
 
-def spawn(side: str, path: str, b: int, g: int, args) -> dict:
-    cmd = [
-        sys.executable, os.path.abspath(__file__), "--child", side, "--path", path,
-        "--b", str(b), "--g", str(g), "--new", str(args.new), "--repeats", str(args.repeats),
-        "--cache-dtype", args.cache_dtype,
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
+class Side:
+    """A child process serving one side."""
+
+    def __init__(self, side: str, path: str, b: int, g: int, args):
+        cmd = [
+            sys.executable, os.path.abspath(__file__), "--child", side, "--path", path,
+            "--b", str(b), "--g", str(g), "--new", str(args.new),
+            "--cache-dtype", args.cache_dtype,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"child exited with {self.proc.wait()}")
+
+    def run(self, i: int) -> tuple[float, float]:
+        self.proc.stdin.write(f"run {i}\n")
+        wall, cpu = self._expect("TIME").split()
+        return float(wall), float(cpu)
+
+    def close(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        res = json.loads(self._expect("RESULT"))
+        self.proc.wait()
+        return res
 
 
 def main() -> None:
@@ -155,7 +213,7 @@ def main() -> None:
     p.add_argument("--tokenizer", default="small")
     p.add_argument("--shapes", default="8x4,32x4", help="comma-separated BxG")
     p.add_argument("--new", type=int, default=128, help="tokens per completion")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cache-dtype", default="float32")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -178,22 +236,35 @@ def main() -> None:
             f"temperature 1, best of {args.repeats}, 2 threads each, cache {args.cache_dtype}"
         )
         print(
-            "| B x G | ours tok/s | transformers tok/s | ratio | ours peak RSS | "
-            "transformers peak RSS | ours first call (compile) |"
+            "| B x G | ours tok/s | transformers tok/s | ratio (best of rounds) | "
+            "ratio (median round) | ratio (CPU time) | ours peak RSS | transformers peak RSS | "
+            "ours XLA buffers | ours first call (compile) |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for shape in args.shapes.split(","):
             b, g = (int(x) for x in shape.split("x"))
-            ours = spawn("ours", path, b, g, args)
-            hf = spawn("hf", path, b, g, args)
-            r_ours = ours["tokens"] / ours["seconds"]
-            r_hf = hf["tokens"] / hf["seconds"]
+            sides = {"ours": Side("ours", path, b, g, args), "hf": Side("hf", path, b, g, args)}
+            wall = {k: [] for k in sides}
+            cpu = {k: [] for k in sides}
+            for i in range(args.repeats):  # A B A B ...: load from other processes hits both
+                for k, side in sides.items():
+                    w, c = side.run(i + 1)
+                    wall[k].append(w)
+                    cpu[k].append(c)
+            ours, hf = sides["ours"].close(), sides["hf"].close()
+            n = b * g * args.new
+            w_ours, w_hf = np.asarray(wall["ours"]), np.asarray(wall["hf"])
+            c_ours, c_hf = np.median(cpu["ours"]), np.median(cpu["hf"])
             print(
-                f"| {b} x {g} = {b * g} | {r_ours:,.0f} | {r_hf:,.0f} | {r_ours / r_hf:.2f}x | "
-                f"{ours['peak_rss_mb']:,.0f} MB | {hf['peak_rss_mb']:,.0f} MB | "
+                f"| {b} x {g} = {b * g} | {n / w_ours.min():,.0f} | {n / w_hf.min():,.0f} | "
+                f"{w_hf.min() / w_ours.min():.2f}x | {np.median(w_hf / w_ours):.2f}x | "
+                f"{c_hf / c_ours:.2f}x | {ours['peak_rss_mb']:,.0f} MB | "
+                f"{hf['peak_rss_mb']:,.0f} MB | {ours['xla_mb']:,.1f} MB | "
                 f"{ours['first_call_s']:.1f} s |",
                 flush=True,
             )
+            raw = {"wall": wall, "cpu": cpu, "ours": ours, "transformers": hf}
+            print("  raw:", json.dumps(raw), flush=True)
 
 
 if __name__ == "__main__":
