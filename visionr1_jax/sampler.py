@@ -8,17 +8,26 @@ One jitted program per bucket does the whole rollout of B prompts x G completion
 
 1. **Encode once.** The packed images of the B prompts go through the vision tower once
    (`model.encode_images`), the B prompts are embedded and prefilled once into a preallocated
-   KV cache `[B, T + L, KV, hd]` (dtype `cache_dtype`, bf16 by default).
-2. **Share the prefix.** The prompt cache, the M-RoPE deltas and the last prompt logits are
-   broadcast to the G completions of each group (row `b * G + g` is completion g of prompt b);
-   nothing of the prompt is recomputed per completion (the Vision-R1 / TRL reference re-encodes
-   the image for every completion).
+   prompt KV cache `[B, T, KV, hd]` (dtype `cache_dtype`, bf16 by default).
+2. **Share the prefix.** The prompt cache is shared, not copied, by the G completions of each
+   group (row `b * G + g` is completion g of prompt b): each decode step attends to the prompt
+   keys `[B, T]` once per group and to the row's own completion keys `[B*G, L]`, with one
+   softmax over both (`decode_step`). The last prompt logits and the M-RoPE deltas are
+   broadcast. Nothing of the prompt is recomputed per completion (the Vision-R1 / TRL
+   reference re-encodes the image and prefills the prompt for every completion).
 3. **Decode** in a `lax.while_loop`: sample a token per row (greedy, or temperature -> top-k ->
-   top-p as transformers' logits warpers), record its log-prob under the sampling
-   distribution, stop rows at EOS, feed the token back at M-RoPE position
-   `n_real_prompt_tokens + i + rope_delta` (Qwen2-VL paper, Sec. 2.1: text after the image
-   advances all three axes together). The loop exits once every row has stopped or after
-   `max_new_tokens` steps.
+   top-p as transformers' logits warpers, then inverse-CDF sampling with one uniform per row),
+   record its log-prob under the sampling distribution, stop rows at EOS, feed the token back
+   at M-RoPE position `n_real_prompt_tokens + i + rope_delta` (Qwen2-VL paper, Sec. 2.1: text
+   after the image advances all three axes together). The loop exits once every row has
+   stopped or after `max_new_tokens` steps.
+
+Randomness: row r at step i uses the key `fold_in(fold_in(rng, r), i)`, so a rollout does not
+depend on the mesh nor on whether the prefix is shared (both are tested).
+
+Note for teacher-forced consumers: a sampled `<|image_pad|>` token is an ordinary text token
+here (as in transformers `generate`), but a full forward over prompt + completion would read
+it as an image placeholder.
 
 Shapes are static: the prompt length T, the packed patch count P, the number of image slots I
 and the completion length L are padded up to buckets on the host (numpy, before the program), so
