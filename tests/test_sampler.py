@@ -350,3 +350,21 @@ def test_rollout_is_a_pytree_and_bf16_cache_runs(tiny):
     assert doubled.num_generations == 2
     np.testing.assert_allclose(np.asarray(doubled.logprobs), 2 * np.asarray(out.logprobs))
     assert np.isfinite(np.asarray(out.logprobs)).all() and (np.asarray(out.logprobs) <= 0).all()
+
+
+def test_text_only_batch_and_device_arrays_share_a_program(tiny):
+    """A batch without images generates; the same batch as device arrays reuses the program
+    compiled for the host arrays and gives the same rollout."""
+    path, _, model = tiny
+    proc = processing.load_processor(path)
+    texts = [processing.render_prompt(proc, q, num_images=0) for q in ("hello there", "x")]
+    batch = processing.encode_batch(proc, texts, [[], []])
+    assert batch["pixel_values"].shape[0] == 0
+    kw = dict(num_generations=3, max_new_tokens=5, temperature=1.0)
+    before = sampler.compile_count()
+    out = sampler.generate(model, batch, rng=jax.random.key(0), **kw)
+    on_device = {k: jnp.asarray(v) for k, v in batch.items()}
+    again = sampler.generate(model, on_device, rng=jax.random.key(0), **kw)
+    assert sampler.compile_count() - before == 1
+    assert out.tokens.shape == (6, 16) and (np.asarray(out.num_tokens) >= 1).all()
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(again.tokens))

@@ -380,7 +380,10 @@ def clear_cache() -> None:
 def _signature(tree) -> tuple:
     def sig(x):
         sh = getattr(x, "sharding", None)
-        return (tuple(np.shape(x)), str(np.asarray(x).dtype if sh is None else x.dtype), sh)
+        dtype = str(np.asarray(x).dtype if sh is None else x.dtype)
+        if isinstance(sh, jax.sharding.SingleDeviceSharding):
+            sh = None  # host arrays and single-device arrays run the same program
+        return (tuple(np.shape(x)), dtype, sh)
 
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple(sig(x) for x in leaves)
