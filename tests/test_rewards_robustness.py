@@ -80,6 +80,12 @@ def test_adversarial_corpus():
     assert out["num_dropped"][0] == 500 - 64 and out["num_pred"][0] == 64
 
 
+def test_empty_batch_has_every_key():
+    out = rewards.score([], [])
+    for key in ("format", "recall", "precision", "total", "num_dropped"):
+        assert out[key].shape == (0,)
+
+
 def test_truncation_at_every_position():
     texts = [VALID[:k] for k in range(len(VALID) + 1)]
     _check(texts, [TARGET] * len(texts), variants=("official",))

@@ -174,8 +174,6 @@ def score(
     config = default_config() if config is None else config
     fn = make_reward_fn(config)
     pred, gt, parsed = prepare(completions, targets, config)
-    if not len(completions):
-        return {"total": np.zeros((0,), np.float32), "num_dropped": parsed.num_dropped}
     _, aux = fn(pred, gt, jnp.asarray(step, jnp.int32))
     out = {k: np.asarray(v) for k, v in aux.items()}
     out["num_dropped"] = parsed.num_dropped
