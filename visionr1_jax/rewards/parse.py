@@ -36,6 +36,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import orjson
 
 FRAMES = ("qwen25_abs", "rel1000", "norm01")
 _INT_FRAMES = ("qwen25_abs", "rel1000")
@@ -129,7 +130,17 @@ _INVALID = object()
 
 
 def _loads(text: str):
-    """``json.loads`` or ``_INVALID`` (bad JSON, too deep, …); never raises."""
+    """``json.loads`` semantics, or ``_INVALID`` (bad JSON, too deep, …); never raises.
+
+    ``orjson`` parses the common case ~3x faster; whatever it rejects (NaN, Infinity, 1e400,
+    lone surrogates, …) goes to ``json``, which decides. Where orjson accepts, the two agree up
+    to integers beyond 2**64 coming back as floats, which no rule distinguishes (any such
+    coordinate is beyond ``max_coord``; a non-string label is unknown either way).
+    """
+    try:
+        return orjson.loads(text)
+    except (orjson.JSONDecodeError, RecursionError):
+        pass
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
