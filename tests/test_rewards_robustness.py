@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import reward_reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -110,6 +111,29 @@ def test_parse_answer_bounds_and_frames():
     assert parse.parse_answer(truncated, frame="norm01").boxes == [[0.1, 0.2, 0.9, 0.95]]
     with pytest.raises(ValueError, match="frame"):
         parse.parse_answer("[]", frame="pixels")
+
+
+FORMAT_CASES = [
+    '[{"bbox_2d": null, "label": "cat"}]',
+    '[{"bbox_2d": [1, 2, 3], "label": "cat"}]',
+    '[{"bbox_2d": [1, 2, 30, 40]}, {"label": "cat"}]',
+    '[{"bbox_2d": "1,2,3,4", "label": "cat"}]',
+    '[{"bbox_2d": [1, 2, 30, 40], "label": "cat"}, 7, "x"]',
+    '[{"bbox_2d": [NaN, 2, 30, 40], "label": "cat"}]',
+    '[{"bbox_2d": [1, 2, 700, 40], "label": "cat"}]',
+    '[{"bbox_2d": [30, 2, 1, 40], "label": "cat"}]',
+    '{"bbox_2d": [1, 2, 3], "label": "cat"}',
+    "```json\n[]\n```",
+    "null",
+    "[1, 2",
+]
+
+
+@pytest.mark.parametrize("text", FORMAT_CASES)
+def test_format_flags_match_reference(text):
+    got = parse.parse_answer(text, input_size=(476, 644))
+    assert got.format_official == ref.format_official(text)
+    assert got.format_strict == ref.format_strict(text, (476, 644))
 
 
 def test_strict_format_checks_content():

@@ -258,21 +258,9 @@ def parse_answer(
                 continue
             bbox = item.get("bbox_2d")
             has_label = "label" in item
-            if has_label and bbox is not None and (type(bbox) is not list or len(bbox) != 4):
+            if has_label and "bbox_2d" in item and (type(bbox) is not list or len(bbox) != 4):
                 official_ok = False
-            if type(bbox) is list and len(bbox) == 4:
-                x1, y1, x2, y2 = bbox
-                if type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int:
-                    if max(abs(x1), abs(y1), abs(x2), abs(y2)) > max_coord or not (
-                        x1 < x2 and y1 < y2
-                    ):
-                        box = None
-                    else:
-                        box = [float(x1), float(y1), float(x2), float(y2)]
-                else:
-                    box = _coords(bbox, integer, max_coord)
-            else:
-                box = None
+            box = _coords(bbox, integer, max_coord)
             if box is None:
                 strict_ok = False
                 continue
