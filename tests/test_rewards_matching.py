@@ -110,11 +110,12 @@ def test_hungarian_under_vmap(m, n):
     _check(cost, rv, cv, np.asarray(p2g).reshape(24, m), np.asarray(g2p).reshape(24, n))
 
 
-@pytest.mark.parametrize("lanes", [1, 3, 64])
-def test_hungarian_lane_count_does_not_change_the_optimum(lanes):
-    rng = np.random.default_rng(lanes)
+@pytest.mark.parametrize("lanes,refill_at", [(1, 1), (3, 1), (3, 2), (64, 1), (64, 16), (64, 64)])
+def test_hungarian_lane_count_does_not_change_the_optimum(lanes, refill_at):
+    rng = np.random.default_rng(lanes * 100 + refill_at)
     cost, rv, cv = _problems(rng, 50, 17, 30, "boxes")
-    p2g, g2p = jax.jit(lambda c, r, v: matching.hungarian(c, r, v, lanes=lanes))(cost, rv, cv)
+    solve = jax.jit(lambda c, r, v: matching.hungarian(c, r, v, lanes=lanes, refill_at=refill_at))
+    p2g, g2p = solve(cost, rv, cv)
     _check(cost, rv, cv, np.asarray(p2g), np.asarray(g2p))
 
 
@@ -122,9 +123,11 @@ def test_hungarian_handles_non_finite_costs_and_scattered_masks():
     rng = np.random.default_rng(3)
     cost, _, _ = _problems(rng, 16, 9, 6, "normal")
     cost[cost > 60] = np.nan  # treated as 0
+    cost[cost < -70] = -np.inf  # likewise
     rv, cv = rng.random((16, 9)) < 0.7, rng.random((16, 6)) < 0.7  # non-prefix masks
     p2g, g2p = jax.jit(matching.hungarian)(cost, rv, cv)
-    _check(np.nan_to_num(cost, nan=0.0), rv, cv, np.asarray(p2g), np.asarray(g2p))
+    finite = np.nan_to_num(cost, nan=0.0, posinf=0.0, neginf=0.0)
+    _check(finite, rv, cv, np.asarray(p2g), np.asarray(g2p))
 
 
 def _greedy_reference(cost, rv, cv):

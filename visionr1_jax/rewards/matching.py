@@ -12,18 +12,26 @@ several times slower than a host loop over ``scipy.optimize.linear_sum_assignmen
 
 1. The smaller side always plays the rows: each problem is padded to a square and transposed
    when it has more valid rows than columns, so the number of augmentations is ``min(M, N)``.
-2. Warm start: row reduction (``u_i = min_j C_ij``, ``v = 0``) and every row whose cheapest
-   column is not wanted by an earlier row is assigned at once. Those pairs are tight and the
-   duals are feasible, so the start satisfies complementary slackness. Box-prior costs are
-   dominated by the pixel L1 term, so most rows are settled here and many problems are done.
+   The oriented, masked cost is written once, so every later row read is contiguous.
+2. Warm start: row reduction (``u_i = min_j C_ij``, ``v = 0``) and every column goes to the
+   lowest row whose cheapest column it is. Those pairs are tight and the duals feasible, so
+   the start satisfies complementary slackness. Box-prior costs are dominated by the pixel L1
+   term, so most rows are settled here and many problems are done.
 3. The remaining rows are augmented with Dijkstra-style shortest augmenting paths (Jonker &
    Volgenant, 1987; the rectangular variant of Crouse, 2016, which SciPy also implements),
-   written as a *single flat state machine*: each loop iteration performs one Dijkstra step or
-   one back-tracking step of an augmentation. A batch then loops ``max_b(total steps of b)``
-   times instead of ``Σ_rows max_b(path length)``.
-4. Problems are sorted by the number of rows the warm start left open and solved in chunks
-   (``lax.map`` with ``batch_size``), so chunks of settled problems exit immediately and a hard
-   problem only holds back its own chunk.
+   written as a *single flat state machine*: one loop iteration performs one Dijkstra step or
+   one back-tracking step of an augmentation.
+4. Lanes, not the batch, are vectorised: ``lanes`` problems are solved side by side and a
+   lane that finishes takes the next queued problem (hardest first), so the loop runs about
+   ``Σ_b steps_b / lanes`` times instead of ``max_b steps_b`` sweeps over the whole batch.
+
+XLA:CPU specifics that shaped the code (each measured; numbers in BENCHMARKS.md): ``argmin``
+(a variadic reduce) lowers to a slow scalar loop, so arg-minima are a native ``min`` and then
+a ``min`` over the indices that attain it, with an ``optimization_barrier`` so the first
+reduce is not re-fused (recomputed per element) into the second; in the loop, row distances
+are recorded when a row is reached rather than gathered when the duals move; padding is coded
+in the assignment vectors (``-2``) rather than carried as extra mask arrays; finished lanes
+are written back and refilled in batches, not every iteration.
 
 Conventions: rows are predictions (``M``), columns are ground truth (``N``). Outputs are
 ``pred_to_gt i32[M]`` and ``gt_to_pred i32[N]`` with ``-1`` for unmatched entries.
@@ -41,6 +49,7 @@ from visionr1_jax.rewards import boxes as boxes_lib
 Array = jax.Array
 
 _SEARCH, _AUGMENT, _DONE = 0, 1, 2
+_FREE, _PAD = -1, -2  # assignment-vector codes: unassigned, padding (never assigned)
 
 
 def box_prior_cost(
@@ -65,26 +74,24 @@ def box_prior_cost(
     return cost, {"giou": g, "iou": aux["iou"], "l1": l1, "class_match": same}
 
 
-def _argmin_last(x: Array) -> tuple[Array, Array]:
-    """``(min, argmin)`` over the last axis as a halving tree of elementwise selects.
+def _min_argmin(x: Array, axis: int) -> tuple[Array, Array]:
+    """``(min, lowest index attaining it)`` of ``x`` over ``axis``, as two native reduces.
 
-    XLA:CPU lowers ``argmin`` (a variadic reduce) to a slow scalar loop, and a reduce whose
-    input compares against another reduce over the same axis gets recomputed per element;
-    log2(S) elementwise steps are several times faster at these sizes. Ties may resolve to
-    any minimal index, which every caller here accepts.
+    XLA:CPU lowers ``argmin`` (a variadic reduce) to a slow scalar loop; two plain ``min``
+    reduces vectorise. The barrier keeps the first reduce from being re-fused (and recomputed
+    per element) into the second.
     """
-    idx = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
-    while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        a, b = x[..., :half], x[..., half : 2 * half]
-        take = b < a
-        x_next = jnp.where(take, b, a)
-        i_next = jnp.where(take, idx[..., half : 2 * half], idx[..., :half])
-        if x.shape[-1] % 2:
-            x_next = jnp.concatenate([x_next, x[..., -1:]], axis=-1)
-            i_next = jnp.concatenate([i_next, idx[..., -1:]], axis=-1)
-        x, idx = x_next, i_next
-    return x[..., 0], idx[..., 0]
+    low = jax.lax.optimization_barrier(jnp.min(x, axis))
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+    hit = x == jnp.expand_dims(low, axis)
+    arg = jnp.min(jnp.where(hit, iota, x.shape[axis]), axis)
+    return low, jnp.minimum(arg, x.shape[axis] - 1)
+
+
+def _first(mask: Array) -> Array:
+    """``bool[..., S] -> i32[...]``: the first true index, ``S`` when there is none."""
+    size = mask.shape[-1]
+    return jnp.min(jnp.where(mask, jnp.arange(size, dtype=jnp.int32), size), axis=-1)
 
 
 def _prepare(cost: Array, row_valid: Array, col_valid: Array) -> dict[str, Array]:
@@ -93,50 +100,44 @@ def _prepare(cost: Array, row_valid: Array, col_valid: Array) -> dict[str, Array
     Orientation: each problem is square-padded and transposed when it has more valid rows
     than columns, so the smaller side plays the rows and ``min(M, N)`` rows get augmented.
     Warm start: row reduction ``u_i = min_j C_ij`` with ``v = 0``; each column goes to the
-    first row whose cheapest column it is. Those pairs are tight and the duals feasible, so
+    lowest row whose cheapest column it is. Those pairs are tight and the duals feasible, so
     complementary slackness holds from the start.
 
     Args:
       cost: ``f32[B, M, N]``; row_valid ``bool[B, M]``; col_valid ``bool[B, N]``.
 
     Returns:
-      dict with ``cost f32[B, S, S]`` (oriented, finite), ``row_valid``/``col_valid``
-      ``bool[B, S]`` (oriented), ``transposed bool[B]``, ``u f32[B, S]``, ``col4row`` and
-      ``row4col`` ``i32[B, S]`` and ``open_rows i32[B]``; ``S = max(M, N)``.
+      dict with ``cost f32[B, S, S]`` (oriented; non-finite valid entries read as 0, padded
+      entries ``+inf``), ``transposed bool[B]``, ``u f32[B, S]``, ``col4row`` and ``row4col``
+      ``i32[B, S]`` (``-1`` free, ``-2`` padding) and ``open_rows i32[B]``; ``S = max(M, N)``.
     """
     _, m, n = cost.shape
     size = max(m, n)
-    sq = jnp.pad(jnp.where(jnp.isfinite(cost), cost, 0.0), ((0, 0), (0, size - m), (0, size - n)))
+    if m != n:
+        cost = jnp.pad(cost, ((0, 0), (0, size - m), (0, size - n)))
     rv = jnp.pad(row_valid, ((0, 0), (0, size - m)))
     cv = jnp.pad(col_valid, ((0, 0), (0, size - n)))
     transposed = jnp.sum(rv, axis=1) > jnp.sum(cv, axis=1)
     t2, t3 = transposed[:, None], transposed[:, None, None]
-    sq = jnp.where(t3, jnp.swapaxes(sq, 1, 2), sq)
+    finite = jnp.where(jnp.isfinite(cost), cost, 0.0)
+    masked = jnp.where(rv[:, :, None] & cv[:, None, :], finite, jnp.inf)
+    oriented = jax.lax.optimization_barrier(jnp.where(t3, jnp.swapaxes(masked, 1, 2), masked))
     rv, cv = jnp.where(t2, cv, rv), jnp.where(t2, rv, cv)
-
-    masked = jnp.where(cv[:, None, :], sq, jnp.inf)
-    # The barrier keeps XLA from re-fusing the tree into every consumer below.
-    u, best = jax.lax.optimization_barrier(_argmin_last(masked))
-    usable = rv & jnp.isfinite(u)
+    u, best = _min_argmin(oriented, 2)
+    # After orientation every valid row has a valid column, so ``u`` is finite on valid rows.
     idx = jnp.arange(size, dtype=jnp.int32)
-    # Each column goes to the lowest-index row that wants it (scatter-min; others dropped).
-    batch_idx = jnp.arange(sq.shape[0])[:, None]
-    claim = jnp.full(rv.shape, size, jnp.int32)
-    claim = claim.at[batch_idx, jnp.where(usable, best, size)].min(
-        jnp.broadcast_to(idx, rv.shape), mode="drop"
-    )
-    row4col = jnp.where(claim < size, claim, -1)
+    wants = rv[:, :, None] & (best[:, :, None] == idx[None, None, :])  # [B, row, col]
+    claim = jnp.min(jnp.where(wants, idx[None, :, None], size), axis=1)  # lowest row per col
+    row4col = jnp.where(claim < size, claim, _FREE)
     won = jnp.take_along_axis(row4col, best, axis=1) == idx[None, :]
-    col4row = jnp.where(usable & won, best, -1)
+    col4row = jnp.where(rv, jnp.where(won, best, _FREE), _PAD)
     return {
-        "cost": sq,
-        "row_valid": rv,
-        "col_valid": cv,
+        "cost": oriented,
         "transposed": transposed,
-        "u": jnp.where(usable, u, 0.0),
+        "u": jnp.where(rv, u, 0.0),
         "col4row": col4row,
-        "row4col": row4col,
-        "open_rows": jnp.sum(usable & (col4row < 0), axis=1),
+        "row4col": jnp.where(cv, row4col, _PAD),
+        "open_rows": jnp.sum(col4row == _FREE, axis=1),
     }
 
 
@@ -146,87 +147,89 @@ def _lane_step(s: dict[str, Array], row: Array) -> dict[str, Array]:
 
     Follows the rectangular shortest-augmenting-path method (Crouse, 2016; SciPy's
     ``linear_sum_assignment``): reduced costs ``C_ij − u_i − v_j ≥ 0`` with tight matched
-    pairs, duals updated once a free column (the sink) is reached.
+    pairs, duals updated once a free column (the sink) is reached. ``row_dist[r]`` records the
+    path length at which row ``r`` was reached (``0`` for the start row, ``inf`` if not
+    reached); it replaces SciPy's ``shortest[col4row[r]]`` gather in the row-dual update.
 
     Args:
       s: lane state, vectors ``[S]`` and scalars (see ``_fresh_lane``).
-      row: ``f32[S]``, the cost row of the lane's current row ``s["i"]``.
+      row: ``f32[S]``, the oriented cost row of the lane's current row ``s["i"]``.
     """
     size = row.shape[0]
     idx = jnp.arange(size, dtype=jnp.int32)
     searching = s["mode"] == _SEARCH
+    i = s["i"]
 
     # -- search: relax the columns reachable from row i, settle the closest open column j.
-    sr_s = s["sr"] | (idx == s["i"])
-    reduced = s["min_val"] + row - s["u"][s["i"]] - s["v"]
-    open_cols = ~s["sc"] & s["col_valid"]
-    better = open_cols & (reduced < s["shortest"])
-    shortest_s = jnp.where(better, reduced, s["shortest"])
-    path = jnp.where(better & searching, s["i"], s["path"])
-    cand = jnp.where(open_cols, shortest_s, jnp.inf)
-    lowest = jnp.min(cand)
-    free = s["row4col"] < 0
-    # Among ties prefer a free column (ends the search sooner), as SciPy does.
-    j_s = jnp.argmax((cand == lowest) * (1 + free)).astype(jnp.int32)
-    sc_s = s["sc"] | (idx == j_s)
-    sink = free[j_s]
+    row_dist = jnp.where(idx == i, s["min_val"], s["row_dist"])
+    reduced = s["min_val"] + row - s["u"][i] - s["v"]
+    better = ~s["scanned"] & (reduced < s["shortest"])
+    shortest = jnp.where(better, reduced, s["shortest"])
+    path = jnp.where(better, i, s["path"])
+    cand = jnp.where(s["scanned"], jnp.inf, shortest)
+    lowest = jax.lax.optimization_barrier(jnp.min(cand))
+    # Among ties prefer a free column (ends the search sooner), then the lowest index.
+    key = jnp.where(cand == lowest, jnp.where(s["row4col"] == _FREE, idx, idx + size), 2 * size)
+    k = jnp.min(key)
+    sink = k < size
+    j_s = jnp.where(sink, k, k - size)
+    scanned = s["scanned"] | (idx == j_s)
     # Dual update once the sink is reached (before augmenting, as in JV).
-    delta_rows = lowest - shortest_s[jnp.clip(s["col4row"], 0, size - 1)]
-    u_s = s["u"] + jnp.where(idx == s["cur"], lowest, jnp.where(sr_s, delta_rows, 0.0))
-    v_s = s["v"] - jnp.where(sc_s, lowest - shortest_s, 0.0)
+    u_s = s["u"] + jnp.where(row_dist < jnp.inf, lowest - row_dist, 0.0)
+    v_s = s["v"] - jnp.where(scanned & (shortest < jnp.inf), lowest - shortest, 0.0)
 
     # -- augment: flip one (row, column) pair of the path, walking back from the sink.
-    i_a = s["path"][s["j"]]
     flip = s["mode"] == _AUGMENT
-    row4col = jnp.where(flip & (idx == s["j"]), i_a, s["row4col"])
-    col4row = jnp.where(flip & (idx == i_a), s["j"], s["col4row"])
+    j = s["j"]
+    i_a = s["path"][j]
+    row4col = jnp.where(flip & (idx == j), i_a, s["row4col"])
+    col4row = jnp.where(flip & (idx == i_a), j, s["col4row"])
     finished = flip & (i_a == s["cur"])
-    open_rows = s["row_valid"] & (col4row < 0)
-    next_row = jnp.argmax(open_rows).astype(jnp.int32)
+    next_row = _first(col4row == _FREE)
 
+    step_sink = searching & sink
     return {
-        **s,
-        "u": jnp.where(searching & sink, u_s, s["u"]),
-        "v": jnp.where(searching & sink, v_s, s["v"]),
+        "u": jnp.where(step_sink, u_s, s["u"]),
+        "v": jnp.where(step_sink, v_s, s["v"]),
         "col4row": col4row,
         "row4col": row4col,
-        "shortest": jnp.where(searching, shortest_s, jnp.where(finished, jnp.inf, s["shortest"])),
-        "path": path,
-        "sc": jnp.where(searching, sc_s, s["sc"] & ~finished),
-        "sr": jnp.where(searching, sr_s, s["sr"] & ~finished),
+        "shortest": jnp.where(searching, shortest, jnp.where(finished, jnp.inf, s["shortest"])),
+        "path": jnp.where(searching, path, s["path"]),
+        "scanned": jnp.where(
+            searching, scanned, jnp.where(finished, row4col == _PAD, s["scanned"])
+        ),
+        "row_dist": jnp.where(searching, row_dist, jnp.where(finished, jnp.inf, s["row_dist"])),
         "min_val": jnp.where(searching, lowest, jnp.where(finished, 0.0, s["min_val"])),
         "i": jnp.where(
             searching,
-            jnp.where(sink, s["i"], s["row4col"][j_s]),
-            jnp.where(finished, next_row, s["i"]),
+            jnp.where(sink, i, s["row4col"][j_s]),
+            jnp.where(finished, jnp.minimum(next_row, size - 1), i),
         ),
-        "cur": jnp.where(finished, next_row, s["cur"]),
+        "cur": jnp.where(finished, jnp.minimum(next_row, size - 1), s["cur"]),
         "j": jnp.where(searching, j_s, s["col4row"][i_a]),
         "mode": jnp.where(
             searching,
             jnp.where(sink, _AUGMENT, _SEARCH),
-            jnp.where(finished, jnp.where(jnp.any(open_rows), _SEARCH, _DONE), s["mode"]),
+            jnp.where(finished, jnp.where(next_row < size, _SEARCH, _DONE), s["mode"]),
         ).astype(jnp.int32),
     }
 
 
 def _fresh_lane(warm: dict[str, Array], q: Array) -> dict[str, Array]:
     """Lane state for problem ``q`` (scalar index): its warm start and a search from its first
-    open row."""
+    open row. Padded columns start (and stay) scanned, so no search ever reaches them."""
     size = warm["u"].shape[1]
-    col4row, row_valid = warm["col4row"][q], warm["row_valid"][q]
-    first = jnp.argmax(row_valid & (col4row < 0)).astype(jnp.int32)
+    col4row, row4col = warm["col4row"][q], warm["row4col"][q]
+    first = jnp.minimum(_first(col4row == _FREE), size - 1)
     return {
         "u": warm["u"][q],
         "v": jnp.zeros((size,), jnp.float32),
         "col4row": col4row,
-        "row4col": warm["row4col"][q],
-        "row_valid": row_valid,
-        "col_valid": warm["col_valid"][q],
+        "row4col": row4col,
         "shortest": jnp.full((size,), jnp.inf, jnp.float32),
         "path": jnp.full((size,), -1, jnp.int32),
-        "sc": jnp.zeros((size,), bool),
-        "sr": jnp.zeros((size,), bool),
+        "scanned": row4col == _PAD,
+        "row_dist": jnp.full((size,), jnp.inf, jnp.float32),
         "min_val": jnp.float32(0.0),
         "i": first,
         "cur": first,
@@ -236,7 +239,12 @@ def _fresh_lane(warm: dict[str, Array], q: Array) -> dict[str, Array]:
 
 
 def hungarian(
-    cost: Array, row_valid: Array, col_valid: Array, *, lanes: int = 256
+    cost: Array,
+    row_valid: Array,
+    col_valid: Array,
+    *,
+    lanes: int = 256,
+    refill_at: int = 32,
 ) -> tuple[Array, Array]:
     """Exactly optimal one-to-one assignment for a batch of padded cost matrices.
 
@@ -245,13 +253,15 @@ def hungarian(
 
     Stages: (1) orientation and warm start for the whole batch (``_prepare``); (2) the
     problems the warm start left open are queued, hardest first; (3) ``lanes`` problems are
-    solved side by side, one ``_lane_step`` per loop iteration, and a lane that finishes takes
-    the next queued problem at once, so the loop runs about ``Σ_b steps_b / lanes`` times.
+    solved side by side, one ``_lane_step`` per loop iteration; once ``refill_at`` lanes have
+    finished (or all have), their results are written back and they take the next queued
+    problems, so the loop runs about ``Σ_b steps_b / lanes`` times.
 
     Args:
       cost: ``f32[B, M, N]`` (non-finite entries of valid pairs are treated as 0).
       row_valid: ``bool[B, M]``; col_valid: ``bool[B, N]``.
       lanes: problems augmented side by side.
+      refill_at: finished lanes that trigger a refill (fewer refills, a little idling).
 
     Returns:
       ``(pred_to_gt i32[B, M], gt_to_pred i32[B, N])``, ``-1`` where unmatched.
@@ -261,12 +271,15 @@ def hungarian(
         return jnp.full((batch, m), -1, jnp.int32), jnp.full((batch, n), -1, jnp.int32)
     warm = _prepare(cost, row_valid, col_valid)
     lanes = min(lanes, batch)
+    refill_at = max(1, min(refill_at, lanes))
     order = jnp.argsort(-warm["open_rows"], stable=True).astype(jnp.int32)
     num_open = jnp.sum(warm["open_rows"] > 0)
     fresh = jax.vmap(lambda q: _fresh_lane(warm, q))
-    select = lambda c, a, b: jax.tree.map(
-        lambda x, y: jnp.where(c.reshape(c.shape + (1,) * (x.ndim - 1)), x, y), a, b
-    )
+
+    def select(take, a, b):
+        return jax.tree.map(
+            lambda x, y: jnp.where(take.reshape(take.shape + (1,) * (x.ndim - 1)), x, y), a, b
+        )
 
     def write_back(lane_q, state, out):
         target = jnp.where((lane_q >= 0) & (state["mode"] == _DONE), lane_q, batch)
@@ -276,20 +289,20 @@ def hungarian(
         )
 
     def refill(carry):
-        state, lane_q, ptr = carry
+        state, lane_q, ptr, out = carry
+        out = write_back(lane_q, state, out)
         done = state["mode"] == _DONE
         pos = ptr + jnp.cumsum(done) - 1
         take = done & (pos < num_open)
         new_q = jnp.where(take, order[jnp.clip(pos, 0, batch - 1)], -1)
         state = select(take, fresh(jnp.maximum(new_q, 0)), state)
         lane_q = jnp.where(done, new_q, lane_q)
-        return state, lane_q, ptr + jnp.sum(done)
+        return state, lane_q, ptr + jnp.sum(done), out
 
     def body(carry):
-        state, lane_q, ptr, out = carry
-        any_done = jnp.any(state["mode"] == _DONE) & (ptr < num_open)
-        out = write_back(lane_q, state, out)
-        state, lane_q, ptr = jax.lax.cond(any_done, refill, lambda c: c, (state, lane_q, ptr))
+        num_done = jnp.sum(carry[0]["mode"] == _DONE)
+        due = ((num_done >= refill_at) | (num_done == lanes)) & (carry[2] < num_open)
+        state, lane_q, ptr, out = jax.lax.cond(due, refill, lambda c: c, carry)
         rows = warm["cost"][jnp.maximum(lane_q, 0), state["i"]]
         stepped = jax.vmap(_lane_step)(state, rows)
         stepped["mode"] = jnp.where(lane_q < 0, _DONE, stepped["mode"])  # idle lanes
@@ -304,7 +317,7 @@ def hungarian(
     carry = (idle, jnp.full((lanes,), -1, jnp.int32), jnp.int32(0),
              (warm["col4row"], warm["row4col"]))  # fmt: skip
     state, lane_q, _, out = jax.lax.while_loop(cond, body, carry)
-    col4row, row4col = write_back(lane_q, state, out)
+    col4row, row4col = (jnp.maximum(x, -1) for x in write_back(lane_q, state, out))
     flip = warm["transposed"][:, None]
     pred_to_gt = jnp.where(flip, row4col, col4row)[:, :m]
     gt_to_pred = jnp.where(flip, col4row, row4col)[:, :n]
