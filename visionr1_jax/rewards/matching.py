@@ -119,10 +119,13 @@ def _prepare(cost: Array, row_valid: Array, col_valid: Array) -> dict[str, Array
     cv = jnp.pad(col_valid, ((0, 0), (0, size - n)))
     transposed = jnp.sum(rv, axis=1) > jnp.sum(cv, axis=1)
     t2, t3 = transposed[:, None], transposed[:, None, None]
-    finite = jnp.where(jnp.isfinite(cost), cost, 0.0)
-    masked = jnp.where(rv[:, :, None] & cv[:, None, :], finite, jnp.inf)
-    oriented = jax.lax.optimization_barrier(jnp.where(t3, jnp.swapaxes(masked, 1, 2), masked))
     rv, cv = jnp.where(t2, cv, rv), jnp.where(t2, rv, cv)
+    # One elementwise pass, so only the oriented array is ever written.
+    flipped = jnp.where(t3, jnp.swapaxes(cost, 1, 2), cost)
+    finite = jnp.where(jnp.isfinite(flipped), flipped, 0.0)
+    oriented = jax.lax.optimization_barrier(
+        jnp.where(rv[:, :, None] & cv[:, None, :], finite, jnp.inf)
+    )
     u, best = _min_argmin(oriented, 2)
     # After orientation every valid row has a valid column, so ``u`` is finite on valid rows.
     idx = jnp.arange(size, dtype=jnp.int32)
@@ -243,8 +246,8 @@ def hungarian(
     row_valid: Array,
     col_valid: Array,
     *,
-    lanes: int = 256,
-    refill_at: int = 32,
+    lanes: int = 128,
+    refill_at: int = 16,
 ) -> tuple[Array, Array]:
     """Exactly optimal one-to-one assignment for a batch of padded cost matrices.
 
