@@ -258,6 +258,33 @@ def _attention(q, k, v, mask, scale):
     return o.reshape(b, kv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
 
 
+CAUSAL_CHUNK = 64  # query rows per causal block (at most CAUSAL_MAX_CHUNKS blocks)
+CAUSAL_MAX_CHUNKS = 8
+
+
+def causal_attention(q, k, v, key_valid, scale):
+    """Causal self-attention that skips the key blocks above the diagonal.
+
+    The T queries are cut into static blocks; block ``[lo, hi)`` attends to keys ``[0, hi)``
+    only, so the score work is about ``(n + 1) / 2n`` of the dense ``T × T`` (n blocks) with
+    every row's result unchanged (the skipped keys are masked out anyway).
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, T, KV, D]; key_valid: bool[B, T].
+    Returns:
+      f32[B, T, H, D].
+    """
+    t = q.shape[1]
+    chunk = max(CAUSAL_CHUNK, -(-t // CAUSAL_MAX_CHUNKS))
+    outs = []
+    for lo in range(0, t, chunk):
+        hi = min(lo + chunk, t)
+        causal = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]  # [hi - lo, hi]
+        mask = causal[None, None] & key_valid[:, None, None, :hi]
+        outs.append(_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask, scale))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 # ----------------------------------------------------------------------------- vision
 
 
@@ -572,10 +599,14 @@ class TextAttention(nnx.Module):
             new_cache = {"k": k, "v": v}
         else:
             new_cache = None
-        s = k.shape[1]
-        causal = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
-        mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
-        o = _attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd**-0.5)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if cache is None:
+            o = causal_attention(q, k, v, key_valid.astype(bool), hd**-0.5)
+        else:
+            s = k.shape[1]
+            causal = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
+            mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
+            o = _attention(q, k, v, mask, hd**-0.5)
         o = o.astype(x.dtype).reshape(b, t, cfg.num_heads * hd)
         return self.o_proj(o), new_cache
 
