@@ -89,7 +89,7 @@ def bench_config(name: str, batch_size: int, repeats: int, tokenizer: str, workd
 
     @jax.jit
     def logprob_fn(state, ids, pv, g, am, y):
-        return nnx.merge(graphdef, state).token_logprobs(ids, pv, g, am, y, chunk_size=128)
+        return nnx.merge(graphdef, state).token_logprobs(ids, pv, g, am, y)
 
     hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor(b["input_ids"]).long()

@@ -97,15 +97,22 @@ def test_bf16_checkpoint_loads(tmp_path_factory):
     )
 
 
-def test_token_logprobs_equal_log_softmax(tmp_path_factory):
+@pytest.mark.parametrize("chunk_size,block_bytes", [(16, None), (None, None), (None, 4096)])
+def test_token_logprobs_equal_log_softmax(tmp_path_factory, monkeypatch, chunk_size, block_bytes):
+    """Chunked log-probs equal a numpy log-softmax of the full logits, for an explicit chunk,
+    the automatic one (one block here) and an automatic one cut to many small blocks."""
     from flax import nnx
 
+    from visionr1_jax.models import qwen_vl
+
+    if block_bytes is not None:
+        monkeypatch.setattr(qwen_vl, "LOGITS_BLOCK_BYTES", block_bytes)
     path = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl_tiny")
     batch = testing.prompt_batch(path)
     model, logits = _ours(path, batch)
     targets = np.roll(batch["input_ids"], -1, axis=1)
     fn = nnx.jit(
-        lambda m, ids, pv, g, am, y: m.token_logprobs(ids, pv, g, am, y, chunk_size=16),
+        lambda m, ids, pv, g, am, y: m.token_logprobs(ids, pv, g, am, y, chunk_size=chunk_size),
     )
     got = np.asarray(
         fn(model, batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
