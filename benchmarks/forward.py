@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from visionr1_jax import processing
+from visionr1_jax import host, processing
 from visionr1_jax.models import from_pretrained, tiny
 from visionr1_jax.models.testing import random_images
 
@@ -47,11 +47,20 @@ def make_batch(path: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return processing.encode_batch(proc, texts, images)
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Per function: best-of-`repeats` wall seconds and median process CPU seconds (all threads).
+SETTLE_S = 0.2  # idle time between blocks (see `interleaved`)
 
-    Runs are interleaved (A B C D A B C D ...) so that load from other processes on a shared
-    machine hits every contender alike; CPU time is the load-independent figure.
+
+def interleaved(fns: dict, repeats: int, block: int = 5) -> dict[str, float]:
+    """Per function: best wall seconds and median process CPU seconds (all threads) per call.
+
+    Each contender runs in blocks of `block` back-to-back calls (as a training loop calls its
+    model), blocks interleaved (A A A B B B C C C ... A A A ...) `repeats` times so that load
+    from other processes on a shared machine hits every contender alike. Before a block the
+    process idles `SETTLE_S` and makes one untimed call. Both matter on CPU, measured here:
+    PyTorch's OpenMP workers (libgomp) keep spinning for milliseconds after a parallel region,
+    and when our call came right after a transformers call they ran on the cores (and in this
+    process's CPU time: ~27 instead of ~19 ms per forward); and XLA's worker threads park when
+    idle, so a call after a pause pays the wake-ups (~15 instead of ~11 ms wall).
     """
     for fn in fns.values():
         fn()  # warm-up / compile
@@ -59,10 +68,13 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
+            time.sleep(SETTLE_S)
             fn()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
+            for _ in range(block):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
     out = {k: float(np.min(v)) for k, v in wall.items()}
     out.update({k + "_cpu": float(np.median(v)) for k, v in cpu.items()})
     return out
@@ -133,12 +145,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="*", default=list(tiny.TINY_CONFIGS))
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--tokenizer", default="small", choices=["small", "qwen"])
+    ap.add_argument("--default-malloc", action="store_true", help="skip host.keep_freed_memory()")
     a = ap.parse_args()
     torch.set_num_threads(2)
+    kept = host.keep_freed_memory() if not a.default_malloc else False
     platform = jax.devices()[0].platform
-    print(f"jax {jax.__version__} on {platform}, torch {torch.__version__}, 2 threads")
+    print(
+        f"jax {jax.__version__} on {platform}, torch {torch.__version__}, 2 threads, "
+        f"host.keep_freed_memory (both sides): {kept}"
+    )
     print("wall: best of N, ms (ratio = hf / ours); cpu: median process CPU ms per call")
     print(
         f"{'config':18s} {'shape':22s} {'fwd ours':>9s} {'fwd hf':>8s} {'ratio':>6s}"

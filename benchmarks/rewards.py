@@ -37,7 +37,7 @@ import torch
 from jax.sharding import PartitionSpec
 from scipy.optimize import linear_sum_assignment
 
-from visionr1_jax import rewards
+from visionr1_jax import host, rewards
 from visionr1_jax.rewards import matching
 
 CATS = ["person", "car", "dog", "cat", "traffic light", "bottle"]
@@ -280,9 +280,16 @@ def main(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="skip host.keep_freed_memory()"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    print(f"jax {jax.__version__} devices {jax.devices()} | torch {torch.__version__} threads 2")
+    kept = False if args.default_malloc else host.keep_freed_memory()
+    print(
+        f"jax {jax.__version__} devices {jax.devices()} | torch {torch.__version__} threads 2"
+        f" | host.keep_freed_memory (all sides): {kept}"
+    )
     for size in args.sizes:
         end_to_end(size, args.repeats)
     matching_alone(max(args.sizes), max(args.repeats, 7))
