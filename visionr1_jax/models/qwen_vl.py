@@ -25,6 +25,10 @@ shapes; no Python loop runs over images:
   `max_pixels / 14^2`, read from the checkpoint) — or, without that bound, to all P patches;
 * the merger output is permuted back, so the image embeddings are in processor order.
 
+The decoder's causal self-attention (no KV cache) runs in query blocks of `CAUSAL_CHUNK` rows
+that skip the key blocks above the diagonal (`causal_attention`); `token_logprobs` computes
+log-probs one cache-sized `[B, chunk, V]` logits block at a time (`LOGITS_BLOCK_BYTES`).
+
 Calls, separable so that the sampler can encode images once and reuse a KV cache:
 
     emb = model.encode_images(pixel_values, image_grid_thw)      # f32[P / 4, D]
