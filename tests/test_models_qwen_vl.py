@@ -251,3 +251,21 @@ def test_bf16_compute_with_fp32_master_weights(tmp_path_factory):
     assert low.dtype == np.float32 and np.isfinite(low[m]).all()
     assert np.corrcoef(low[m].ravel(), ref[m].ravel())[0, 1] > 0.99
     assert (low[m].argmax(-1) == ref[m].argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("chunk", [64, 16, 7])
+def test_causal_block_attention_equals_dense_masked_attention(monkeypatch, chunk):
+    """Skipping the key blocks above the diagonal changes no row: left padding, GQA 2."""
+    from visionr1_jax.models import qwen_vl
+
+    monkeypatch.setattr(qwen_vl, "CAUSAL_CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    b, t, h, kv, d = 3, 150, 4, 2, 8
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    k, v = (rng.normal(size=(b, t, kv, d)).astype(np.float32) for _ in range(2))
+    key_valid = np.arange(t)[None] >= np.array([[0], [37], [149]])  # left padding
+    mask = (np.arange(t)[None, :] <= np.arange(t)[:, None])[None, None] & key_valid[:, None, None]
+    want = qwen_vl._attention(q, k, v, mask, d**-0.5)
+    got = jax.jit(qwen_vl.causal_attention, static_argnums=4)(q, k, v, key_valid, d**-0.5)
+    rows = key_valid  # padded query rows are never read
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-6, rtol=0)
