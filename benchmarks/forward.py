@@ -30,7 +30,7 @@ from flax import nnx
 
 from visionr1_jax import host, processing
 from visionr1_jax.models import from_pretrained, tiny
-from visionr1_jax.models.testing import random_images
+from visionr1_jax.models.testing import hf_inputs, random_images
 
 
 def make_batch(path: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,14 +104,7 @@ def bench_config(name: str, batch_size: int, repeats: int, tokenizer: str, workd
         return nnx.merge(graphdef, state).token_logprobs(ids, pv, g, am, y)
 
     hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.tensor(b["input_ids"]).long()
-    kw = dict(
-        input_ids=ids,
-        attention_mask=torch.tensor(b["attention_mask"]).long(),
-        pixel_values=torch.tensor(b["pixel_values"]),
-        image_grid_thw=torch.tensor(b["image_grid_thw"]).long(),
-        mm_token_type_ids=(ids == hf.config.image_token_id).long(),
-    )
+    kw = hf_inputs(b, hf)
     y = torch.tensor(targets).long()
 
     def hf_fwd():

@@ -120,16 +120,13 @@ def setup_hf(path: str, b: int, g: int, new: int):
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from visionr1_jax.models import testing
+
     torch.set_num_threads(2)
     batch = make_batch(path, b)
     hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.tensor(batch["input_ids"]).long()
     kw = dict(
-        input_ids=ids,
-        attention_mask=torch.tensor(batch["attention_mask"]).long(),
-        pixel_values=torch.tensor(batch["pixel_values"]),
-        image_grid_thw=torch.tensor(batch["image_grid_thw"]).long(),
-        mm_token_type_ids=(ids == hf.config.image_token_id).long(),
+        **testing.hf_inputs(batch, hf),
         do_sample=True,
         temperature=1.0,
         top_k=0,
@@ -143,7 +140,7 @@ def setup_hf(path: str, b: int, g: int, new: int):
         torch.manual_seed(i)
         with torch.no_grad():
             out = hf.generate(**kw)
-        return int(out[:, ids.shape[1] :].numel())
+        return int(out[:, kw["input_ids"].shape[1] :].numel())
 
     run(0)
     return run, dict

@@ -58,6 +58,20 @@ def prompt_batch(
     return processing.encode_batch(proc, texts, images, padding_side=padding_side)
 
 
+def hf_inputs(batch, hf_model) -> dict:
+    """The keyword tensors a transformers Qwen-VL model takes for a processor batch."""
+    import torch
+
+    ids = torch.tensor(batch["input_ids"]).long()
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.tensor(batch["attention_mask"]).long(),
+        pixel_values=torch.tensor(batch["pixel_values"]),
+        image_grid_thw=torch.tensor(batch["image_grid_thw"]).long(),
+        mm_token_type_ids=(ids == hf_model.config.image_token_id).long(),
+    )
+
+
 def hf_logits(path: str, batch, hf_model=None):
     """Logits f32[B, T, V] of the transformers (PyTorch, fp32, CPU) model at `path`."""
     import numpy as np
@@ -67,15 +81,8 @@ def hf_logits(path: str, batch, hf_model=None):
     model = hf_model
     if model is None:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.tensor(batch["input_ids"]).long()
     with torch.no_grad():
-        out = model(
-            input_ids=ids,
-            attention_mask=torch.tensor(batch["attention_mask"]).long(),
-            pixel_values=torch.tensor(batch["pixel_values"]),
-            image_grid_thw=torch.tensor(batch["image_grid_thw"]).long(),
-            mm_token_type_ids=(ids == model.config.image_token_id).long(),
-        )
+        out = model(**hf_inputs(batch, model))
     return out.logits.float().numpy().astype(np.float32)
 
 
