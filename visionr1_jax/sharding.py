@@ -119,16 +119,21 @@ def named_sharding(
     """
     spec = logical_to_spec(names, rules)
     if shape is not None:
-        fixed = []
-        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
-            if axes is None:
-                fixed.append(None)
-                continue
-            axes_t = (axes,) if isinstance(axes, str) else axes
-            size = int(np.prod([mesh.shape[a] for a in axes_t]))
-            fixed.append(axes if dim % size == 0 else None)
-        spec = PartitionSpec(*fixed)
+        spec = _divisible(spec, shape, mesh.shape)
     return NamedSharding(mesh, spec)
+
+
+def _divisible(spec: PartitionSpec, shape: Sequence[int], mesh_shape) -> PartitionSpec:
+    """`spec` with every dimension that its mesh axes do not divide evenly replicated."""
+    fixed = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
+        if axes is None:
+            fixed.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else axes
+        size = int(np.prod([mesh_shape[a] for a in axes_t]))
+        fixed.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*fixed)
 
 
 def constrain(
@@ -139,13 +144,5 @@ def constrain(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    spec = logical_to_spec(names, rules)
-    fixed = []
-    for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), strict=False):
-        if axes is None:
-            fixed.append(None)
-            continue
-        axes_t = (axes,) if isinstance(axes, str) else axes
-        size = int(np.prod([mesh.shape[a] for a in axes_t]))
-        fixed.append(axes if dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*fixed))
+    spec = _divisible(logical_to_spec(names, rules), x.shape, mesh.shape)
+    return jax.lax.with_sharding_constraint(x, spec)
