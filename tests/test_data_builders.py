@@ -200,7 +200,7 @@ def test_coco_detection(tmp_path, prompt_categories):
     r30 = got["instances_val2017/30"]
     assert r30["image"] == b""
     assert records.text_list(r30["labels"]) == ["car", "<unknown category id 77>"]
-    assert records.check_record(r30, records.Limits()).startswith("missing_image")
+    assert records.check_record(r30).startswith("missing_image")
 
 
 # ---------------------------------------------------------------------------------------- odinw
@@ -368,7 +368,7 @@ def _vision_r1_rows():
              solution=json.dumps([["the man holding a red umbrella", [[3, 4, 50, 58]]]]),
              width=80, height=60, num_instances=1,
              target_id_maps=json.dumps({"the man holding a red umbrella": 1})),
-        # filtered: no instance, and more than 30
+        # no instance, and more than 30: written (the 1..30 range is the pipeline's selection)
         dict(image={"bytes": img[3], "path": None}, problem=GRIFFON_GROUND.format("cat"),
              solution="[]", width=80, height=60, num_instances=0,
              target_id_maps=json.dumps({"cat": 1})),
@@ -394,7 +394,7 @@ def test_vision_r1_data_parquet(tmp_path, template):
     out = _build(vision_r1_data.VisionR1Data, tmp_path, tmp_path / "vr1", config=config)
     got = out["train"]
     f0, f1 = "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"
-    assert set(got) == {f"{f0}:0", f"{f0}:1", f"{f0}:2", f"{f1}:1"}
+    assert set(got) == {f"{f0}:0", f"{f0}:1", f"{f0}:2", f"{f0}:3", f"{f1}:0", f"{f1}:1"}
     det = {"qwen25": QWEN_DET, "griffon": GRIFFON_DET}[template]
     ground = {"qwen25": QWEN_GROUND, "griffon": GRIFFON_GROUND}[template]
     rec = {"qwen25": QWEN_GROUND, "griffon": GRIFFON_REC}[template]
@@ -419,11 +419,11 @@ def test_vision_r1_data_parquet(tmp_path, template):
     unknown = got[f"{f1}:1"]
     assert _text(unknown, "task") == "unknown"
     assert _text(unknown, "prompt") == "Describe the image."
-    assert records.check_record(unknown, records.Limits()).startswith("bad_prompt")
+    assert records.check_record(unknown).startswith("bad_prompt")
     assert json.loads(_text(got[f"{f0}:2"], "meta")) == {"file": f0, "row": 2, "num_instances": 1}
 
 
-def test_vision_r1_data_arrow_and_instance_range(tmp_path):
+def test_vision_r1_data_arrow_keeps_every_instance_count(tmp_path):
     rows, img = _vision_r1_rows()
     root = tmp_path / "vr1"
     root.mkdir()
@@ -431,9 +431,9 @@ def test_vision_r1_data_arrow_and_instance_range(tmp_path):
     with pa.OSFile(str(root / "data-00000-of-00001.arrow"), "wb") as sink:
         with pa.ipc.new_stream(sink, table.schema) as writer:  # HF save_to_disk format
             writer.write_table(table)
-    config = vision_r1_data.VisionR1DataConfig(name="r", min_instances=0, max_instances=31)
+    config = vision_r1_data.VisionR1DataConfig(name="r")  # the default options
     got = _build(vision_r1_data.VisionR1Data, tmp_path, root, config=config)["train"]
-    assert len(got) == 6
+    assert len(got) == 6  # 0 and 31 instances included: selecting is the pipeline's job
     r = got["data-00000-of-00001.arrow:4"]
     assert len(r["boxes"]) == 31 and r["image"] == img[4]
     assert len(got["data-00000-of-00001.arrow:3"]["boxes"]) == 0

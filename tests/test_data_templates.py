@@ -89,3 +89,37 @@ def test_batch_size_must_split_over_processes():
     c.batch_size = 6
     with pytest.raises(ValueError, match=r"data\.batch_size: .*divisible.*4"):
         config_lib.validate_data_config(c, num_processes=4)
+
+
+@pytest.mark.parametrize(
+    "bounds,key",
+    [((31, 30), "max_instances"), ((5, 3), "max_instances"), ((0, 0), "max_instances"),
+     ((1, -2), "max_instances"), ((-1, 30), "min_instances"), ((-1, None), "min_instances"),
+     ((True, 30), "min_instances")],
+)  # fmt: skip
+def test_instance_selection_without_effect_is_rejected(bounds, key):
+    """min > max (no record with boxes selected), negatives, non-ints: rejected by name."""
+    c = data_config()
+    c.min_instances, c.max_instances = bounds
+    with pytest.raises(ValueError, match=rf"^data\.{key}: "):
+        config_lib.validate_data_config(c)
+
+
+@pytest.mark.parametrize("bounds", [(0, None), (1, None), (0, 30), (1, 1), (10, 30)])
+def test_instance_selection_bounds_accepted(bounds):
+    c = data_config()
+    c.min_instances, c.max_instances = bounds  # None: no upper bound
+    config_lib.validate_data_config(c)
+
+
+def test_eval_config_turns_the_selection_off():
+    c = data_config()
+    c.update(split="train[:90%]", eval_split="train[90%:]", min_instances=3, max_instances=10)
+    e = config_lib.eval_config(c)
+    config_lib.validate_data_config(e)
+    assert (e.split, e.min_instances, e.max_instances) == ("train[90%:]", 0, None)
+    assert (e.num_epochs, e.shuffle) == (1, False)
+    assert (c.split, c.min_instances, c.max_instances) == ("train[:90%]", 3, 10)  # a copy
+    c.eval_split = ""
+    with pytest.raises(ValueError, match=r"^data\.eval_split: "):
+        config_lib.eval_config(c)

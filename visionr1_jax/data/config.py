@@ -1,6 +1,8 @@
-"""The ``data`` section of a run config and its validation."""
+"""The ``data`` section of a run config, its validation and the evaluation variant."""
 
 from __future__ import annotations
+
+import copy
 
 import ml_collections
 
@@ -16,7 +18,8 @@ def data_config() -> ml_collections.ConfigDict:
     Keys:
       name, builder_config: tfds dataset and builder config (``synthetic_shapes``/``detection``).
       data_dir: where the built dataset lives (None: tfds default ``~/tensorflow_datasets``).
-      split, eval_split: tfds split names (slicing like ``train[:90%]`` is allowed).
+      split, eval_split: tfds split names (slicing like ``train[:90%]`` is allowed); an
+        evaluation pipeline reads ``eval_split`` through ``eval_config``.
       batch_size: GLOBAL prompts per step B; each of P hosts loads B / P.
       seed: shuffling seed (same seed, same batches). shuffle: False keeps file order.
       num_epochs: None repeats forever (training); 1 for evaluation.
@@ -28,8 +31,12 @@ def data_config() -> ml_collections.ConfigDict:
         S (each a compile shape); empty: one bucket, max_prompt_len / the max_pixels maximum.
       pixels: ``uint8`` ships raw patches and normalises on the devices (8x less host work
         and transfer, same values); ``float32`` ships the HF processor's pixel_values.
-      min_instances, max_instances: kept range of boxes per record (SPEC §6: 1..30); fewer is a
-        selection, more is bad data.
+      min_instances, max_instances: the instance-count selection of the training split: a
+        record with N boxes is used iff min_instances <= N <= max_instances (SPEC §6 and the
+        reference: 1..30; ``min_instances=0`` adds negative samples, ``max_instances=None``
+        lifts the upper bound). Records outside are counted as selected out, never bad data.
+        ``max_instances`` is also the ground-truth width N of the batches (None: per batch,
+        the next power of two >= its largest count). ``eval_config`` turns the selection off.
       template: prompt template (``qwen25``/``griffon``); frame: answer coordinate frame
         (None: the template's default, ``qwen25_abs`` for Qwen2.5-VL).
       num_threads, prefetch: host threads decoding images, batches buffered ahead.
@@ -85,10 +92,16 @@ def validate_data_config(c: ml_collections.ConfigDict, *, num_processes: int = 1
         fail("max_pixels", "must be an int >= min_pixels")
     if c.bad_data not in POLICIES:
         fail("bad_data", f"must be one of {POLICIES}")
-    if not isinstance(c.min_instances, int) or c.min_instances < 0:
-        fail("min_instances", "must be an int >= 0")
-    if not isinstance(c.max_instances, int) or c.max_instances < max(1, c.min_instances):
-        fail("max_instances", "must be an int >= max(1, min_instances)")
+    if not _is_int(c.min_instances) or c.min_instances < 0:
+        fail("min_instances", "must be an int >= 0 (0 keeps negative samples)")
+    if c.max_instances is not None and (
+        not _is_int(c.max_instances) or c.max_instances < max(1, c.min_instances)
+    ):
+        fail(
+            "max_instances",
+            f"must be None (no upper bound) or an int >= max(1, min_instances="
+            f"{c.min_instances}); a smaller one would select no record with boxes",
+        )
     if not isinstance(c.max_prompt_len, int) or c.max_prompt_len <= 0:
         fail("max_prompt_len", "must be a positive int")
     for key in ("length_buckets", "patch_buckets"):
@@ -109,6 +122,32 @@ def validate_data_config(c: ml_collections.ConfigDict, *, num_processes: int = 1
         fail("num_threads", "must be an int >= 0")
     if not isinstance(c.prefetch, int) or c.prefetch < 0:
         fail("prefetch", "must be an int >= 0")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The data config of an evaluation pass over ``c.eval_split``: a copy of ``c`` that
+    keeps every record (``min_instances=0``, ``max_instances=None``: COCO val2017 has images
+    with no and with more than 30 instances, and dropping them would score a subset), reads
+    the split once in file order (``num_epochs=1``, ``shuffle=False``). Everything else
+    (template, pixel bounds, buckets, bad-data policy) is the run's.
+
+    Usage::
+
+        pipe = InputPipeline(eval_config(config.data), processor)
+    """
+    if not isinstance(c.eval_split, str) or not c.eval_split:
+        raise ValueError(f"data.eval_split: must be a non-empty split name (got {c.eval_split!r})")
+    e = copy.deepcopy(c)
+    e.split = c.eval_split
+    e.num_epochs = 1
+    e.shuffle = False
+    e.min_instances = 0
+    e.max_instances = None
+    return e
 
 
 def frame_of(c: ml_collections.ConfigDict) -> str:

@@ -5,10 +5,11 @@ Stages (one host; every host runs the same code on its own shard)::
     tfds.data_source (random access, numpy)
       -> shard: records [process_index::process_count]      disjoint, union = the split
       -> shuffle(seed) per epoch, repeat(num_epochs)        grain MapDataset, index-based
-      -> encode (num_threads threads): checks, decode, smart resize into [min_pixels,
-         max_pixels], normalise + patchify (as the HF Qwen2-VL processor), tokenise the chat
-         prompt; a bad record becomes a BadRecord marker
-      -> drop BadRecord markers, count them by kind, log their ids   (resumable counters)
+      -> encode (num_threads threads): instance-count selection, checks, decode, smart
+         resize into [min_pixels, max_pixels], normalise + patchify (as the HF Qwen2-VL
+         processor), tokenise the chat prompt; a record selected out or bad becomes a
+         BadRecord marker
+      -> drop BadRecord markers, count them by kind, log bad ids     (resumable counters)
       -> batch B/P per host, pad to static buckets (prompt length, patches, instances)
       -> thread prefetch of `prefetch` batches
       -> global jax.Arrays sharded over the batch axes (make_array_from_process_local_data)
@@ -18,10 +19,18 @@ Determinism: the order is a pure function of (seed, epoch, shard); threads only 
 batches, saved with the checkpoint (one small JSON per host), restores the exact position,
 including the skip counters.
 
-Bad data (``data.bad_data``): ``skip`` drops bad records while running (counted, exported by
-``metrics()``); ``error`` scans the host's shard before the first batch (``preflight``) and
-raises ``BadRecord`` with the record id and the reason. Records with fewer than
-``min_instances`` boxes are a selection, never an error.
+Selection (``data.min_instances``/``data.max_instances``): records whose box count N is
+outside the range are dropped before any other check and counted as
+``data/selected_out/<kind>`` (the RL recipe keeps 1 <= N <= 30, SPEC §6); never an error,
+never a per-record warning. Evaluation keeps every record: build its pipeline from
+``config.eval_config(c)`` (selection off, one epoch, file order).
+
+Bad data (``data.bad_data``, kinds in ``records.check_record`` plus ``corrupt_image``,
+``bad_aspect_ratio``, ``prompt_too_long``): ``skip`` drops bad records while running (counted,
+exported by ``metrics()``); ``error`` scans the host's shard before the first batch
+(``preflight``) and raises ``BadRecord`` with the record id and the reason. Kept records with
+boxes outside the image or of zero extent are counted as ``data/noted/<kind>`` (the boxes
+are kept unchanged, as the reference does; see ``records``).
 
 Batch layout (per host, b = B / P rows; the global arrays have B rows):
 
@@ -34,7 +43,8 @@ Batch layout (per host, b = B / P rows; the global arrays have B rows):
                                    work and transfer; ``global_arrays`` turns them into
                                    ``pixel_values`` on the devices (``PixelNormalizer``)
     image_grid_thw  i32[b, 3]      (1, h_in/14, w_in/14); zeros for padding rows
-    gt_boxes        f32[b, N, 4]   xyxy in ORIGINAL image pixels, N = max_instances
+    gt_boxes        f32[b, N, 4]   xyxy in ORIGINAL image pixels, N = max_instances (no upper
+                                   bound: the next power of two >= the batch's largest count)
     gt_classes      i32[b, N]      label ids from the record's label map (0 = padding)
     gt_mask         bool[b, N]
     image_size      i32[b, 2]      original (H, W)
@@ -86,6 +96,7 @@ class Example:
         patches (``pixels=uint8``).
       grid_thw: i32[3] (1, h_in/14, w_in/14).
       boxes: f32[N_i, 4] xyxy original pixels. classes: i32[N_i] label ids.
+      notes: ``records.NOTE_KINDS`` kinds this record is counted under (kept as it is).
     """
 
     record_id: str
@@ -100,6 +111,7 @@ class Example:
     input_size: tuple[int, int]
     task: str
     prompt: str
+    notes: tuple[str, ...] = ()
 
 
 class Encoder:
@@ -123,7 +135,9 @@ class Encoder:
         self.std = np.asarray(ip.image_std, np.float32)
         self.rescale = float(ip.rescale_factor)
         self.min_pixels, self.max_pixels = int(c.min_pixels), int(c.max_pixels)
-        self.limits = records.Limits(int(c.min_instances), int(c.max_instances))
+        self.limits = records.Limits(
+            int(c.min_instances), None if c.max_instances is None else int(c.max_instances)
+        )
         self.max_prompt_len = int(c.max_prompt_len)
         tok = processor.tokenizer
         self.tokenizer = Tokenizer.from_str(tok.backend_tokenizer.to_str())
@@ -194,31 +208,58 @@ class Encoder:
         x = np.broadcast_to(x[:, :, None], (x.shape[0], 3, self.temporal, *x.shape[2:]))
         return np.ascontiguousarray(x.reshape(x.shape[0], self.feature_dim))
 
-    def check(self, record: Mapping[str, Any], *, draft: bool = True) -> None:
-        """Every check of ``encode`` without the resize: raises ``BadRecord``."""
+    def _screen(self, record: Mapping[str, Any]) -> tuple[int, int]:
+        """The selection and the checks that need no decoded image; returns (h_in, w_in).
+
+        Raises:
+          BadRecord: selected out (``records.SELECTION_KINDS``), ``records.check_record``'s
+            kinds, or ``bad_aspect_ratio``: smart resize rejects the shape (aspect ratio
+            > 200) or, for a very elongated image, resizes it to more than ``max_pixels``
+            (more patches than any bucket holds).
+        """
         rid = records.as_text(record["id"])
-        reason = records.check_record(record, self.limits)
+        reason = records.select_record(record, self.limits) or records.check_record(record)
         if reason:
             raise records.BadRecord(rid, reason)
+        height, width = int(record["height"]), int(record["width"])
+        try:
+            h_in, w_in = self.input_size(height, width)
+        except ValueError as e:
+            raise records.BadRecord(rid, f"bad_aspect_ratio: {width}x{height}: {e}") from None
+        if h_in * w_in > self.max_pixels:
+            raise records.BadRecord(
+                rid,
+                f"bad_aspect_ratio: {width}x{height} resizes to {w_in}x{h_in} > "
+                f"max_pixels={self.max_pixels}",
+            )
+        return h_in, w_in
+
+    def check(self, record: Mapping[str, Any], *, draft: bool = True) -> tuple[str, ...]:
+        """Every check of ``encode`` without the resize.
+
+        Returns:
+          the record's notes (``records.box_notes``).
+        Raises:
+          BadRecord: the record is selected out or bad (``reason`` names the kind).
+        """
+        rid = records.as_text(record["id"])
+        h_in, w_in = self._screen(record)
         records.decode_image(record, draft=draft)
-        h_in, w_in = self.input_size(int(record["height"]), int(record["width"]))
         n_tokens = (h_in // self.patch) * (w_in // self.patch) // self.merge**2
         length = len(self.token_ids(records.as_text(record["prompt"]), n_tokens))
         if length > self.max_prompt_len:
             raise records.BadRecord(
                 rid, f"prompt_too_long: {length} tokens > max_prompt_len={self.max_prompt_len}"
             )
+        return records.box_notes(record)
 
     def encode(self, record: Mapping[str, Any]) -> Example | records.BadRecord:
         """The record's ``Example``, or a ``BadRecord`` marker (never raises on bad data)."""
         rid = records.as_text(record["id"])
         try:
-            reason = records.check_record(record, self.limits)
-            if reason:
-                raise records.BadRecord(rid, reason)
+            h_in, w_in = self._screen(record)
             image = records.decode_image(record)
             height, width = int(record["height"]), int(record["width"])
-            h_in, w_in = self.input_size(height, width)
             if self.pixel_format == "uint8":
                 pixels = self.raw_patches(image, (h_in, w_in))
             else:
@@ -246,6 +287,7 @@ class Encoder:
                 input_size=(h_in, w_in),
                 task=records.as_text(record["task"]),
                 prompt=prompt,
+                notes=records.box_notes(record),
             )
         except records.BadRecord as e:
             return e
@@ -303,18 +345,22 @@ class Collator:
 
     Attributes:
       length_buckets: allowed prompt lengths T. patch_buckets: allowed patch counts S.
+      max_instances: ground-truth width N; None (no upper bound, evaluation): the next power
+        of two >= the batch's largest box count.
     """
 
     rows: int
     length_buckets: tuple[int, ...]
     patch_buckets: tuple[int, ...]
-    max_instances: int
+    max_instances: int | None
     feature_dim: int
     pad_id: int
     pixel_format: str = "float32"
 
     def __call__(self, examples: Sequence[Example]) -> HostBatch:
         b, n = self.rows, self.max_instances
+        if n is None:
+            n = 1 << (max([len(e.boxes) for e in examples] + [1]) - 1).bit_length()
         if len(examples) > b:
             raise ValueError(f"{len(examples)} examples for {b} rows")
         t = _bucket(
@@ -371,7 +417,8 @@ class Collator:
 
 
 class _SkipBadIterator(grain.DatasetIterator):
-    """Drops ``BadRecord`` markers, counting them by kind; the counts are part of the state."""
+    """Drops ``BadRecord`` markers, counting them by kind, and counts the notes of the records
+    it passes; the counts are part of the state."""
 
     def __init__(self, parent: grain.DatasetIterator, shard_len: int):
         super().__init__(parent)
@@ -383,6 +430,8 @@ class _SkipBadIterator(grain.DatasetIterator):
         while True:
             element = next(self._parent)
             if not isinstance(element, records.BadRecord):
+                for kind in element.notes:
+                    self._counts[kind] = self._counts.get(kind, 0) + 1
                 return element
             run += 1
             if run > self._shard_len:
@@ -392,7 +441,7 @@ class _SkipBadIterator(grain.DatasetIterator):
                 )
             self._counts[element.kind] = self._counts.get(element.kind, 0) + 1
             if element.kind in records.SELECTION_KINDS:
-                logging.log_every_n(logging.INFO, "data: filtered %s (%s)", 100,
+                logging.log_every_n(logging.INFO, "data: selected out %s (%s)", 1000,
                                     element.record_id, element.reason)  # fmt: skip
             else:
                 logging.warning(
@@ -498,24 +547,32 @@ def preflight(
     """Checks every record of ``indices`` (policy ``error``), before any training step.
 
     Returns:
-      counts of selected-out records (``too_few_instances``) by kind.
+      counts by kind of the records selected out (``records.SELECTION_KINDS``) and of the
+      notes on kept ones (``records.NOTE_KINDS``).
     Raises:
       BadRecord: the first bad record in index order, with its id and reason; the message
-        also lists up to ``max_listed`` others (all are logged).
+        also lists up to ``max_listed`` others (all are logged). A failure no check foresaw
+        is reported the same way, as ``encode_failed``, with the record id.
     """
 
-    def one(i: int) -> records.BadRecord | None:
+    def one(i: int) -> records.BadRecord | tuple[str, ...]:
+        record = source[i]
         try:
-            encoder.check(source[i])
+            return encoder.check(record)
         except records.BadRecord as e:
             return e
-        return None
+        except Exception as e:  # as Encoder.encode: a bad record, never an anonymous crash
+            return records.BadRecord(
+                records.as_text(record["id"]), f"encode_failed: {type(e).__name__}: {e}"
+            )
 
     counts: dict[str, int] = {}
     bad: list[records.BadRecord] = []
     with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
         for found in pool.map(one, indices):
-            if found is None:
+            if not isinstance(found, records.BadRecord):
+                for kind in found:
+                    counts[kind] = counts.get(kind, 0) + 1
                 continue
             if found.kind in records.SELECTION_KINDS:
                 counts[found.kind] = counts.get(found.kind, 0) + 1
@@ -579,8 +636,9 @@ class InputPipeline:
             )
         self.collate = Collator(
             rows=self.rows, length_buckets=length_buckets, patch_buckets=patch_buckets,
-            max_instances=int(c.max_instances), feature_dim=self.encoder.feature_dim,
-            pad_id=self.encoder.pad_id, pixel_format=str(c.pixels),
+            max_instances=self.encoder.limits.max_instances,
+            feature_dim=self.encoder.feature_dim, pad_id=self.encoder.pad_id,
+            pixel_format=str(c.pixels),
         )  # fmt: skip
 
         ds = grain.MapDataset.source(self.source)[process_index::process_count]
@@ -630,17 +688,23 @@ class InputPipeline:
 
     def metrics(self, state: bytes | None = None) -> dict[str, int]:
         """Counters for the metrics writer, as of the last batch returned (prefetching never
-        shows) or of a saved ``state``: ``data/skipped/<kind>``, ``data/filtered/<kind>``,
-        ``data/skipped_total``."""
+        shows) or of a saved ``state``: ``data/skipped/<kind>`` (bad records),
+        ``data/selected_out/<kind>`` (instance-count selection), ``data/noted/<kind>`` (kept
+        records with boxes outside the image or empty), ``data/skipped_total`` and
+        ``data/selected_out_total``."""
         raw = json.loads(state)["iterator"] if state is not None else self._iterator.get_state()
         counts = _find_counts(raw)
-        out: dict[str, int] = {}
+        out: dict[str, int] = {"data/skipped_total": 0, "data/selected_out_total": 0}
         for kind, n in counts.items():
-            group = "filtered" if kind in records.SELECTION_KINDS else "skipped"
+            if kind in records.SELECTION_KINDS:
+                group = "selected_out"
+            elif kind in records.NOTE_KINDS:
+                group = "noted"
+            else:
+                group = "skipped"
             out[f"data/{group}/{kind}"] = n
-        out["data/skipped_total"] = sum(
-            n for k, n in counts.items() if k not in records.SELECTION_KINDS
-        )
+            if group != "noted":
+                out[f"data/{group}_total"] += n
         return out
 
     def get_state(self) -> bytes:
@@ -841,15 +905,20 @@ def global_arrays(
 
 
 def agree_on_buckets(batch: HostBatch) -> dict[str, np.ndarray]:
-    """Pads this host's arrays to the largest prompt length T and patch count S chosen by any
-    host for this step (one small all-gather), so that every host contributes rows of the same
-    shape to the global arrays. Prompts stay left-padded, patches right-padded."""
+    """Pads this host's arrays to the largest prompt length T, patch count S and ground-truth
+    width N chosen by any host for this step (one small all-gather), so that every host
+    contributes rows of the same shape to the global arrays. Prompts stay left-padded, patches
+    and boxes right-padded."""
     from jax.experimental import multihost_utils
 
     a = dict(batch.arrays)
     pixel_key = "pixel_patches" if "pixel_patches" in a else "pixel_values"
-    mine = np.array([a["input_ids"].shape[1], a[pixel_key].shape[1]], np.int64)
-    t, s = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(0)
+    mine = np.array([a["input_ids"].shape[1], a[pixel_key].shape[1], a["gt_mask"].shape[1]])
+    t, s, n = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3).max(0)
+    if n > mine[2]:  # N differs only without an upper selection bound (evaluation)
+        extra = int(n - mine[2])
+        for key in ("gt_boxes", "gt_classes", "gt_mask"):
+            a[key] = np.pad(a[key], [(0, 0), (0, extra)] + [(0, 0)] * (a[key].ndim - 2))
     if t > mine[0]:
         extra = int(t - mine[0])
         a["input_ids"] = np.pad(a["input_ids"], ((0, 0), (extra, 0)), constant_values=batch.pad_id)

@@ -21,8 +21,26 @@ Fields (numpy values as returned by ``tfds.data_source``; strings come back as `
 ``meta``       str              JSON with dataset ids (image_id, category_id, ref_id...)
 =============  ===============  ==========================================================
 
-Checks (``check_record`` without the image, ``decode_image`` with it) return a reason string
-for a bad record; the input pipeline applies the configured ``skip``/``error`` policy.
+Three outcomes for a record, each counted under its own metric by the input pipeline:
+
+- **selected out** (``select_record``): its instance count is outside the run's
+  ``[min_instances, max_instances]`` (SPEC §6: RL keeps 1 <= N <= 30, as the reference's
+  ``filter_has_instance``). A choice of the run, not a fault of the record: never an error,
+  never a warning. Builders keep every record; evaluation turns the selection off.
+- **bad** (``check_record`` without the image, ``decode_image`` with it): a reason string;
+  the pipeline applies the configured ``skip``/``error`` policy.
+- **kept with a note** (``box_notes``): usable as it is, counted for visibility.
+
+Ground-truth boxes follow the reference (``Vision-R1/vision_r1/visionr1_qwen.py``): it feeds
+the ``solution`` boxes unchanged into ``generalized_box_iou`` (``griffon/coor_utils.py``),
+whose only guard is ``assert (boxes[:, 2:] >= boxes[:, :2]).all()``; COCO evaluation
+(pycocotools) also scores the raw annotations. So:
+
+- a box is never clipped or dropped: one that sticks out of the image (``box_outside_image``)
+  or has zero width or height (``empty_box``: the reference's ``>=`` accepts it and its GIoU
+  with any prediction is finite) is kept unchanged and only counted as a note;
+- a box with ``x2 < x1`` or ``y2 < y1`` (the reference's assertion fails and the run crashes,
+  SPEC §8) or a non-finite coordinate is bad data (``degenerate_box``).
 """
 
 from __future__ import annotations
@@ -39,7 +57,7 @@ from PIL import Image
 
 from visionr1_jax.data import templates
 
-BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image (annotation rounding)
+BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image before it gets a note
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -130,23 +148,38 @@ class BadRecord(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Which instance counts are acceptable.
+    """The run's selection of records by instance count N (number of ground-truth boxes).
 
-    ``num_instances < min_instances`` is a selection (the record is filtered, e.g. negatives
-    for RL), ``num_instances > max_instances`` is bad data.
+    A record is kept when ``min_instances <= N`` and, unless ``max_instances`` is None,
+    ``N <= max_instances``. ``Limits(0, None)`` keeps every record (evaluation).
     """
 
     min_instances: int = 1
-    max_instances: int = 30
+    max_instances: int | None = 30
 
 
-def check_record(record: Mapping[str, Any], limits: Limits) -> str | None:
-    """Checks everything but the image bytes' decodability.
+def select_record(record: Mapping[str, Any], limits: Limits) -> str | None:
+    """``None`` when the record's instance count is selected, else
+    ``"too_few_instances: ..."`` / ``"too_many_instances: ..."`` (a ``SELECTION_KINDS`` kind).
+
+    Needs only the ``boxes`` field: a record outside the selection is never checked further.
+    """
+    n = len(np.asarray(record["boxes"]).reshape(-1, 4))
+    if n < limits.min_instances:
+        return f"too_few_instances: {n} < min_instances={limits.min_instances}"
+    if limits.max_instances is not None and n > limits.max_instances:
+        return f"too_many_instances: {n} > max_instances={limits.max_instances}"
+    return None
+
+
+def check_record(record: Mapping[str, Any]) -> str | None:
+    """Checks everything but the image bytes' decodability (the box rules are in the module
+    docstring).
 
     Returns:
       ``None`` when the record is good, else ``"<kind>: <details>"`` with kind one of
-      ``missing_image``, ``bad_size``, ``degenerate_box``, ``box_out_of_image``,
-      ``too_many_instances``, ``unknown_category``, ``bad_prompt``, ``too_few_instances``.
+      ``missing_image``, ``bad_size``, ``bad_prompt``, ``degenerate_box``,
+      ``unknown_category``.
     """
     if len(record["image"]) == 0:
         return "missing_image: no image bytes (file missing at build time)"
@@ -160,16 +193,28 @@ def check_record(record: Mapping[str, Any], limits: Limits) -> str | None:
     labels = text_list(record["labels"])
     if len(labels) != len(boxes):
         return f"bad_prompt: {len(boxes)} boxes but {len(labels)} labels"
-    n = len(boxes)
-    if n > limits.max_instances:
-        return f"too_many_instances: {n} > max_instances={limits.max_instances}"
     if not np.isfinite(boxes).all():
         return "degenerate_box: non-finite coordinates"
-    degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-    if degenerate.any():
-        i = int(np.argmax(degenerate))
-        return f"degenerate_box: box {i} {boxes[i].tolist()} has x2<=x1 or y2<=y1"
-    t = BOX_TOLERANCE
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if inverted.any():
+        i = int(np.argmax(inverted))
+        return f"degenerate_box: box {i} {boxes[i].tolist()} has x2<x1 or y2<y1"
+    label_map = {k.lower(): v for k, v in json.loads(as_text(record["label_map"])).items()}
+    for label in labels:
+        if label.lower() not in label_map:
+            return f"unknown_category: label {label!r} not in the label map"
+    if any(int(v) <= 0 for v in label_map.values()):
+        return "unknown_category: label map ids must be >= 1 (0 is background)"
+    return None
+
+
+def box_notes(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """Kinds of the notes a good record gets (each kind at most once): ``box_outside_image``
+    (a box sticks out of the image by more than ``BOX_TOLERANCE`` pixels) and ``empty_box``
+    (a box with zero width or height). Such boxes are kept unchanged (module docstring)."""
+    boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
+    width, height, t = int(record["width"]), int(record["height"]), BOX_TOLERANCE
+    notes = []
     outside = (
         (boxes[:, 0] < -t)
         | (boxes[:, 1] < -t)
@@ -177,21 +222,17 @@ def check_record(record: Mapping[str, Any], limits: Limits) -> str | None:
         | (boxes[:, 3] > height + t)
     )
     if outside.any():
-        i = int(np.argmax(outside))
-        return f"box_out_of_image: box {i} {boxes[i].tolist()} outside {width}x{height}"
-    label_map = {k.lower(): v for k, v in json.loads(as_text(record["label_map"])).items()}
-    for label in labels:
-        if label.lower() not in label_map:
-            return f"unknown_category: label {label!r} not in the label map"
-    if any(int(v) <= 0 for v in label_map.values()):
-        return "unknown_category: label map ids must be >= 1 (0 is background)"
-    if n < limits.min_instances:
-        return f"too_few_instances: {n} < min_instances={limits.min_instances}"
-    return None
+        notes.append("box_outside_image")
+    if ((boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1])).any():
+        notes.append("empty_box")
+    return tuple(notes)
 
 
-# Reasons that select records rather than flag bad data: never an error under policy 'error'.
-SELECTION_KINDS = frozenset({"too_few_instances"})
+# Reasons that select records rather than flag bad data: never an error under policy 'error',
+# counted as ``data/selected_out/<kind>``.
+SELECTION_KINDS = frozenset({"too_few_instances", "too_many_instances"})
+# Notes on kept records, counted as ``data/noted/<kind>``.
+NOTE_KINDS = frozenset({"box_outside_image", "empty_box"})
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -6,9 +6,11 @@ prompt), ``solution`` (JSON ``[[category, [[x1, y1, x2, y2], ...]], ...]`` in or
 ``width``, ``height``, ``num_instances``, ``target_id_maps`` (JSON ``{category: id}``, 0 is
 background).
 
-Prompts are rewritten to the config's template; rows with ``num_instances`` outside
-``[min_instances, max_instances]`` (1..30, as the RL recipe) are not written. A prompt in no
-known template is kept with task ``unknown`` so the pipeline reports it as bad data.
+Prompts are rewritten to the config's template. Every row is written, whatever its
+``num_instances``: the RL recipe's 1..30 range is the input pipeline's selection
+(``data.min_instances``/``data.max_instances``), so negatives (0) and crowded images (> 30)
+stay available. A prompt in no known template is kept with task ``unknown`` so the pipeline
+reports it as bad data.
 Record ids are ``<file path relative to the manual dir>:<row>``.
 """
 
@@ -19,7 +21,6 @@ import json
 from typing import ClassVar
 
 import numpy as np
-from absl import logging
 
 from visionr1_jax.data import records, templates
 from visionr1_jax.data.builders import base, tabular
@@ -27,12 +28,7 @@ from visionr1_jax.data.builders import base, tabular
 
 @dataclasses.dataclass(eq=False)
 class VisionR1DataConfig(base.RecordBuilderConfig):
-    """Attributes:
-    min_instances, max_instances: kept range of ``num_instances`` (inclusive).
-    """
-
-    min_instances: int = 1
-    max_instances: int = 30
+    """The template is the only option (every row is written)."""
 
 
 def parse_solution(solution: str) -> tuple[np.ndarray, list[str]]:
@@ -48,8 +44,11 @@ def parse_solution(solution: str) -> tuple[np.ndarray, list[str]]:
 class VisionR1Data(base.RecordBuilder):
     """The Vision-R1 RL data (COCO, ODINW, V3Det, RefCOCO, VG) with rewritten prompts."""
 
-    VERSION = "1.0.0"
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First version."}
+    VERSION = "1.1.0"
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "First version.",
+        "1.1.0": "Every row is written (the 1..30 num_instances range moved to the pipeline).",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download JefferyZhan/Vision-R1-Data (parquet files) and place them in the manual "
         "directory."
@@ -70,14 +69,10 @@ class VisionR1Data(base.RecordBuilder):
 
     def _generate_examples(self, root, files):
         c = self.builder_config
-        filtered = 0
         for path in files:
             rel = str(path.relative_to(root))
             for row_index, row in enumerate(tabular.iter_rows(path)):
                 n = int(row["num_instances"])
-                if not c.min_instances <= n <= c.max_instances:
-                    filtered += 1
-                    continue
                 rid = f"{rel}:{row_index}"
                 boxes, labels = parse_solution(row["solution"])
                 problem = str(row["problem"])
@@ -105,4 +100,3 @@ class VisionR1Data(base.RecordBuilder):
                         prompt=prompt,
                     ),
                 )
-        logging.info("vision_r1_data: %d rows outside num_instances range", filtered)
