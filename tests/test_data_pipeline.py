@@ -236,10 +236,14 @@ _WORKER = textwrap.dedent(
     ids, steps, valid = [], 0, 0
     for batch in pipe:
         if jax.process_index() == 1 and steps == 0:
-            # Host 1 picked a longer prompt bucket this step: host 0 must follow.
+            # Host 1 picked a longer prompt bucket and a wider ground truth (as without an
+            # upper instance bound) this step: host 0 must follow.
             a = dict(batch.arrays)
             a["input_ids"] = np.pad(a["input_ids"], ((0, 0), (8, 0)), constant_values=batch.pad_id)
             a["attention_mask"] = np.pad(a["attention_mask"], ((0, 0), (8, 0)))
+            a["gt_boxes"] = np.pad(a["gt_boxes"], ((0, 0), (0, 34), (0, 0)))
+            for key in ("gt_classes", "gt_mask"):
+                a[key] = np.pad(a[key], ((0, 0), (0, 34)))
             batch = dataclasses.replace(batch, arrays=a)
         t_local = batch.arrays["input_ids"].shape[1]
         arrays = pipe.global_arrays(batch, mesh)
@@ -254,6 +258,13 @@ _WORKER = textwrap.dedent(
                 local_row = batch.arrays["input_ids"][row - mine.start]
                 np.testing.assert_array_equal(ids_all[row, 168 - n:], local_row[t_local - n:])
                 assert mask_all[row].sum() == n
+            boxes_all = multihost_utils.process_allgather(arrays["gt_boxes"], tiled=True)
+            gt_all = multihost_utils.process_allgather(arrays["gt_mask"], tiled=True)
+            assert boxes_all.shape == (8, 64, 4) and gt_all.shape == (8, 64), gt_all.shape
+            n_local = batch.arrays["gt_mask"].shape[1]
+            np.testing.assert_array_equal(boxes_all[mine, :n_local], batch.arrays["gt_boxes"])
+            np.testing.assert_array_equal(gt_all[mine, :n_local], batch.arrays["gt_mask"])
+            assert not gt_all[mine, n_local:].any()
         assert arrays["valid"].shape == (8,)
         valid += int(multihost_utils.process_allgather(arrays["valid"], tiled=True).sum())
         ids += [r for r in batch.record_ids if r]
