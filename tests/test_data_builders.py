@@ -63,7 +63,8 @@ def _assert_record(r, *, image, width, height, task, prompt, boxes, labels, labe
     assert int(r["width"]) == width and int(r["height"]) == height
     assert _text(r, "task") == task
     assert _text(r, "prompt") == prompt
-    np.testing.assert_allclose(r["boxes"], np.asarray(boxes, np.float32).reshape(-1, 4))
+    # Stored as float32 and read back: exact (xywh -> xyxy sums here are exact in float32).
+    np.testing.assert_array_equal(r["boxes"], np.asarray(boxes, np.float32).reshape(-1, 4))
     assert r["boxes"].dtype == np.float32
     assert records.text_list(r["labels"]) == list(labels)
     assert json.loads(_text(r, "label_map")) == label_map

@@ -23,8 +23,10 @@ def test_answer_round_trips_through_the_rewards_parser(frame):
     parsed = parse.parse_answer(text, frame=frame, input_size=input_size)
     assert parsed.labels == labels
     back = parse.to_original_pixels(np.array(parsed.boxes), frame, image_size, input_size)
-    # One unit of the frame (a resized pixel, 1/1000, 1/1000 for 3 decimals) in original pixels.
-    unit = {"qwen25_abs": 640 / 644, "rel1000": 0.64, "norm01": 0.64}[frame]
+    # Rounding to the frame's unit (a resized pixel, 1/1000, 1e-3) moves a coordinate by <= half
+    # a unit, in original pixels the larger of the x and y units; float32 at scale 640 (ulp
+    # 6.1e-5, a few operations) adds < 1e-3.
+    unit = {"qwen25_abs": max(640 / 644, 480 / 476), "rel1000": 0.64, "norm01": 0.64}[frame]
     np.testing.assert_allclose(back, boxes, atol=unit * 0.5 + 1e-3)
 
 
@@ -36,8 +38,9 @@ def test_boxes_to_frame_values():
     np.testing.assert_array_equal(
         templates.boxes_to_frame(boxes, "rel1000", (480, 640)), [[100, 100, 500, 500]]
     )
-    np.testing.assert_allclose(
-        templates.boxes_to_frame(boxes, "norm01", (480, 640)), [[0.1, 0.1, 0.5, 0.5]]
+    np.testing.assert_array_equal(  # rounded to 3 decimals, then float32: exactly f32(0.1)
+        templates.boxes_to_frame(boxes, "norm01", (480, 640)),
+        np.float32([[0.1, 0.1, 0.5, 0.5]]),
     )
     with pytest.raises(ValueError, match="resized input size"):
         templates.boxes_to_frame(boxes, "qwen25_abs", (480, 640))
