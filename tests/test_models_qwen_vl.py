@@ -145,7 +145,7 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path_factory):
     @nnx.jit
     def prefill(m, ids, pv, g, am, key_valid):
         pos, delta = m.rope_index(ids, g, am)
-        x = m.embed(ids, m.encode_images(pv, g))
+        x = m.embed(ids, m.encode_images(pv, g), g, am)
         cache = qwen_vl.init_cache(m.cfg, ids.shape[0], key_valid.shape[1])
         h, cache = m.decode(x, pos, key_valid, cache, jnp.int32(0))
         return m.logits(h), cache, delta

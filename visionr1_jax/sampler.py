@@ -202,9 +202,10 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     """The rollout of B prompts x G completions (traced once per bucket; see module doc).
 
     Args:
-      ids, mask: i32[B, T] prompt tokens / validity (any padding side); pixels f32[P, F];
-      grid i32[I, 3]; rng: PRNG key; max_new: i32[] token budget (<= L); temperature,
-      top_p: f32[]; eos: i32[E] stop tokens (-1: none); st: `_Static`.
+      ids, mask: i32[B, T] prompt tokens / validity (any padding side); pixels f32[P, F]
+      with grid i32[I, 3] (packed), or f32[B, S, F] with i32[B, 3] (per row); rng: PRNG key;
+      max_new: i32[] token budget (<= L); temperature, top_p: f32[]; eos: i32[E] stop tokens
+      (-1: none); st: `_Static`.
     Returns:
       `Rollout` with [B*G, L] arrays.
     """
@@ -219,9 +220,10 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     mask = sharding.constrain(mask, ("batch", "length"), rules)
 
     # 1. Encode the images and prefill the prompts, once per prompt.
-    pos, delta = model.rope_index(ids, grid, mask)
-    emb = model.encode_images(pixels, grid) if pixels.shape[0] else None
-    x = model.embed(ids, emb)
+    per_row = pixels.ndim == 3
+    pos, delta = model.rope_index(ids, grid, mask, per_row)
+    emb = model.encode_images(pixels, grid) if pixels.size else None
+    x = model.embed(ids, emb, grid, mask)
     prompt_kv = _constrain_cache(qwen_vl.init_cache(cfg, b, t, cache_dtype), rules)
     h, prompt_kv = model.decode(x, pos, mask, prompt_kv, jnp.int32(0))
     last = jnp.max(jnp.where(mask.astype(bool), jnp.arange(t)[None], 0), axis=1)  # [B]
@@ -429,13 +431,15 @@ def pad_batch(
 ) -> dict[str, Any]:
     """Pads a processor batch up to the buckets, on the host (None: keep that size).
 
-    Prompts are padded on the left (masked), patches and image-grid rows with zeros (ignored by
-    the model). Arrays already at a bucket size are passed through untouched (device arrays
-    from the input pipeline stay on the device).
+    Prompts are padded on the left (masked), packed patches and image-grid rows with zeros
+    (ignored by the model). Per-row images (the input pipeline's `pixel_values f32[B, S, F]`,
+    `image_grid_thw i32[B, 3]`) are already bucketed by the pipeline and pass unchanged. Arrays
+    already at a bucket size are passed through untouched (device arrays from the input
+    pipeline stay on the device).
 
     Returns:
-      input_ids i32[B, T'], attention_mask i32[B, T'], pixel_values f32[P', F],
-      image_grid_thw i32[I', 3].
+      input_ids i32[B, T'], attention_mask i32[B, T'], and pixel_values f32[P', F] with
+      image_grid_thw i32[I', 3] (packed) or the per-row pair as given.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     pixels = batch.get("pixel_values")
@@ -448,14 +452,15 @@ def pad_batch(
     if t2 != t:
         ids = np.pad(np.asarray(ids), ((0, 0), (t2 - t, 0)), constant_values=pad_token_id)
         mask = np.pad(np.asarray(mask), ((0, 0), (t2 - t, 0)))
-    p = pixels.shape[0]
-    p2 = bucket(p, patch_buckets) if patch_buckets and p else p
-    if p2 != p:
-        pixels = np.pad(np.asarray(pixels), ((0, p2 - p), (0, 0)))
-    n = grid.shape[0]
-    n2 = bucket(n, image_buckets) if image_buckets and n else n
-    if n2 != n:
-        grid = np.pad(np.asarray(grid), ((0, n2 - n), (0, 0)))
+    if pixels.ndim == 2:
+        p = pixels.shape[0]
+        p2 = bucket(p, patch_buckets) if patch_buckets and p else p
+        if p2 != p:
+            pixels = np.pad(np.asarray(pixels), ((0, p2 - p), (0, 0)))
+        n = grid.shape[0]
+        n2 = bucket(n, image_buckets) if image_buckets and n else n
+        if n2 != n:
+            grid = np.pad(np.asarray(grid), ((0, n2 - n), (0, 0)))
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -529,8 +534,11 @@ def generate(
 
     Args:
       model: the policy (`QwenVL`), as trained; its parameters may be sharded.
-      batch: `processing.encode_batch` output for B prompts: input_ids i32[B, T],
-        attention_mask i32[B, T], pixel_values f32[P, F], image_grid_thw i32[I, 3].
+      batch: B prompts: input_ids i32[B, T], attention_mask i32[B, T] and their images,
+        packed (`processing.encode_batch`: pixel_values f32[P, F], image_grid_thw i32[I, 3])
+        or per row (the input pipeline's batch as it comes, host or device arrays:
+        pixel_values f32[B, S, F], image_grid_thw i32[B, 3]; other keys are ignored).
+        Host (numpy) batches are checked first (`check_image_tokens`).
       rng: PRNG key; row r at step i draws with `fold_in(fold_in(rng, r), i)`, so results do
         not depend on sharding or on prefix sharing.
       num_generations: G completions per prompt; row `b * G + g` is completion g of prompt b.
@@ -561,6 +569,15 @@ def generate(
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     big_l = bucket(max_new_tokens, completion_buckets) if completion_buckets else max_new_tokens
+    if isinstance(batch["input_ids"], np.ndarray) and batch.get("pixel_values") is not None:
+        rope.check_image_tokens(
+            batch["input_ids"],
+            batch["image_grid_thw"],
+            batch.get("attention_mask"),
+            image_token_id=model.cfg.image_token_id,
+            spatial_merge_size=model.cfg.spatial_merge_size,
+            per_row=np.ndim(batch["pixel_values"]) == 3,
+        )
     padded = pad_batch(
         batch,
         pad_token_id=pad,

@@ -711,30 +711,77 @@ class QwenVL(nnx.Module):
     # -- separable pieces -------------------------------------------------------------
 
     def encode_images(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
-        """f32[P, F] packed patches + i32[I, 3] grids -> f32[P / m^2, D] image embeddings."""
+        """Image embeddings in either image layout (see `rope.image_placement`).
+
+        Packed: f32[P, F] patches + i32[I, 3] grids -> f32[P / m^2, D].
+        Per row (the input pipeline's): f32[B, S, F] + i32[B, 3] -> f32[B, S / m^2, D]; the
+        tower runs on each row's own patches (vmapped over rows), so rows never mix.
+        """
+        if pixel_values.ndim == 3:
+            grid = jnp.asarray(image_grid_thw, jnp.int32)[:, None, :]  # [B, 1, 3]
+            return jax.vmap(self.visual)(pixel_values, grid)
         return self.visual(pixel_values, image_grid_thw)
 
-    def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None) -> jax.Array:
-        """i32[B, T] -> f32[B, T, D]; the k-th `<|image_pad|>` token of the batch (row-major)
-        takes row k of `image_embeds` f32[N, D] (transformers' `masked_scatter`)."""
+    def embed(
+        self,
+        input_ids: jax.Array,
+        image_embeds: jax.Array | None = None,
+        image_grid_thw: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """i32[B, T] -> f32[B, T, D], image tokens replaced by their image's embeddings.
+
+        `image_embeds` is `encode_images`' output (f32[N, D] packed or f32[B, N_b, D] per row)
+        and `image_grid_thw` the grids it was computed from. Token j of an image's placeholder
+        run takes that image's merged token j (`rope.image_placement`): a row's tokens only
+        read its own images. A row whose image tokens do not match its images' token counts
+        comes out NaN (transformers raises; under jit we cannot), so the mismatch is detected
+        instead of absorbed.
+        """
         x = self.model.embed_tokens(input_ids)
         if image_embeds is None:
             return x
-        is_img = input_ids == self.cfg.image_token_id
-        k = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
-        k = jnp.clip(k, 0, image_embeds.shape[0] - 1)
-        return jnp.where(is_img[..., None], image_embeds.astype(x.dtype)[k], x)
+        if image_grid_thw is None:
+            raise ValueError("embed needs image_grid_thw to place image_embeds")
+        per_row = image_embeds.ndim == 3
+        place = rope.image_placement(
+            input_ids,
+            image_grid_thw,
+            attention_mask,
+            image_token_id=self.cfg.image_token_id,
+            spatial_merge_size=self.cfg.spatial_merge_size,
+            per_row=per_row,
+        )
+        emb = image_embeds.astype(x.dtype)
+        if per_row:
+            k = jnp.clip(place["index"], 0, emb.shape[1] - 1)
+            picked = jnp.take_along_axis(emb, k[..., None], axis=1)
+        else:
+            grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
+            sizes = jnp.prod(grid, axis=-1) // self.cfg.spatial_merge_size**2
+            start = (jnp.cumsum(sizes) - sizes)[jnp.clip(place["image"], 0, grid.shape[0] - 1)]
+            picked = emb[jnp.clip(start + place["index"], 0, emb.shape[0] - 1)]
+        x = jnp.where(place["is_image"][..., None], picked, x)
+        return jnp.where(place["ok"][:, None, None], x, jnp.nan)
 
     def rope_index(
-        self, input_ids: jax.Array, image_grid_thw: jax.Array, attention_mask: jax.Array | None
+        self,
+        input_ids: jax.Array,
+        image_grid_thw: jax.Array,
+        attention_mask: jax.Array | None,
+        per_row: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
-        """(i32[3, B, T] positions, i32[B, 1] rope deltas); see `rope.get_rope_index`."""
+        """(i32[3, B, T] positions, i32[B, 1] rope deltas); see `rope.get_rope_index`.
+
+        `per_row`: the grids are i32[B, 3], one image per row (3-D `pixel_values`).
+        """
         return rope.get_rope_index(
             input_ids,
             image_grid_thw,
             attention_mask,
             image_token_id=self.cfg.image_token_id,
             spatial_merge_size=self.cfg.spatial_merge_size,
+            per_row=per_row,
         )
 
     def decode(
@@ -789,12 +836,13 @@ class QwenVL(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         emb = None
-        if pixel_values is not None and pixel_values.shape[0] > 0:
+        if pixel_values is not None and pixel_values.size > 0:
+            per_row = pixel_values.ndim == 3
             emb = self.encode_images(pixel_values, image_grid_thw)
-            pos, _ = self.rope_index(input_ids, image_grid_thw, attention_mask)
+            pos, _ = self.rope_index(input_ids, image_grid_thw, attention_mask, per_row)
         else:
             pos = rope.text_positions(attention_mask)
-        x = self.embed(input_ids, emb)
+        x = self.embed(input_ids, emb, image_grid_thw, attention_mask)
         h, _ = self.decode(x, pos, attention_mask)
         return h
 

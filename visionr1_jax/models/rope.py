@@ -18,6 +18,77 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def image_placement(
+    input_ids: jax.Array,
+    image_grid_thw: jax.Array,
+    attention_mask: jax.Array | None,
+    *,
+    image_token_id: int,
+    spatial_merge_size: int = 2,
+    per_row: bool = False,
+) -> dict[str, jax.Array]:
+    """Which image, and which of its merged tokens, every `<|image_pad|>` token stands for.
+
+    A run of image tokens (consecutive *valid* tokens; padding between them does not split
+    a run) is one image. Two layouts of the images:
+
+    * packed (`per_row=False`, the HF processor's): `image_grid_thw` i32[I, 3] lists the images
+      of the whole batch; runs take them in row-major order (row b's first run is image
+      `runs in rows < b`). Inside an image, token j takes merged token j of *that* image, so a
+      stray token in one row never shifts another row's embeddings.
+    * per row (`per_row=True`, the input pipeline's): `image_grid_thw` i32[B, 3] is row b's
+      image (zeros: no image); row b's run is image b, whatever the other rows hold.
+
+    A row is consistent when each of its runs holds exactly its image's `t*h*w / m^2` tokens
+    (and, per row, when it has at most one run and a non-empty image is used). In the packed
+    layout an image that no run uses makes every row inconsistent (which row lost it cannot
+    be known); a run of the wrong length only its own row. The callers turn an inconsistent row into NaN; transformers raises instead.
+
+    Args:
+      input_ids: i32[B, T]; image_grid_thw: i32[I, 3] (packed) or i32[B, 3] (per row);
+      attention_mask: [B, T] (1 = real token) or None.
+    Returns:
+      dict with is_image bool[B, T] (valid image tokens), image i32[B, T] (image index, 0 for
+      text), index i32[B, T] (merged token inside the image, 0 for text), run_start
+      bool[B, T], ok bool[B] (the row's image tokens match its images).
+    """
+    b, t = input_ids.shape
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    is_img = (input_ids == image_token_id) & valid
+    run_start = is_img & ~_previous_valid(is_img, valid)
+    rank = jnp.cumsum(run_start, axis=1) - 1  # run number inside the row
+    grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
+    n_img = grid.shape[0]
+    if per_row:
+        if n_img != b:
+            raise ValueError(f"per-row images need image_grid_thw [B={b}, 3], got {grid.shape}")
+        image = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+    else:
+        runs = run_start.sum(axis=1)
+        image = (jnp.cumsum(runs) - runs)[:, None] + rank
+    image = jnp.where(is_img, image, 0).astype(jnp.int32)
+    # Index of each token inside its run, counting valid tokens only.
+    ar = jnp.arange(t)[None, :]
+    start = jnp.maximum(jax.lax.cummax(jnp.where(run_start, ar, -1), axis=1), 0)
+    valid_rank = jnp.cumsum(valid, axis=1) - 1
+    index = jnp.where(is_img, valid_rank - jnp.take_along_axis(valid_rank, start, axis=1), 0)
+    tokens = grid[:, 0] * grid[:, 1] * grid[:, 2] // spatial_merge_size**2  # [I]
+    known = image < n_img
+    count = (
+        jnp.zeros((max(n_img, 1),), jnp.int32)
+        .at[jnp.where(is_img & known, image, n_img)]
+        .add(1, mode="drop")[:n_img]
+    )
+    image_ok = count == tokens  # [I]: every token of the image placed exactly once
+    token_ok = ~is_img | (known & image_ok[jnp.clip(image, 0, max(n_img - 1, 0))])
+    ok = jnp.all(token_ok, axis=1)
+    if per_row:
+        ok = ok & image_ok & (rank[:, -1] <= 0)
+    elif n_img:
+        ok = ok & ~jnp.any((count == 0) & (tokens > 0))
+    return dict(is_image=is_img, image=image, index=index, run_start=run_start, ok=ok)
+
+
 def get_rope_index(
     input_ids: jax.Array,
     image_grid_thw: jax.Array,
@@ -25,16 +96,18 @@ def get_rope_index(
     *,
     image_token_id: int,
     spatial_merge_size: int = 2,
+    per_row: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """M-RoPE position ids, equal to transformers' `get_rope_index` for images.
 
-    Images are numbered in row-major order of their placeholder runs over the whole batch and
-    take `image_grid_thw` rows in that order (the same convention as the HF processor). Rows of
-    `image_grid_thw` beyond the last image (zero padding) are ignored.
+    Images are placed by `image_placement` (packed: runs take `image_grid_thw` rows in
+    row-major order, the HF processor's convention, rows beyond the last image ignored; per
+    row: row b's run is image b).
 
     Args:
       input_ids: i32[B, T].
-      image_grid_thw: i32[I, 3] patch grid (t, h, w) per image, before merging.
+      image_grid_thw: i32[I, 3] (packed) or i32[B, 3] (`per_row`) patch grid (t, h, w) per
+        image, before merging.
       attention_mask: i32/bool[B, T] (1 = real token) or None (all real).
       image_token_id: id of `<|image_pad|>`.
       spatial_merge_size: the vision merger's m (grid h, w are divided by m).
@@ -45,22 +118,21 @@ def get_rope_index(
       of a row sits at position `n + rope_deltas`.
     """
     b, t = input_ids.shape
-    if attention_mask is None:
-        valid = jnp.ones((b, t), bool)
-    else:
-        valid = attention_mask.astype(bool)
-    is_img = (input_ids == image_token_id) & valid
-    # Padding is skipped: a run continues across masked tokens only if HF's compaction would
-    # merge it, i.e. the previous *valid* token is also an image token.
-    prev_valid_is_img = _previous_valid(is_img, valid)
-    run_start = is_img & ~prev_valid_is_img
-    # Global image number of each image token (row-major over the batch).
-    img_idx = jnp.cumsum(run_start.reshape(-1)).reshape(b, t) - 1
-    n_img = image_grid_thw.shape[0]
-    grid = jnp.asarray(image_grid_thw, jnp.int32)
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    place = image_placement(
+        input_ids,
+        image_grid_thw,
+        attention_mask,
+        image_token_id=image_token_id,
+        spatial_merge_size=spatial_merge_size,
+        per_row=per_row,
+    )
+    is_img, run_start, j = place["is_image"], place["run_start"], place["index"]
+    grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
+    n_img = grid.shape[0]
     if n_img == 0:
         grid = jnp.zeros((1, 3), jnp.int32)
-    g = grid[jnp.clip(img_idx, 0, max(n_img - 1, 0))]  # [B, T, 3]
+    g = grid[jnp.clip(place["image"], 0, max(n_img - 1, 0))]  # [B, T, 3]
     gh = g[..., 1] // spatial_merge_size
     gw = g[..., 2] // spatial_merge_size
     # Advance of the running position contributed by each token.
@@ -69,12 +141,8 @@ def get_rope_index(
     )
     before = jnp.cumsum(advance, axis=1) - advance  # exclusive cumsum
     ar = jnp.arange(t)[None, :]
-    start_pos = jax.lax.cummax(jnp.where(run_start, ar, -1), axis=1)
-    start_pos = jnp.maximum(start_pos, 0)
+    start_pos = jnp.maximum(jax.lax.cummax(jnp.where(run_start, ar, -1), axis=1), 0)
     run_base = jnp.take_along_axis(before, start_pos, axis=1)
-    # Index of the token inside its image run, counting valid tokens only.
-    valid_rank = jnp.cumsum(valid, axis=1) - 1
-    j = valid_rank - jnp.take_along_axis(valid_rank, start_pos, axis=1)
     hw = jnp.maximum(gh * gw, 1)
     wsafe = jnp.maximum(gw, 1)
     hsafe = jnp.maximum(gh, 1)
@@ -164,3 +232,35 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     out = xf * cos[..., None, :] + rotate_half(xf) * sin[..., None, :]
     return out.astype(x.dtype)
+
+
+def check_image_tokens(
+    input_ids: np.ndarray,
+    image_grid_thw: np.ndarray,
+    attention_mask: np.ndarray | None,
+    *,
+    image_token_id: int,
+    spatial_merge_size: int = 2,
+    per_row: bool = False,
+) -> None:
+    """Host-side check of `image_placement`: raises ValueError naming each row whose
+    `<|image_pad|>` tokens do not match its images (the model would return NaN for it)."""
+    place = image_placement(
+        jnp.asarray(input_ids),
+        jnp.asarray(image_grid_thw),
+        None if attention_mask is None else jnp.asarray(attention_mask),
+        image_token_id=image_token_id,
+        spatial_merge_size=spatial_merge_size,
+        per_row=per_row,
+    )
+    bad = np.flatnonzero(~np.asarray(place["ok"]))
+    if bad.size:
+        counts = np.asarray(place["is_image"]).sum(axis=1)
+        grid = np.asarray(image_grid_thw).reshape(-1, 3)
+        tokens = grid.prod(axis=1) // spatial_merge_size**2
+        layout = "per-row" if per_row else "packed"
+        raise ValueError(
+            f"image tokens do not match the images ({layout} layout) in rows {bad.tolist()}: "
+            f"<|image_pad|> tokens per row {counts[bad].tolist()}, merged tokens per image "
+            f"{tokens.tolist()}"
+        )
