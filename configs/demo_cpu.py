@@ -3,8 +3,14 @@
     python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=/tmp/visionr1_demo
 
 Nothing is downloaded: the tiny checkpoint is written locally (``model.tiny``) and the
-``synthetic_shapes`` dataset is generated from its seed. Variants:
-``configs/demo_cpu.py:variant=paper`` (reward variant), ``...:switch_step=200``.
+``synthetic_shapes`` dataset is generated from its seed. Config args (``key=value,...``):
+
+* ``variant``: reward variant, ``official`` (default), ``paper`` or ``easyr1``
+  (``configs/demo_cpu.py:variant=paper``);
+* ``schedule``: rule-refinement preset, default the variant's (``off`` for official/easyr1);
+  ``configs/demo_cpu.py:schedule=official_adaptive`` is the released ``--adaptive`` switch;
+* ``switch_step``: its STEP (default 1500), e.g. ``...:schedule=official_adaptive,switch_step=200``
+  or ``...:variant=paper,switch_step=200``; rejected for a schedule without a switch.
 """
 
 import ml_collections
@@ -15,7 +21,7 @@ from visionr1_jax.models import model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, variant="official", switch_step=1500)
+    args = config_lib.parse_arg(arg, variant="official", schedule=None, switch_step=None)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = 200
@@ -26,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_pixels = 112 * 112
     config.data.min_pixels = 56 * 56
     config.data.max_prompt_len = 256
-    config.reward = rewards.default_config(args.variant, switch_step=args.switch_step)
+    config.reward = rewards.default_config(
+        args.variant, schedule=args.schedule, switch_step=args.switch_step
+    )
     config.mesh = config_lib.mesh_config(ici=(-1, 1, 1))
     return config

@@ -26,6 +26,37 @@ def test_variant_args_reach_the_reward():
         config_lib.load_config("configs/demo_cpu.py:nonsense_key=1")
 
 
+@pytest.mark.parametrize("path", CONFIGS)
+def test_schedule_arg_selects_the_released_adaptive_switch(path):
+    """SPEC §4: the released ``--adaptive`` schedule by name, its STEP movable."""
+    config = config_lib.validate(config_lib.load_config(f"{path}:schedule=official_adaptive"))
+    assert (config.reward.variant, config.reward.schedule) == ("official", "official_adaptive")
+    assert [s["start_step"] for s in config.reward.stages] == [0, 1500]
+    assert config.reward.stages[1]["recall_tp"] == 0.75
+    spec = f"{path}:schedule=official_adaptive,switch_step=200"
+    assert config_lib.validate(config_lib.load_config(spec)).reward.stages[1]["start_step"] == 200
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "switch_step=200",
+        "variant=easyr1,switch_step=200",
+        "variant=paper,schedule=off,switch_step=9",
+    ],
+)
+def test_switch_step_without_a_switch_is_rejected(arg):
+    with pytest.raises(ValueError, match=r"reward.switch_step=\d+ has no effect"):
+        config_lib.load_config(f"configs/demo_cpu.py:{arg}")
+
+
+def test_switch_step_override_without_its_stages_is_rejected():
+    config = config_lib.load_config("configs/demo_cpu.py:variant=paper")
+    config.reward.switch_step = 40  # like --config.reward.switch_step=40: stages keep 1500
+    with pytest.raises(ValueError, match=r"reward.stages do not follow reward.schedule='paper'"):
+        config_lib.validate(config)
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

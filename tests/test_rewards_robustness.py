@@ -29,6 +29,7 @@ def _check(texts, targets=None, variants=("official", "paper", "easyr1")):
             for key in ("format", "recall", "precision", "total"):
                 assert out[key].shape == (len(texts),)
                 assert np.all(np.isfinite(out[key])), key
+            # The sum of three float32 terms ≤ 1 rounds at most 2 ulps of 3 (< 1e-6) past hi.
             assert np.all((out["total"] >= 0) & (out["total"] <= hi + 1e-6))
             assert np.all(out["num_pred"] <= config.max_boxes)
     config = rewards.default_config()
@@ -64,6 +65,13 @@ ADVERSARIAL = [
     '[{"bbox_2d": [10, 20, 110, 220], "label": ["cat"]}]',
     '[{"bbox_2d": {"x": 1}, "label": "cat"}]',
     '[{"bbox_2d": [true, false, 1, 2], "label": "cat"}]',
+    '[{"bbox_2d": ["1", " 2 ", "+30", "4_0"], "label": "cat"}]',
+    '[{"bbox_2d": ["' + "9" * 5000 + '", 2, 30, 40], "label": "cat"}]',
+    '[{"bbox_2d": ["' + "9" * 4000 + '", 2, "' + "9" * 4001 + '", 40], "label": "cat"}]',
+    '[{"bbox_2d": [-1e300, 2, 1e300, 40], "label": "cat"}]',
+    '[{"bbox_2d": [-' + "9" * 400 + ", 2, " + "9" * 400 + ', 40], "label": "cat"}]',
+    '[{"bbox_2d": ["nan", "inf", "-inf", "1e3"], "label": "cat"}]',
+    '[{"bbox_2d": ["' + " " * 100_000 + '1", 2, 30, 40], "label": "cat"}]',
     '{"bbox_2d": [10, 20, 110, 220], "label": "cat"}',
     "```json\n```json\n[]\n```\n```",
     "```\n[]",
@@ -95,16 +103,69 @@ def test_truncation_at_every_position():
     assert out["num_pred"][0] == 1 and out["format"][0] == 0.0
 
 
+# Coordinates as JSON may write them; the expected value is Python's own int() (the
+# reference's [int(c) for c in box]), or a dropped item where int() raises.
+COORDINATES = [
+    5, True, False, 5.9, -0.5, -1.7, 1e-300, "5", " 5 ", "+5", "-0", "5\n", "\t5", "0_5", "٣",
+    "１０", "5.0", "5.", "", " ", "five", "0x5", "1e1", "5_", "_5", "5__0", "−5", None, [5],
+    {"x": 5}, float("nan"), float("inf"), float("-inf"),
+]  # fmt: skip
+
+
+def _python_int(c):
+    try:
+        return int(c)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+@pytest.mark.parametrize("c", COORDINATES, ids=repr)
+def test_coordinates_cast_like_python_int(c):
+    box = [c, 0, 100, 100]
+    text = json.dumps([{"bbox_2d": box, "label": "cat"}])
+    got = parse.parse_answer(text, input_size=(476, 644)).boxes
+    want = _python_int(c)
+    if want is None or not want < 100:
+        assert got == [], (c, got)
+    else:
+        assert got == [[float(want), 0.0, 100.0, 100.0]], (c, got)
+    # norm01 reads with float() instead; same acceptance of types, finite values only.
+    text = json.dumps([{"bbox_2d": [c, 0, 1, 1], "label": "cat"}])
+    got = parse.parse_answer(text, frame="norm01").boxes
+    try:
+        want = float(c)
+    except (ValueError, TypeError):
+        want = None
+    if want is None or not np.isfinite(want) or not want < 1:
+        assert got == [], (c, got)
+    else:
+        assert got == [[want, 0.0, 1.0, 1.0]], (c, got)
+
+
+def test_huge_integers_never_overflow():
+    """int() accepts them (the reference would then fail to build a float32 tensor); beyond
+    ``max_coord`` the item is dropped before any float conversion, the rest is kept."""
+    good = {"bbox_2d": [10, 20, 110, 220], "label": "cat"}
+    for huge in (10**400, "9" * 4000, 1e300, -(10**40)):
+        items = [{"bbox_2d": [1, 2, huge, 40], "label": "cat"}, good]
+        text = json.dumps(items)
+        parsed = parse.parse_answer(text, input_size=(476, 644))
+        assert parsed.boxes == [[10.0, 20.0, 110.0, 220.0]], huge
+        out = rewards.score([text], [TARGET])
+        assert np.isfinite(out["total"][0]) and out["num_pred"][0] == 1
+
+
 def test_parse_answer_bounds_and_frames():
     many = json.dumps([{"bbox_2d": [1, 1, 5, 5], "label": "a"}] * 100)
     parsed = parse.parse_answer(many, max_boxes=7)
     assert len(parsed.boxes) == 7 and parsed.num_dropped == 93
     rel = parse.parse_answer('[{"bbox_2d": [100, 200, 500, 1000], "label": "a"}]', frame="rel1000")
     px = parse.to_original_pixels(np.array(rel.boxes), "rel1000", (480, 640), (1, 1))
-    np.testing.assert_allclose(px, [[64, 96, 320, 480]])
+    np.testing.assert_array_equal(px, [[64, 96, 320, 480]])  # integer results: exact
     norm = parse.parse_answer('[{"bbox_2d": [0.1, 0.25, 0.5, 1.0], "label": "a"}]', frame="norm01")
     px = parse.to_original_pixels(np.array(norm.boxes), "norm01", (480, 640), (1, 1))
-    np.testing.assert_allclose(px, [[64, 120, 320, 480]], rtol=1e-6)
+    # x·W rounded once to float32 (0.1·640 is not exact in binary): ≤ 1 ulp = 2^-23 relative.
+    np.testing.assert_allclose(px, [[64, 120, 320, 480]], rtol=2.0**-23)
     # Integer frames truncate like the reference's int(); norm01 keeps decimals.
     assert parse.parse_answer('[{"bbox_2d": [0.1, 0.2, 0.9, 1.0], "label": "a"}]').boxes == []
     truncated = '[{"bbox_2d": [0.1, 0.2, 0.9, 0.95], "label": "a"}, {"bbox'
@@ -132,8 +193,8 @@ FORMAT_CASES = [
 @pytest.mark.parametrize("text", FORMAT_CASES)
 def test_format_flags_match_reference(text):
     got = parse.parse_answer(text, input_size=(476, 644))
-    assert got.format_official == ref.format_official(text)
-    assert got.format_strict == ref.format_strict(text, (476, 644))
+    assert got.format_official == ref.dual_format(text)
+    assert got.format_strict == ref.strict_format(text, "qwen25_abs", (476, 644))
 
 
 def test_strict_format_checks_content():
@@ -164,6 +225,7 @@ json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(10**20), 10**20)
+    | st.from_regex(r"\A\s*[+-]?[0-9_٣]{1,30}\s*\Z")  # strings int() may accept
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=8),
     lambda inner: (

@@ -13,6 +13,15 @@ official   GIoU       matched pairs      sum      ``off`` (as released)
 paper      IoU        predictions M      sum      beginner → advanced at STEP
 easyr1     GIoU       predictions M      mean     ``off``
 =========  =========  =================  =======  ==============================
+
+The schedule is chosen by name, independently of the variant: ``schedule="official_adaptive"``
+is the released code's ``--adaptive`` switch (at ``switch_step``, 1500 by default), e.g.
+``default_config("official", schedule="official_adaptive")`` or, from a run config,
+``--config=configs/demo_cpu.py:schedule=official_adaptive,switch_step=1500``. A reward config
+records ``schedule``, ``switch_step`` (None for a schedule without a switch) and the derived
+``stages``; ``schedule="custom"`` means hand-written ``stages``. Validation rejects a value
+that would have no effect: a ``switch_step`` for a schedule without a switch, or a
+``schedule`` / ``switch_step`` changed without the ``stages`` they derive.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from visionr1_jax.rewards import matching, parse, schedule
+from visionr1_jax.rewards import matching, parse
+from visionr1_jax.rewards import schedule as schedule_lib
 from visionr1_jax.rewards.vision_r1 import REWARD_FAMILIES, GroundTruth, Predictions
 
 VARIANTS = {
@@ -56,17 +66,44 @@ _CHOICES = {
 }
 
 
-def default_config(variant: str = "official", switch_step: int = 1500) -> ml_collections.ConfigDict:
+SCHEDULES = (*schedule_lib.PRESETS, "custom")
+_DEFAULT_SWITCH_STEP = 1500  # the released code's hard-coded switch (SPEC §4)
+
+
+def default_config(
+    variant: str = "official",
+    switch_step: int | str | None = None,
+    schedule: str | None = None,
+) -> ml_collections.ConfigDict:
     """The reward config of a named variant.
 
     Args:
       variant: ``official`` (default), ``paper`` or ``easyr1``.
-      switch_step: STEP of the beginner → advanced switch for schedules that have one
-        (``paper``; ``official_adaptive`` via ``schedule.preset``).
+      switch_step: STEP of the beginner → advanced switch (default 1500), for the schedules that
+        have one (``official_adaptive``, ``paper``); an int or a digit string (config args).
+        Given for a schedule without a switch it would have no effect, and is rejected.
+      schedule: rule-refinement preset (``rewards.schedule.preset``): ``off``, ``official_adaptive``
+        (the released ``--adaptive`` code) or ``paper``; None: the variant's default (table in
+        the module docstring).
     """
     if variant not in VARIANTS:
         raise ValueError(f"reward.variant={variant!r} must be one of {sorted(VARIANTS)}")
     v = VARIANTS[variant]
+    name = v["schedule"] if schedule is None else schedule
+    if name not in schedule_lib.PRESETS:
+        raise ValueError(
+            f"reward.schedule={name!r} must be one of {list(schedule_lib.PRESETS)} "
+            "(hand-written stages: set reward.schedule='custom' and reward.stages)"
+        )
+    if isinstance(switch_step, str):
+        try:
+            switch_step = int(switch_step)
+        except ValueError:
+            raise ValueError(f"reward.switch_step={switch_step!r} must be an integer") from None
+    if name not in schedule_lib.SWITCHED:
+        _no_switch(name, switch_step, "reward")
+    elif switch_step is None:
+        switch_step = _DEFAULT_SWITCH_STEP
     c = ml_collections.ConfigDict()
     c.family = "vision_r1"
     c.variant = variant
@@ -79,8 +116,50 @@ def default_config(variant: str = "official", switch_step: int = 1500) -> ml_col
     c.max_boxes = 64
     c.max_coord = 1e5
     c.visual_rft_iou = 0.5
-    c.stages = schedule.preset(v["schedule"], switch_step)
+    c.schedule = name
+    c.switch_step = ml_collections.config_dict.placeholder(int)  # None, or an int override
+    c.switch_step = switch_step
+    c.stages = schedule_lib.preset(name, switch_step or _DEFAULT_SWITCH_STEP)
     return c
+
+
+def _no_switch(name: str, switch_step, prefix: str) -> None:
+    """Rejects a ``switch_step`` given for a schedule that has no switch."""
+    if switch_step is not None:
+        why = (
+            "has no switch"
+            if name == "off"
+            else "takes its stage starts from the stages' start_step"
+        )
+        raise ValueError(
+            f"{prefix}.switch_step={switch_step!r} has no effect: {prefix}.schedule={name!r} "
+            f"{why}; leave switch_step unset, or choose schedule='official_adaptive' or 'paper'"
+        )
+
+
+def _validate_schedule(config, name: str) -> None:
+    """``schedule``, ``switch_step`` and ``stages`` agree; each error names the key."""
+    sched, switch = config.get("schedule"), config.get("switch_step")
+    if sched not in SCHEDULES:
+        raise ValueError(f"{name}.schedule={sched!r} must be one of {list(SCHEDULES)}")
+    if sched in schedule_lib.SWITCHED:
+        if isinstance(switch, bool) or not isinstance(switch, int) or switch < 1:
+            raise ValueError(
+                f"{name}.switch_step={switch!r} must be an integer >= 1 with "
+                f"{name}.schedule={sched!r} (set both through the config arg, e.g. "
+                f"':schedule={sched},switch_step=1500')"
+            )
+    else:
+        _no_switch(sched, switch, name)
+    stages = schedule_lib.validate(config.get("stages") or [], f"{name}.stages")
+    if sched != "custom" and stages != schedule_lib.preset(sched, switch or _DEFAULT_SWITCH_STEP):
+        raise ValueError(
+            f"{name}.stages do not follow {name}.schedule={sched!r} with "
+            f"{name}.switch_step={switch!r}: one of them was changed alone and would have no "
+            f"effect. Choose the schedule through the config arg (e.g. "
+            f"':schedule={sched},switch_step=N'), or set {name}.schedule='custom' and "
+            f"{name}.switch_step=None to write the stages by hand"
+        )
 
 
 def validate_config(config, name: str = "reward") -> None:
@@ -97,7 +176,7 @@ def validate_config(config, name: str = "reward") -> None:
     iou = config.get("visual_rft_iou")
     if not isinstance(iou, int | float) or not 0.0 <= float(iou) < 1.0:
         raise ValueError(f"{name}.visual_rft_iou={iou!r} must be in [0, 1)")
-    schedule.validate(config.get("stages") or [], f"{name}.stages")
+    _validate_schedule(config, name)
 
 
 def _frozen(config) -> str:
@@ -108,7 +187,7 @@ def _frozen(config) -> str:
 @functools.lru_cache(maxsize=32)
 def _compiled(frozen: str) -> Callable:
     config = json.loads(frozen)
-    config["stages"] = schedule.validate(config["stages"])
+    config["stages"] = schedule_lib.validate(config["stages"])
     family = REWARD_FAMILIES[config["family"]]
     return jax.jit(functools.partial(family, config=config))
 

@@ -54,7 +54,9 @@ def run(config) -> dict[str, np.ndarray]:
     out = rewards.score(
         [c for _, c, _ in rows], [t for _, _, t in rows], step=config.step, config=config.reward
     )
-    print(f"reward variant={config.reward.variant} step={config.step}")
+    r = config.reward
+    schedule = f"schedule={r.schedule} switch_step={r.switch_step}"
+    print(f"reward variant={r.variant} {schedule} step={config.step}")
     print(f"{'answer':<18}{'format':>8}{'recall':>8}{'precision':>11}{'total':>8}")
     for k, (name, _, _) in enumerate(rows):
         print(

@@ -10,20 +10,32 @@ Rules ("official", the released Vision-R1 code):
 1. Strip; if the first line starts with ```` ```json ```` drop it; if ```` ``` ```` remains keep the
    text before it; ``json.loads``.
 2. A list: for each item take ``label`` and ``bbox_2d``; keep it when the box is a list of 4
-   numbers, cast to int in integer frames, with ``x1 < x2`` and ``y1 < y2``. A bad item is
-   skipped, never fatal.
+   values that the reference's ``[int(c) for c in box]`` accepts, with ``x1 < x2`` and
+   ``y1 < y2``: numbers truncate toward zero (``int(-0.5) == 0``), booleans count as 0/1, and
+   strings are read by ``int()`` (``"95"``, ``" 95 "``, ``"+95"``, ``"-3"``, ``"1_0"``, other
+   Unicode decimal digits). Whatever ``int()`` rejects (``"9.5"``, ``None``, lists, NaN,
+   Infinity) drops that item only, never the answer.
 3. Nothing extracted: fall back to a regex over ``{"bbox_2d": [a, b, c, d], "label": "..."}``
    items (integers ≤ 1000; decimals in the ``norm01`` frame), same ordering filter.
 4. Labels ``strip().lower()`` are looked up in the sample's label→id map (keys lower-cased);
    unknown or non-string labels get id 0 (background).
 
-Additions of ours, documented because the reference code has no answer for them: boxes with a
-coordinate beyond ``±max_coord`` in the model's frame are dropped (they would overflow
-float32), and so are NaN / Infinity coordinates (``int()`` rejects them in the reference).
+Additions of ours, documented because the reference code has no answer for them (it raises or
+overflows): a box with a coordinate beyond ``±max_coord`` in the model's frame is dropped (the
+reference would build ``inf``/NaN float32 tensors or fail to convert a huge ``int``); the check
+runs on the exact Python integer, before any float conversion, so ``int(1e300)`` or a
+4,000-digit string can never overflow. The ``norm01`` frame reads coordinates with
+``float()`` instead of ``int()`` (same accepted types, finite values only), since ``int()``
+would collapse ``[0, 1]`` to two values. The ``paper`` strict format flag additionally requires
+the coordinates to be JSON numbers: a box written with strings or booleans is extracted and
+scored, but fails that format check.
 
 Coordinate frames (config value, never guessed): ``qwen25_abs`` integer pixels of the resized
 model input (``x·W/w_in``), ``rel1000`` integers in 0–1000 (``x·W/1000``), ``norm01`` floats in
-[0, 1] (``x·W``).
+[0, 1] (``x·W``). The rescaling runs in float64 and rounds once to float32. The reference
+computes ``x / w_in * W`` in float32, two roundings that move about 8% of integer coordinates
+by one ulp even when ``w_in == W``; rounding once keeps integer pixels exact, so the overlap of
+two integer boxes, and with it the recall tie at ξ0 (SPEC §3), is the same on every CPU.
 """
 
 from __future__ import annotations
@@ -147,38 +159,54 @@ def _loads(text: str):
         return _INVALID
 
 
+def _cast(c, integer: bool):
+    """One coordinate as the reference's ``int(c)`` (``float(c)`` in ``norm01``), or None.
+
+    JSON gives int, float, bool, str, None, list or dict. Numbers and booleans cast (floats
+    truncate toward zero in integer frames; NaN and ±Infinity are rejected, as ``int()``
+    rejects them); strings go through ``int()`` / ``float()`` (a non-finite ``float()`` result
+    is rejected); anything else is None. Integers stay exact Python ints, so the caller can
+    range-check them before any float conversion.
+    """
+    kind = type(c)
+    if kind is int or kind is bool:
+        return int(c)
+    if kind is float:
+        if not math.isfinite(c):
+            return None
+        return int(c) if integer else c
+    if kind is str:
+        try:
+            value = int(c) if integer else float(c)
+        except ValueError:  # includes strings beyond the interpreter's int digit limit
+            return None
+        return value if integer or math.isfinite(value) else None
+    return None
+
+
 def _coords(bbox, integer: bool, max_coord: float) -> list[float] | None:
     """A valid ``[x1, y1, x2, y2]`` in the model's frame, or None (rule 2 + our range guard).
 
-    Numbers only (``bool`` excluded), finite, cast with ``int()`` (truncation, as the
-    reference) in integer frames, within ``±max_coord``, and ``x1 < x2``, ``y1 < y2``.
+    Each value is cast by ``_cast`` (the reference's ``int(c)``), must lie within
+    ``±max_coord`` (checked on the exact value, so nothing overflows), and ``x1 < x2``,
+    ``y1 < y2``.
     """
     if type(bbox) is not list or len(bbox) != 4:
         return None
     x1, y1, x2, y2 = bbox
-    if type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int:  # fast path
-        if max(abs(x1), abs(y1), abs(x2), abs(y2)) > max_coord or not (x1 < x2 and y1 < y2):
+    if not (type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int):
+        x1, y1, x2, y2 = (_cast(c, integer) for c in bbox)
+        if x1 is None or y1 is None or x2 is None or y2 is None:
             return None
-        return [float(x1), float(y1), float(x2), float(y2)]
-    values = []
-    for c in bbox:
-        kind = type(c)
-        if kind is float:
-            if not math.isfinite(c):
-                return None
-            c = float(int(c)) if integer else c
-        elif kind is int:
-            if abs(c) > max_coord:  # callers cap max_coord at 1e300: float() never overflows
-                return None
-            c = float(c)
-        else:
-            return None
-        if abs(c) > max_coord:
-            return None
-        values.append(c)
-    if not (values[0] < values[2] and values[1] < values[3]):
+    # max_coord <= 1e300 (capped by the callers), so float() below never overflows.
+    if max(abs(x1), abs(y1), abs(x2), abs(y2)) > max_coord or not (x1 < x2 and y1 < y2):
         return None
-    return values
+    return [float(x1), float(y1), float(x2), float(y2)]
+
+
+def _numeric(bbox) -> bool:
+    """Whether every coordinate is a JSON number (the strict format's requirement)."""
+    return all(type(c) is int or type(c) is float for c in bbox)
 
 
 def _official_format(data) -> float:
@@ -206,7 +234,7 @@ def _strict_format(data, official: float, frame: str, extent: tuple[float, float
         if not (isinstance(item, dict) and "bbox_2d" in item and "label" in item):
             return 0.0
         box = _coords(item["bbox_2d"], frame in _INT_FRAMES, max_coord=_MAX_FINITE)
-        if box is None:
+        if box is None or not _numeric(item["bbox_2d"]):
             return 0.0
         x1, y1, x2, y2 = box
         if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
@@ -265,7 +293,12 @@ def parse_answer(
                 strict_ok = False
                 continue
             if strict_ok and (
-                not has_label or box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height
+                not has_label
+                or box[0] < 0
+                or box[1] < 0
+                or box[2] > width
+                or box[3] > height
+                or not _numeric(bbox)
             ):
                 strict_ok = False
             boxes.append(box)

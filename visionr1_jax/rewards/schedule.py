@@ -3,7 +3,8 @@
 A schedule is a list of stages, each a dict with ``start_step`` and the thresholds in force
 from that step on:
 
-* ``recall_tp``  ξ0: a matched pair counts as a true positive when its overlap ``q > ξ0``;
+* ``recall_tp``  ξ0: a matched pair counts as a true positive when its overlap ``q > ξ0``, as
+  ξ0 when ``q == ξ0`` (the reference's ``modify_tensor(q, ξ0, ξ0)``), else 0;
 * ``recall_lo``, ``recall_hi``: the differentiation map ``f(recall; lo, hi)``;
 * ``precision_lo``, ``precision_hi``: the map ``f(q; lo, hi)`` applied per matched pair.
 
@@ -37,11 +38,15 @@ def stage(start_step: int, tp: float, r_lo: float, r_hi: float, p_lo: float, p_h
     )
 
 
+PRESETS = ("off", "official_adaptive", "paper")
+SWITCHED = ("official_adaptive", "paper")  # the presets that have a switch step
+
+
 def preset(name: str, switch_step: int = 1500) -> list[dict]:
     """Named schedules of SPEC §4.
 
-    * ``off``: the released recipe (no ``--adaptive``): TP at ``q > 0.5``, identity recall map,
-      precision ``q`` clamped at 0.
+    * ``off``: the released recipe (no ``--adaptive``): TP at ``q > 0.5`` (0.5 at a tie),
+      identity recall map, precision ``q`` clamped at 0; ``switch_step`` is unused.
     * ``official_adaptive``: the released ``--adaptive`` code: beginner (0.5, 0.5, 0.75); from
       ``switch_step`` TP at 0.75 and precision map (0.75, 0.9), recall map stays (0.5, 0.75).
     * ``paper``: beginner (ξ0, ξ1, ξ2) = (0.5, 0.5, 0.75) → advanced (0.75, 0.75, 0.9) at

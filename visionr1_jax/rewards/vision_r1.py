@@ -7,7 +7,9 @@ Stages of ``vision_r1_reward`` (mirrored in the body):
 3. overlap ``q`` of each matched pair (GIoU or IoU, by variant);
 4. thresholds in force at ``step`` (``schedule.lookup``, inside jit);
 5. dual-format reward, inverted for negative samples (``N = 0``);
-6. recall reward ``f(TP / N; ξ1, ξ2)`` with ``TP = #{q > ξ0}``;
+6. recall reward ``f(TP / N; ξ1, ξ2)`` with ``TP = Σ_pairs f(q; ξ0, ξ0)``: a pair counts 1 when
+   ``q > ξ0``, 0 when ``q < ξ0`` and ξ0 when ``q == ξ0`` (the reference's
+   ``modify_tensor(q, ξ0, ξ0)`` leaves a value equal to ξ0 unchanged);
 7. precision reward ``Σ f(q; ξ1, ξ2)`` over matched pairs, divided by the matched count
    (released code) or by the number of predictions (paper, EasyR1);
 8. total: sum (``[0, 3]``) or mean (``[0, 1]``).
@@ -83,15 +85,18 @@ def vision_r1_reward(
 
     Returns:
       ``(total f32[C], aux)``; aux holds every term (``format``, ``recall``, ``precision``,
-      ``total``), counts (``num_pred``, ``num_gt``, ``num_matched``, ``true_positives``),
-      matched-overlap statistics (``matched_overlap_mean``, ``matched_iou_mean``,
-      ``matched_cost``) per completion and the thresholds in force (scalars).
+      ``total``), counts (``num_pred``, ``num_gt``, ``num_matched``, ``true_positives``; the
+      latter is fractional when a pair ties at ξ0), matched-overlap statistics
+      (``matched_overlap_mean``, ``matched_iou_mean``, ``matched_cost``) per completion, the
+      assignment ``pred_to_gt i32[C, M]`` (-1: unmatched or padding) and the thresholds in
+      force (scalars).
     """
     # 1. box-prior cost.
     cost, pair = jax.vmap(matching.box_prior_cost)(pred.boxes, pred.labels, gt.boxes, gt.labels)
     # 2. matching.
     pred_to_gt, _ = matching.MATCHERS[config["matcher"]](cost, pred.valid, gt.valid)
     matched = (pred_to_gt >= 0) & pred.valid
+    assignment = jnp.where(matched, pred_to_gt, -1)
     # 3. overlap of each matched pair.
     take = lambda x: jnp.take_along_axis(x, jnp.clip(pred_to_gt, 0)[..., None], -1)[..., 0]
     q = jnp.where(matched, take(pair[config["overlap"]]), 0.0)
@@ -102,8 +107,9 @@ def vision_r1_reward(
     negative, no_boxes = num_gt == 0, num_pred == 0
     # 5. dual format.
     fmt = jnp.where(negative, 1.0 - pred.format, pred.format)
-    # 6. recall.
-    tp = _count(matched & (q > th["recall_tp"]))
+    # 6. recall: a tie q == ξ0 adds ξ0, as the reference's modify_tensor(q, ξ0, ξ0).
+    hits = schedule.differentiate(q, th["recall_tp"], th["recall_tp"])
+    tp = jnp.sum(jnp.where(matched, hits, 0.0), axis=-1)
     recall = schedule.differentiate(_safe_div(tp, num_gt), th["recall_lo"], th["recall_hi"])
     # 7. precision.
     per_pair = jnp.where(
@@ -129,7 +135,8 @@ def vision_r1_reward(
         "true_positives": tp,
         "matched_overlap_mean": _safe_div(jnp.sum(q, -1), num_matched),
         "matched_iou_mean": _safe_div(jnp.sum(iou_pairs, -1), num_matched),
-        "matched_cost": matching.matched_cost(cost, jnp.where(matched, pred_to_gt, -1)),
+        "matched_cost": matching.matched_cost(cost, assignment),
+        "pred_to_gt": assignment,
         **{f"threshold/{k}": v for k, v in th.items()},
     }
     return total, aux
