@@ -58,6 +58,32 @@ def test_switch_step_override_without_its_stages_is_rejected():
 
 
 @pytest.mark.parametrize(
+    "data_frame, template, reward_frame, ok",
+    [
+        (None, "qwen25", "qwen25_abs", True),
+        (None, "griffon", "norm01", True),
+        ("rel1000", "qwen25", "rel1000", True),
+        (None, "griffon", "qwen25_abs", False),
+        ("rel1000", "qwen25", "qwen25_abs", False),
+        (None, "qwen25", "norm01", False),
+    ],
+)
+def test_data_and_reward_frames_must_agree(data_frame, template, reward_frame, ok):
+    config = config_lib.load_config("configs/demo_cpu.py")
+    config.data.frame, config.data.template, config.reward.frame = (
+        data_frame,
+        template,
+        reward_frame,
+    )
+    if ok:
+        config_lib.validate(config)
+        return
+    shown = data_frame or {"qwen25": "qwen25_abs", "griffon": "norm01"}[template]
+    with pytest.raises(ValueError, match=rf"data.frame='{shown}'.*reward.frame='{reward_frame}'"):
+        config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
     "mutate, message",
     [
         (lambda c: setattr(c.reward, "combine", "max"), r"reward.combine='max'"),

@@ -90,6 +90,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         from visionr1_jax.data.config import validate_data_config
 
         validate_data_config(config.data)
+    if "reward" in config and "data" in config:
+        # The prompts ask for one coordinate frame and the reward parses answers in one: the
+        # two must be the same, or every box is rescaled wrongly without an error.
+        from visionr1_jax.data.config import frame_of
+
+        data_frame, reward_frame = frame_of(config.data), config.reward.frame
+        if data_frame != reward_frame:
+            implied = (
+                "" if config.data.frame else f", implied by data.template={config.data.template!r}"
+            )
+            raise ValueError(
+                f"data.frame={data_frame!r}{implied} and reward.frame={reward_frame!r} differ: "
+                "the reward must read answers in the frame the prompts ask for; set both"
+            )
     if "model" in config:
         _validate_model(config.model)
     if "mesh" in config:
