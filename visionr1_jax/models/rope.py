@@ -80,7 +80,8 @@ def image_placement(
         .add(1, mode="drop")[:n_img]
     )
     image_ok = count == tokens  # [I]: every token of the image placed exactly once
-    token_ok = ~is_img | (known & image_ok[jnp.clip(image, 0, max(n_img - 1, 0))])
+    image_ok_or_unknown = jnp.concatenate([image_ok, jnp.zeros((1,), bool)])  # [I + 1]
+    token_ok = ~is_img | image_ok_or_unknown[jnp.where(known, image, n_img)]
     ok = jnp.all(token_ok, axis=1)
     if per_row:
         ok = ok & image_ok & (rank[:, -1] <= 0)
