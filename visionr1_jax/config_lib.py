@@ -82,6 +82,24 @@ def _validate_model(c) -> None:
         raise ValueError(f"model.tokenizer={c.get('tokenizer')!r} must be 'small' or 'qwen'")
 
 
+def data_max_patches(data: ml_collections.ConfigDict, patch_size: int = 14, merge: int = 2) -> int:
+    """The most patches the data's smart resize gives one image: (max_pixels // (p·m)²)·m²
+    (2,048 for SPEC §5's 401,408 pixels; p = 14, m = 2 for every Qwen2/2.5-VL)."""
+    return (int(data.max_pixels) // (patch_size * merge) ** 2) * merge**2
+
+
+def max_image_patches(config: ml_collections.ConfigDict) -> int | None:
+    """The vision tower's static per-image bound of a run (`QwenVLConfig.max_image_patches`):
+    `model.max_image_patches` when set, else what `data.max_pixels` produces. One derived
+    value, so the bound follows the run's data rather than the checkpoint's processor (whose
+    `max_pixels` is 12,845,056 for Qwen2.5-VL-7B-Instruct: 65,536 patches, which would make the
+    full-attention blocks of a packed 16 x 2,048-patch batch dense). None: no data section."""
+    bound = config.model.get("max_image_patches") if "model" in config else None
+    if bound is not None:
+        return int(bound)
+    return data_max_patches(config.data) if "data" in config else None
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validates every section present; returns the config for chaining."""
     if "reward" in config:
@@ -106,6 +124,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             )
     if "model" in config:
         _validate_model(config.model)
+        bound = config.model.get("max_image_patches")
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+            raise ValueError(f"model.max_image_patches={bound!r} must be a positive int or None")
+        if bound is not None and "data" in config:
+            needed = data_max_patches(config.data)
+            if bound < needed:
+                raise ValueError(
+                    f"model.max_image_patches={bound} is below the {needed} patches that "
+                    f"data.max_pixels={config.data.max_pixels} produces: such images would come "
+                    "out NaN; raise it or leave it None (derived from data.max_pixels)"
+                )
     if "mesh" in config:
         _check_parallelism(config.mesh.ici_parallelism, "mesh.ici_parallelism")
         _check_parallelism(config.mesh.dcn_parallelism, "mesh.dcn_parallelism")

@@ -17,7 +17,10 @@ def model_config():
     Fields: `checkpoint` (local or gs:// directory; empty = write the tiny config `tiny` to the
     workdir), `tiny` (a key of `tiny.TINY_CONFIGS`), `tokenizer` ("small" or "qwen", for tiny),
     `param_dtype` / `dtype` (master weights / compute), `remat_policy` (none, full, dots,
-    dots_no_batch), `logprob_chunk` (sequence chunk of the log-prob head).
+    dots_no_batch), `logprob_chunk` (sequence chunk of the log-prob head),
+    `max_image_patches` (the vision tower's static per-image bound; None derives it from
+    `data.max_pixels`, see `config_lib.max_image_patches`; validation rejects a value below
+    what the data produces).
     """
     import ml_collections
 
@@ -29,4 +32,5 @@ def model_config():
     c.dtype = "bfloat16"
     c.remat_policy = "none"
     c.logprob_chunk = 128
+    c.max_image_patches = ml_collections.config_dict.placeholder(int)
     return c

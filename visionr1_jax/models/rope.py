@@ -42,7 +42,8 @@ def image_placement(
     A row is consistent when each of its runs holds exactly its image's `t*h*w / m^2` tokens
     (and, per row, when it has at most one run and a non-empty image is used). In the packed
     layout an image that no run uses makes every row inconsistent (which row lost it cannot
-    be known); a run of the wrong length only its own row. The callers turn an inconsistent row into NaN; transformers raises instead.
+    be known); a run of the wrong length only its own row. The callers turn an inconsistent
+    row into NaN; transformers raises instead.
 
     Args:
       input_ids: i32[B, T]; image_grid_thw: i32[I, 3] (packed) or i32[B, 3] (per row);
