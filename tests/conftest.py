@@ -1,11 +1,26 @@
 """Test-session setup: 8 simulated CPU devices so sharded tests run on any machine.
 
-XLA_FLAGS must be set before jax is imported anywhere, which is why it lives here.
+XLA_FLAGS must be set before jax creates its CPU backend, which is why it lives here. Flags
+already in the environment are kept and the device count is appended to them (replacing any
+count they give: the sharded tests build meshes of exactly 8 devices), so those tests always run.
 """
 
 import os
+import re
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+NUM_DEVICES = 8
+_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def with_device_count(flags: str, n: int = NUM_DEVICES) -> str:
+    """`flags` (an XLA_FLAGS value) with exactly `n` host-platform devices."""
+    found = re.search(_COUNT_FLAG + r"=\S*", flags)
+    if found is None:
+        return f"{flags} {_COUNT_FLAG}={n}".strip()
+    return flags[: found.start()] + f"{_COUNT_FLAG}={n}" + flags[found.end() :]
+
+
+os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -115,8 +115,6 @@ def test_release_config_matches_transformers(cfg_dict):
 
 
 def test_release_model_is_sharded_by_the_rules():
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (simulated) devices")
     mesh = sharding.make_mesh((2, 2, 2))
     abstract = hf_weights.abstract_model(qwen_vl.QwenVLConfig.from_hf_dict(QWEN2_5_VL_7B))
     shardings = qwen_vl.param_shardings(abstract, mesh)
