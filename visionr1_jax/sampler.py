@@ -501,11 +501,25 @@ def repeat_prompts(batch: Mapping[str, np.ndarray], n: int, image_token_id: int)
 
 
 def default_token_ids(model: qwen_vl.QwenVL) -> tuple[tuple[int, ...], int]:
-    """(EOS ids, pad id) from the checkpoint's config (text_config first)."""
+    """(EOS ids, pad id) of the checkpoint, as transformers' `generate` takes them.
+
+    Each id is read from `generation_config.json` first (`cfg.hf_generation_config`; the
+    Qwen2.5-VL-Instruct releases stop on `[151645, 151643]` there), then from `config.json`
+    (`text_config` first, then the top level, which lists only 151645). The pad id defaults to
+    the first EOS id.
+    """
+    gen = model.cfg.hf_generation_config or {}
     hf = model.cfg.hf_config or {}
     text = hf.get("text_config") or {}
-    eos = text.get("eos_token_id", hf.get("eos_token_id"))
-    pad = text.get("pad_token_id", hf.get("pad_token_id"))
+
+    def first(key):
+        for source in (gen, text, hf):
+            if source.get(key) is not None:
+                return source[key]
+        return None
+
+    eos = first("eos_token_id")
+    pad = first("pad_token_id")
     eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0

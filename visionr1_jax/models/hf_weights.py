@@ -9,7 +9,8 @@ both the hub key layout (`model.layers.N`, `visual.blocks.N`) and the transforme
 (`model.language_model.layers.N`, `model.visual.blocks.N`) are accepted.
 
 Export writes `config.json` and `model.safetensors` in the hub layout, which
-`transformers.AutoModelForImageTextToText.from_pretrained` (or the model classes) load.
+`transformers.AutoModelForImageTextToText.from_pretrained` (or the model classes) load, and the
+checkpoint's `generation_config.json` (stop and pad ids) when it had one.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def from_pretrained(
     """Loads a local HF checkpoint directory into a `QwenVL`.
 
     Args:
-      path: directory with `config.json` and `*.safetensors`.
+      path: directory with `config.json` and `*.safetensors` (and, optionally,
+        `generation_config.json`, kept as `cfg.hf_generation_config`: the release's stop ids).
       dtype: parameter dtype (fp32 master weights by default; bf16 files are upcast).
       mesh: if given, every parameter is created directly with the sharding the rules table
         gives its logical axes on `mesh`; otherwise on the default device.
@@ -165,6 +167,7 @@ def from_pretrained(
         remat_policy=remat_policy,
         logical_axis_rules=rules,
         max_image_patches=max_image_patches,
+        hf_generation_config=read_generation_config(path),
     )
     files = SafetensorsDir(path)
     abstract = abstract_model(cfg)
@@ -191,6 +194,20 @@ def from_pretrained(
     for pth, var in flat:
         var.set_value(values[pth])
     return nnx.merge(graphdef, state)
+
+
+def read_generation_config(path: str) -> dict | None:
+    """The checkpoint's `generation_config.json` as a dict, or None when it has none.
+
+    Qwen2.5-VL-Instruct lists `eos_token_id: [151645, 151643]` there (`<|im_end|>`,
+    `<|endoftext|>`), while `config.json` has only 151645; transformers' `generate` stops on
+    the generation config's ids.
+    """
+    fname = os.path.join(path, "generation_config.json")
+    if not os.path.exists(fname):
+        return None
+    with open(fname, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _max_patches_from_processor(path: str) -> int | None:
@@ -224,7 +241,8 @@ def _sharded_array(tensor, transform, is_linear, shape, np_dtype, sh) -> jax.Arr
 
 
 def save_pretrained(model: QwenVL, path: str, *, dtype=None) -> None:
-    """Writes `config.json` + `model.safetensors` (hub key layout) that transformers loads.
+    """Writes `config.json` + `model.safetensors` (hub key layout) that transformers loads,
+    and `generation_config.json` when the model was loaded with one.
 
     Args:
       model: a `QwenVL` (possibly sharded; parameters are gathered to the host).
@@ -255,6 +273,9 @@ def save_pretrained(model: QwenVL, path: str, *, dtype=None) -> None:
         with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf, f, indent=2)
         write_safetensors(os.path.join(path, "model.safetensors"), tensors)
+        if cfg.hf_generation_config is not None:
+            with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+                json.dump(cfg.hf_generation_config, f, indent=2)
 
 
 def write_safetensors(fname: str, tensors: dict[str, np.ndarray]) -> None:

@@ -105,6 +105,8 @@ class QwenVLConfig:
     max_image_patches: int | None = None
     logical_axis_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+    # The checkpoint's generation_config.json (stop and pad ids), when it has one.
+    hf_generation_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
 
     @property
     def head_dim(self) -> int:

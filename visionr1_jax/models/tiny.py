@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from collections.abc import Sequence
 from typing import Any
 
 SPECIAL_TOKENS = (
@@ -25,6 +26,10 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+
+# The stop tokens of Qwen2.5-VL-Instruct's generation_config.json (151645, 151643), where
+# config.json lists only <|im_end|>.
+INSTRUCT_EOS = ("<|im_end|>", "<|endoftext|>")
 
 # Each entry: model family, text config, vision config. Constraints (see ENV.md): sum(mrope) ==
 # text head_dim / 2, vision head_dim % 4 == 0, window_size a multiple of 28.
@@ -227,6 +232,7 @@ def write_tiny_checkpoint(
     min_pixels: int = 56 * 56,
     max_pixels: int = 224 * 224,
     init_scale: float = 1.0,
+    generation_eos: Sequence[str | int] = ("<|im_end|>",),
 ) -> str:
     """Writes a complete checkpoint directory for the tiny config `name` and returns `path`.
 
@@ -240,10 +246,14 @@ def write_tiny_checkpoint(
       vocab_size: model vocabulary, default: the tokenizer's length (151,936 for "qwen").
       min_pixels, max_pixels: image processor resize bounds.
       init_scale: standard deviation of the weights times sqrt(fan_in).
+      generation_eos: the stop tokens (token strings or ids) that `generation_config.json`
+        lists as `eos_token_id`; `INSTRUCT_EOS` writes both ids as the Instruct releases do.
+        `config.json` keeps only `<|im_end|>`.
     """
     import torch
     from transformers import (
         AutoTokenizer,
+        GenerationConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
     )
@@ -270,6 +280,13 @@ def write_tiny_checkpoint(
     model = cls(config).eval()
     _randomize(model, seed, init_scale)
     model = model.to(getattr(torch, dtype))
+    eos = [t if isinstance(t, int) else tok.convert_tokens_to_ids(t) for t in generation_eos]
+    if not eos or None in eos or tok.unk_token_id in eos:
+        raise ValueError(f"unknown stop token in {generation_eos!r}")
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad, pad_token_id=pad, eos_token_id=eos[0] if len(eos) == 1 else eos
+    )
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     proc = processing.build_processor(tok, min_pixels=min_pixels, max_pixels=max_pixels)
