@@ -32,8 +32,6 @@ def _expected_spec(names, shape, mesh):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (simulated) devices")
     path = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl_tiny")
     batch = testing.prompt_batch(path, text_only_row=True)
     mesh = sharding.make_mesh((2, 2, 2))
@@ -83,5 +81,8 @@ def test_sharded_equals_unsharded(setup):
         logits, lps = _call(model, batch_sh, y)
     assert len(logits.sharding.device_set) == 8
     m = batch["attention_mask"].astype(bool)
-    np.testing.assert_allclose(np.asarray(logits)[m], np.asarray(ref_logits)[m], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(lps)[m], np.asarray(ref_lps)[m], atol=1e-5, rtol=0)
+    ref_logits = np.asarray(ref_logits)
+    testing.assert_logits_close(logits, ref_logits, m)  # float32 parity
+    # Log-prob parity of two float32 evaluations of logits of scale max|z| over V tokens.
+    atol = testing.logprob_atol(float(np.abs(ref_logits[m]).max()), ref_logits.shape[-1])
+    np.testing.assert_allclose(np.asarray(lps)[m], np.asarray(ref_lps)[m], atol=atol, rtol=0)
