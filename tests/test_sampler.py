@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from scipy import stats
 
 from visionr1_jax import processing, sampler, sharding
-from visionr1_jax.models import QwenVL, from_pretrained, testing
+from visionr1_jax.models import QwenVL, from_pretrained, qwen_vl, testing
 from visionr1_jax.models.testing import tiny_checkpoint
 from visionr1_jax.models.tiny import INSTRUCT_EOS
 
@@ -168,19 +169,19 @@ def test_greedy_stops_on_every_generation_config_eos(tmp_path_factory):
         tmp_path_factory, "qwen2_5_vl_tiny", generation_eos=("<|im_end|>", second)
     )
     model, hf = from_pretrained(path), _hf_model(path)
-    eos_ids, pad = sampler.default_token_ids(model)
-    assert eos_ids[1] == second and eos_ids[0] == model.cfg.hf_config["text_config"]["eos_token_id"]
+    im_end = model.cfg.hf_config["text_config"]["eos_token_id"]  # config.json's only one
     out = sampler.generate(model, batch, rng=jax.random.key(0), max_new_tokens=n,
                            temperature=0.0, **F32)  # fmt: skip
     ref = _hf_generate(hf, batch, do_sample=False, max_new_tokens=n)  # its own default stop ids
     toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
     np.testing.assert_array_equal(toks[:, : ref.shape[1]], ref)
-    stops = np.isin(ref, eos_ids)
+    stops = np.isin(ref, [im_end, second])
     lengths = np.where(stops.any(1), np.argmax(stops, 1) + 1, n)
     assert ref[0, lengths[0] - 1] == second and lengths[0] < n  # row 0 stops on the second id
     np.testing.assert_array_equal(np.asarray(out.num_tokens), lengths)
     np.testing.assert_array_equal(mask.sum(1), lengths)
-    assert (toks[~mask] == pad).all()
+    assert (toks[~mask] == hf.generation_config.pad_token_id).all()
+    assert sampler.default_token_ids(model)[0] == (im_end, second)
 
 
 # ----------------------------------------------------------------------------- acceptance 2
@@ -227,11 +228,23 @@ def test_next_token_distribution_chi_square(tiny, temperature, top_k, top_p):
     np.testing.assert_allclose(lp, want, atol=atol, rtol=0)
 
 
-def _teacher_forced(model, batch, out, g, n, temperature, top_k, top_p):
-    """Log-probs f32[B*G, n] of the rollout's tokens recomputed by a float32 teacher-forced
-    full forward over prompt + completion (our model, the one the GRPO loss uses) after
-    transformers' warpers; with the bool[B*G, n] tokens to compare and the scale max|z| / T of
-    the (tempered) logits."""
+@nnx.jit(static_argnums=5)
+def _cached_forward(m, ids, pixels, grid, mask, cache_dtype):
+    """Logits f32[B, T, V] of one prefill of `ids` into a KV cache of `cache_dtype`: every
+    query attends to the cache's rounded keys and values, as the sampler's decoding does."""
+    pos, _ = m.rope_index(ids, grid, mask)
+    x = m.embed(ids, m.encode_images(pixels, grid), grid, mask)
+    cache = qwen_vl.init_cache(m.cfg, ids.shape[0], ids.shape[1], cache_dtype)
+    h, _ = m.decode(x, pos, mask, cache, jnp.int32(0))
+    return m.logits(h)
+
+
+def _teacher_forced(model, batch, out, g, n, temperature, top_k, top_p, cache_dtype=None):
+    """Log-probs f32[B*G, n] of the rollout's tokens recomputed by a teacher-forced forward
+    over prompt + completion after transformers' warpers; with the bool[B*G, n] tokens to
+    compare and the scale max|z| / T of the (tempered) logits. The forward is the float32
+    full forward (the one the GRPO loss uses), or, with `cache_dtype`, a prefill through a KV
+    cache of that dtype (`QwenVL.decode`)."""
     toks, mask = np.asarray(out.tokens)[:, :n], np.asarray(out.mask)[:, :n]
     rep = sampler.repeat_prompts(batch, g, model.cfg.image_token_id)
     # A generated <|image_pad|> would be read as an image placeholder by a full forward: the
@@ -241,9 +254,11 @@ def _teacher_forced(model, batch, out, g, n, temperature, top_k, top_p):
     toks_in = np.where(img, 0, toks)
     ids = np.concatenate([rep["input_ids"], toks_in], 1)
     am = np.concatenate([rep["attention_mask"], mask.astype(np.int32)], 1)
-    logits = np.asarray(
-        testing.jit_forward()(model, ids, rep["pixel_values"], rep["image_grid_thw"], am)
-    )
+    args = (model, ids, rep["pixel_values"], rep["image_grid_thw"], am)
+    if cache_dtype is None:
+        logits = np.asarray(testing.jit_forward()(*args))
+    else:
+        logits = np.asarray(_cached_forward(*args, jnp.dtype(cache_dtype).name))
     t = rep["input_ids"].shape[1]
     step_logits = logits[:, t - 1 : t - 1 + n].reshape(-1, logits.shape[-1])
     warped = torch.tensor(_hf_warpers(temperature, top_k, top_p)(step_logits))
@@ -416,9 +431,10 @@ def test_sharded_equals_unsharded(tiny):
 
 
 def test_rollout_is_a_pytree_and_bf16_cache_tracks_float32(tiny):
-    """`Rollout` crosses jit as a pytree (G static); the default bf16 KV cache gives the
-    log-probs of a float32 teacher-forced forward over its own tokens within the bf16 rounding
-    of the cached keys and values."""
+    """`Rollout` crosses jit as a pytree (G static). The default bf16 KV cache: its log-probs
+    equal a teacher-forced prefill through a bf16 cache (the same rounded keys and values) at
+    float32 parity, and a float32 teacher-forced forward within the bf16 rounding of the
+    cached keys and values."""
     _, batch, model = tiny
     g, n = 2, 16
     out = sampler.generate(model, batch, rng=jax.random.key(0), num_generations=g,
@@ -429,12 +445,17 @@ def test_rollout_is_a_pytree_and_bf16_cache_tracks_float32(tiny):
     doubled = jax.jit(lambda r: dataclasses.replace(r, logprobs=2 * r.logprobs))(out)
     assert doubled.num_generations == 2
     np.testing.assert_array_equal(np.asarray(doubled.logprobs), 2 * np.asarray(out.logprobs))
-    want, check, scale = _teacher_forced(model, batch, out, g, n, 1.0, 0, 1.0)
-    # Each text layer rounds its cached K and V to bf16 (relative error <= 2^-9 each): to
-    # first order the logits move by <= 2 x layers x 2^-9 of their scale, a log-prob by twice
-    # that (0.078 here; a wrong cache entry moves log-probs by O(1)).
-    atol = 2 * (2 * model.cfg.num_layers * testing.BF16_U * scale)
     got = np.asarray(out.logprobs)[:, :n]
+    want, check, scale = _teacher_forced(model, batch, out, g, n, 1.0, 0, 1.0, jnp.bfloat16)
+    # float32 log-prob parity: both sides round the same float32 keys and values to bf16 (up
+    # to float32 rounding, which moves a value across a bf16 rounding boundary only rarely).
+    atol = testing.logprob_atol(scale, model.cfg.vocab_size)
+    np.testing.assert_allclose(got[check], want[check], atol=atol, rtol=0)
+    want, check, scale = _teacher_forced(model, batch, out, g, n, 1.0, 0, 1.0)
+    # Against float32 K/V: each text layer rounds its cached K and V to bf16 (relative error
+    # <= 2^-9 each): to first order the logits move by <= 2 x layers x 2^-9 of their scale, a
+    # log-prob by twice that (0.068 here; measured 0.0017).
+    atol = 2 * (2 * model.cfg.num_layers * testing.BF16_U * scale)
     np.testing.assert_allclose(got[check], want[check], atol=atol, rtol=0)
 
 
