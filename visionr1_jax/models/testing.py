@@ -10,7 +10,7 @@ checkpoint has `FORWARD_DEPTH` = 34 rounded reductions in sequence (patch embedd
 blocks x 6: qkv, scores, probs @ V, proj, fc1, fc2; the merger's 2 layers; 2 text layers x 6;
 the head), the longest has K = 1176 (the patch embedding), so logits agree within
 `LOGIT_RTOL` = 34 sqrt(1176) u = 7.0e-5 of their scale max|z| (3.1e-4 at the tiny checkpoints'
-|z| <= 4.6; measured <= 1.1e-5 on Intel and AMD EPYC). A log-prob z_y - logsumexp(z) moves by at
+|z| <= 4.6; measured <= 1.05e-5 on an AMD EPYC). A log-prob z_y - logsumexp(z) moves by at
 most twice the largest logit error, plus sqrt(V) u for the V-term sum of the log-sum-exp.
 """
 
