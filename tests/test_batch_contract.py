@@ -7,6 +7,8 @@ processor format), and the token counts written by hand.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,3 +200,48 @@ def test_rows_do_not_influence_each_other(model, pipeline_batch):
     assert np.isnan(out[0]).all()
     # Rows 1.. are computed by the same program on the same values: bitwise equal.
     np.testing.assert_array_equal(out[1:], base[1:])
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_host_check_agrees_with_the_device_placement(per_row):
+    """`check_image_tokens` (numpy, on the host) flags exactly the rows `image_placement` (jax,
+    in the model) turns NaN, over random layouts: right and wrong run lengths, split runs,
+    padding inside runs, missing and extra images, text-only rows."""
+    rng = np.random.default_rng(1)
+    fn = jax.jit(
+        lambda ids, g, am: rope.image_placement(ids, g, am, image_token_id=IMG, per_row=per_row)[
+            "ok"
+        ]
+    )
+    seen = set()
+    for _ in range(300):
+        b = 3
+        grid = np.zeros((b, 3), np.int32)
+        rows = []
+        for r in range(b):
+            if rng.random() < 0.8:
+                grid[r] = (1, 2 * rng.integers(1, 3), 2 * rng.integers(1, 3))
+            n = int(np.prod(grid[r])) // 4
+            n_run = max(0, n + int(rng.choice([0, 0, 0, -1, 1])))
+            run = [IMG] * n_run
+            if n_run > 1 and rng.random() < 0.15:
+                run.insert(int(rng.integers(1, n_run)), 5)  # split run
+            rows.append([1, *run, 2, *([IMG] if rng.random() < 0.1 else [])])
+        t = max(len(r) for r in rows) + 2
+        ids = np.zeros((b, t), np.int32)
+        mask = np.zeros((b, t), np.int32)
+        for r, row in enumerate(rows):
+            ids[r, t - len(row) :] = row
+            mask[r, t - len(row) :] = 1
+            if rng.random() < 0.2:  # a masked token inside the row (does not split a run)
+                j = int(rng.integers(t - len(row), t))
+                ids[r, j], mask[r, j] = 9, 0
+        ok = np.asarray(fn(ids, grid, mask))
+        try:
+            rope.check_image_tokens(ids, grid, mask, image_token_id=IMG, per_row=per_row)
+            host_bad = []
+        except ValueError as e:
+            host_bad = json.loads(str(e).split("in rows ")[1].split(":")[0])
+        assert host_bad == np.flatnonzero(~ok).tolist(), (ids, mask, grid)
+        seen.add(len(host_bad))
+    assert seen >= {0, 1}  # both outcomes were exercised

@@ -245,24 +245,34 @@ def check_image_tokens(
     spatial_merge_size: int = 2,
     per_row: bool = False,
 ) -> None:
-    """Host-side check of `image_placement`: raises ValueError naming each row whose
-    `<|image_pad|>` tokens do not match its images (the model would return NaN for it)."""
-    place = image_placement(
-        jnp.asarray(input_ids),
-        jnp.asarray(image_grid_thw),
-        None if attention_mask is None else jnp.asarray(attention_mask),
-        image_token_id=image_token_id,
-        spatial_merge_size=spatial_merge_size,
-        per_row=per_row,
-    )
-    bad = np.flatnonzero(~np.asarray(place["ok"]))
-    if bad.size:
-        counts = np.asarray(place["is_image"]).sum(axis=1)
-        grid = np.asarray(image_grid_thw).reshape(-1, 3)
-        tokens = grid.prod(axis=1) // spatial_merge_size**2
+    """Host-side (numpy, nothing compiled) form of `image_placement`'s `ok`: raises ValueError
+    naming each row whose `<|image_pad|>` runs do not match its images (the model would return
+    NaN for it)."""
+    ids = np.asarray(input_ids)
+    valid = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask) > 0
+    grid = np.asarray(image_grid_thw).reshape(-1, 3)
+    tokens = grid.prod(axis=1) // spatial_merge_size**2
+    runs = []  # per row: lengths of the runs of image tokens among its valid tokens
+    for row, keep in zip(ids, valid, strict=True):
+        is_img = np.concatenate([[False], row[keep] == image_token_id, [False]])
+        edges = np.flatnonzero(np.diff(is_img.astype(np.int8)))
+        runs.append((edges[1::2] - edges[::2]).tolist())
+    if per_row:
+        bad = [b for b, r in enumerate(runs) if r != ([int(tokens[b])] if tokens[b] else [])]
+    else:
+        bad, used, k = [], set(), 0
+        for b, r in enumerate(runs):
+            mine = range(k, k + len(r))
+            k += len(r)
+            used.update(mine)
+            if any(i >= len(tokens) or n != tokens[i] for i, n in zip(mine, r, strict=True)):
+                bad.append(b)
+        if any(t > 0 and i not in used for i, t in enumerate(tokens)):
+            bad = list(range(len(runs)))  # an image no run uses: no row can be trusted
+    if bad:
         layout = "per-row" if per_row else "packed"
         raise ValueError(
-            f"image tokens do not match the images ({layout} layout) in rows {bad.tolist()}: "
-            f"<|image_pad|> tokens per row {counts[bad].tolist()}, merged tokens per image "
+            f"image tokens do not match the images ({layout} layout) in rows {bad}: runs of "
+            f"<|image_pad|> per row {[runs[b] for b in bad]}, merged tokens per image "
             f"{tokens.tolist()}"
         )
