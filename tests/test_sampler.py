@@ -39,8 +39,16 @@ def _hf_model(path):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def _hf_vision_ids(config) -> list[int]:
+    """The vision special tokens our rollout suppresses by default (`sampler.vision_token_ids`)."""
+    keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [int(getattr(config, k)) for k in keys]
+
+
 def _hf_generate(hf, batch, **kwargs):
-    """transformers `generate` on a processor batch; returns the new tokens i64[B, <= L]."""
+    """transformers `generate` on a processor batch, with our default suppression of the vision
+    special tokens (`suppress_tokens`); returns the new tokens i64[B, <= L]."""
+    kwargs.setdefault("suppress_tokens", _hf_vision_ids(hf.config))
     ids = torch.tensor(batch["input_ids"]).long()
     with torch.no_grad():
         out = hf.generate(
@@ -54,16 +62,20 @@ def _hf_generate(hf, batch, **kwargs):
     return out[:, ids.shape[1] :].numpy()
 
 
-def _hf_warpers(temperature, top_k, top_p):
-    """transformers' logits processors for the sampling settings (the reference filters)."""
+def _hf_warpers(temperature, top_k, top_p, suppress=()):
+    """transformers' logits processors for the sampling settings (the reference filters),
+    after the suppression of the tokens `suppress` (as `generate` orders them)."""
     from transformers import (
         LogitsProcessorList,
+        SuppressTokensLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
     procs = LogitsProcessorList()
+    if suppress:
+        procs.append(SuppressTokensLogitsProcessor(list(suppress)))
     if temperature > 0:  # greedy (0): the untempered model
         procs.append(TemperatureLogitsWarper(temperature))
     if top_k:
@@ -207,7 +219,8 @@ def test_next_token_distribution_chi_square(tiny, temperature, top_k, top_p):
     )  # fmt: skip
     first = np.asarray(out.tokens)[:, 0].reshape(2, g)
     logits = testing.hf_logits(path, sub)[:, -1]  # the reference model's next-token logits
-    probs = torch.softmax(torch.tensor(_hf_warpers(temperature, top_k, top_p)(logits)), -1)
+    warpers = _hf_warpers(temperature, top_k, top_p, sampler.vision_token_ids(model))
+    probs = torch.softmax(torch.tensor(warpers(logits)), -1)
     probs = probs.numpy().astype(np.float64)
     for b in range(2):
         counts = np.bincount(first[b], minlength=probs.shape[1])
@@ -261,7 +274,8 @@ def _teacher_forced(model, batch, out, g, n, temperature, top_k, top_p, cache_dt
         logits = np.asarray(_cached_forward(*args, jnp.dtype(cache_dtype).name))
     t = rep["input_ids"].shape[1]
     step_logits = logits[:, t - 1 : t - 1 + n].reshape(-1, logits.shape[-1])
-    warped = torch.tensor(_hf_warpers(temperature, top_k, top_p)(step_logits))
+    warpers = _hf_warpers(temperature, top_k, top_p, sampler.vision_token_ids(model))
+    warped = torch.tensor(warpers(step_logits))
     want = torch.log_softmax(warped, -1).numpy().reshape(toks.shape[0], n, -1)
     want = np.take_along_axis(want, toks[..., None], -1)[..., 0]
     check = mask & (np.arange(n)[None] < cut[:, None])

@@ -15,8 +15,9 @@ One jitted program per bucket does the whole rollout of B prompts x G completion
    softmax over both (`decode_step`). The last prompt logits and the M-RoPE deltas are
    broadcast. Nothing of the prompt is recomputed per completion (the Vision-R1 / TRL
    reference re-encodes the image and prefills the prompt for every completion).
-3. **Decode** in a `lax.while_loop`: sample a token per row (greedy, or temperature -> top-k ->
-   top-p as transformers' logits warpers, then inverse-CDF sampling with one uniform per row),
+3. **Decode** in a `lax.while_loop`: sample a token per row (suppressed tokens removed first,
+   then greedy, or temperature -> top-k -> top-p as transformers' logits warpers, then
+   inverse-CDF sampling with one uniform per row),
    record its log-prob under the sampling distribution, stop rows at EOS, feed the token back
    at M-RoPE position `n_real_prompt_tokens + i + rope_delta` (Qwen2-VL paper, Sec. 2.1: text
    after the image advances all three axes together). The loop exits once every row has
@@ -25,9 +26,14 @@ One jitted program per bucket does the whole rollout of B prompts x G completion
 Randomness: row r at step i uses the key `fold_in(fold_in(rng, r), i)`, so a rollout does not
 depend on the mesh nor on whether the prefix is shared (both are tested).
 
-Note for teacher-forced consumers: a sampled `<|image_pad|>` token is an ordinary text token
-here (as in transformers `generate`), but a full forward over prompt + completion would read
-it as an image placeholder.
+Suppressed tokens: by default the vision special tokens (`<|image_pad|>`, `<|video_pad|>`,
+`<|vision_start|>`, `<|vision_end|>`, as the checkpoint config names them) are never sampled:
+their logits are set to -inf before any warper and before greedy's argmax (transformers'
+`generate(suppress_tokens=...)`), and the recorded log-probs are those of this masked
+distribution. A completion token is text to the model anyway (`decode_step` embeds it as
+text, and so does `train.completion_logprobs`), but a sampled `<|image_pad|>` would be read
+as an image placeholder by a naive full forward over prompt + completion, and no image token
+in an answer is meaningful. `suppress_token_ids=()` turns this off.
 
 Shapes are static: the prompt length T, the packed patch count P, the number of image slots I
 and the completion length L are padded up to buckets on the host (numpy, before the program), so
@@ -83,7 +89,8 @@ class Rollout:
         completion bucket >= max_new_tokens).
       mask: bool[B*G, L] True for generated tokens, including the EOS token that stopped a row.
       logprobs: f32[B*G, L] log-prob of each sampled token under the sampling distribution
-        (tempered, top-k/top-p filtered logits; the untempered model for greedy); 0 where masked.
+        (suppressed tokens removed, then tempered, top-k/top-p filtered logits; the untempered
+        model for greedy); 0 where masked.
       num_tokens: i32[B*G] generated tokens per row (`mask.sum(1)`).
       steps: i32[] decode-loop iterations run (the longest row; < max_new_tokens on early exit).
       num_generations: G (static).
@@ -196,6 +203,7 @@ class _Static:
     use_top_p: bool
     pad_id: int
     cache_dtype: str
+    suppress_ids: tuple[int, ...] = ()  # never sampled (logits -> -inf before any warper)
 
 
 def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature, top_p, eos, st):
@@ -237,6 +245,10 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(r))
     top_p_arg = top_p if st.use_top_p else None
     prompt_valid = mask.astype(bool)
+    suppressed = None
+    if st.suppress_ids:  # a constant of the program: the ids are static (stable over a run)
+        suppressed = np.zeros((cfg.vocab_size,), bool)
+        suppressed[list(st.suppress_ids)] = True
 
     # 3. Decode until every row stopped or the budget is spent.
     def cond(c):
@@ -246,6 +258,8 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     def body(c):
         i, logits, gen_kv, tokens, logps, done = c
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
+        if suppressed is not None:
+            logits = jnp.where(suppressed, -jnp.inf, logits.astype(jnp.float32))
         tok, lp = sample_tokens(
             logits, keys, greedy=st.greedy, temperature=temperature, top_k=st.top_k,
             top_p=top_p_arg,
@@ -400,10 +414,12 @@ def _program(graphdef, args, st: _Static):
         if prog is None:
             ids, _, pixels, grid = args[1:5]
             log.info(
-                "sampler: compiling program %d (B=%d, T=%d, P=%d, I=%d, G=%d, L=%d, %s)",
+                "sampler: compiling program %d (B=%d, T=%d, P=%d, I=%d, G=%d, L=%d, %s, "
+                "suppress=%s)",
                 len(_PROGRAMS) + 1, ids.shape[0], ids.shape[1], pixels.shape[0], grid.shape[0],
                 st.num_generations, st.completion_len,
                 "greedy" if st.greedy else f"top_k={st.top_k} top_p={st.use_top_p}",
+                list(st.suppress_ids),
             )  # fmt: skip
             prog = _JITTED.lower(graphdef, *args, st).compile()
             _PROGRAMS[key] = prog
@@ -526,6 +542,30 @@ def default_token_ids(model: qwen_vl.QwenVL) -> tuple[tuple[int, ...], int]:
     return tuple(int(e) for e in eos_ids), int(pad)
 
 
+VISION_TOKEN_KEYS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+
+
+def vision_token_ids(model: qwen_vl.QwenVL) -> tuple[int, ...]:
+    """The checkpoint's vision special token ids (`<|image_pad|>`, `<|video_pad|>`,
+    `<|vision_start|>`, `<|vision_end|>`), those of `VISION_TOKEN_KEYS` that `config.json`
+    gives (top level, then `text_config`), sorted; `cfg.image_token_id` without a config."""
+    hf = model.cfg.hf_config
+    if hf is None:
+        return (int(model.cfg.image_token_id),)
+    text = hf.get("text_config") or {}
+    ids = set()
+    for key in VISION_TOKEN_KEYS:
+        value = hf.get(key, text.get(key))
+        if value is not None:
+            ids.add(int(value))
+    return tuple(sorted(ids))
+
+
 def generate(
     model: qwen_vl.QwenVL,
     batch: Mapping[str, Any],
@@ -543,6 +583,7 @@ def generate(
     patch_buckets: Sequence[int] | None = PATCH_BUCKETS,
     image_buckets: Sequence[int] | None = IMAGE_BUCKETS,
     completion_buckets: Sequence[int] | None = COMPLETION_BUCKETS,
+    suppress_token_ids: Sequence[int] | None = None,
 ) -> Rollout:
     """Samples `num_generations` completions for each of the B prompts of a processor batch.
 
@@ -565,6 +606,11 @@ def generate(
       cache_dtype: KV cache dtype (bf16 by default; float32 for bit-parity tests).
       prompt_buckets, patch_buckets, image_buckets, completion_buckets: static size buckets
         (None: the batch's own size / `max_new_tokens`).
+      suppress_token_ids: tokens never sampled: their logits become -inf before temperature,
+        top-k, top-p and greedy's argmax, and the recorded log-probs are under that masked
+        distribution. None (default): the checkpoint's vision special tokens
+        (`vision_token_ids`); () = suppress nothing. Static (part of the program key): keep
+        it fixed over a run.
 
     Returns:
       `Rollout` with tokens i32[B*G, L], mask bool[B*G, L], logprobs f32[B*G, L] where L is
@@ -599,6 +645,13 @@ def generate(
         patch_buckets=patch_buckets,
         image_buckets=image_buckets,
     )
+    if suppress_token_ids is None:
+        suppress = vision_token_ids(model)
+    else:
+        suppress = tuple(sorted({int(i) for i in suppress_token_ids}))
+    if any(not 0 <= i < model.cfg.vocab_size for i in suppress):
+        v = model.cfg.vocab_size
+        raise ValueError(f"suppress_token_ids {list(suppress)} outside the vocabulary [0, {v})")
     greedy = temperature == 0.0
     st = _Static(
         num_generations=int(num_generations),
@@ -608,6 +661,7 @@ def generate(
         use_top_p=(not greedy) and top_p < 1.0,
         pad_id=pad,
         cache_dtype=jnp.dtype(cache_dtype).name,
+        suppress_ids=suppress,
     )
     graphdef, state = nnx.split(model)
     args = (
