@@ -12,9 +12,12 @@ axial 2-D rotary, the patch merger (norm, then a 2-layer GELU MLP over 2 x 2 mer
 the Qwen2 decoder (RMSNorm, grouped-query attention with q/k/v biases, M-RoPE, SwiGLU MLP, tied
 or untied embeddings).
 
-Images of different sizes are *packed*: `pixel_values f32[P, F]` holds the patches of all images
-of the batch back to back (zero padded to a bucket), `image_grid_thw i32[I, 3]` their grids (zero
-rows for unused slots). Everything that depends on the grids is computed on device with static
+Images come *per row* (the input pipeline's layout: `pixel_values f32[B, S, F]`, each row's
+patches zero padded to S, `image_grid_thw i32[B, 3]`, zeros for no image; the tower is vmapped
+over rows) or *packed* (the HF processor's: `pixel_values f32[P, F]` holds the patches of all
+images of the batch back to back, zero padded to a bucket, `image_grid_thw i32[I, 3]` their grids,
+zero rows for unused slots). Image tokens are placed per run (`rope.image_placement`). Within a
+sequence of patches, everything that depends on the grids is computed on device with static
 shapes; no Python loop runs over images:
 
 * the patch embeddings are permuted into transformers' window order (windows row-major inside
@@ -855,11 +858,11 @@ class QwenVL(nnx.Module):
         image_grid_thw: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits f32[B, T, V] from the numpy outputs of the processor.
+        """Logits f32[B, T, V] of a prompt batch (the processor's or the input pipeline's).
 
         Args:
-          input_ids: i32[B, T]; pixel_values: f32[P, F]; image_grid_thw: i32[I, 3];
-          attention_mask: i32[B, T] (1 = real token).
+          input_ids: i32[B, T]; pixel_values: f32[B, S, F] with image_grid_thw i32[B, 3] (per
+          row) or f32[P, F] with i32[I, 3] (packed); attention_mask: i32[B, T] (1 = real token).
         """
         h = self.hidden_states(input_ids, pixel_values, image_grid_thw, attention_mask)
         return self.logits(h)
