@@ -51,7 +51,8 @@ def image_placement(
     Returns:
       dict with is_image bool[B, T] (valid image tokens), image i32[B, T] (image index, 0 for
       text), index i32[B, T] (merged token inside the image, 0 for text), run_start
-      bool[B, T], ok bool[B] (the row's image tokens match its images).
+      bool[B, T], run_first i32[B, T] (position of the latest run start at or before each
+      token, 0 before the first), ok bool[B] (the row's image tokens match its images).
     """
     b, t = input_ids.shape
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -88,7 +89,9 @@ def image_placement(
         ok = ok & image_ok & (rank[:, -1] <= 0)
     elif n_img:
         ok = ok & ~jnp.any((count == 0) & (tokens > 0))
-    return dict(is_image=is_img, image=image, index=index, run_start=run_start, ok=ok)
+    return dict(
+        is_image=is_img, image=image, index=index, run_start=run_start, run_first=start, ok=ok
+    )
 
 
 def get_rope_index(
@@ -142,9 +145,7 @@ def get_rope_index(
         is_img, jnp.where(run_start, jnp.maximum(gh, gw), 0), valid.astype(jnp.int32)
     )
     before = jnp.cumsum(advance, axis=1) - advance  # exclusive cumsum
-    ar = jnp.arange(t)[None, :]
-    start_pos = jnp.maximum(jax.lax.cummax(jnp.where(run_start, ar, -1), axis=1), 0)
-    run_base = jnp.take_along_axis(before, start_pos, axis=1)
+    run_base = jnp.take_along_axis(before, place["run_first"], axis=1)
     hw = jnp.maximum(gh * gw, 1)
     wsafe = jnp.maximum(gw, 1)
     hsafe = jnp.maximum(gh, 1)
