@@ -1,8 +1,10 @@
 """GRPO training (issue #10): the log-prob pass of the policy and the reference model.
 
-So far this module holds the teacher-forced completion log-probs that the GRPO loss needs for
-the policy (differentiated) and the frozen reference (`grpo.loss`'s `logps`, `old_logps`,
-`ref_logps`). The train state, `make_train_step` and the RL loop are to come below.
+This module holds the teacher-forced completion log-probs that the GRPO loss needs for the
+policy (differentiated) and the frozen reference (`grpo.loss`'s `logps`, `old_logps`,
+`ref_logps`), the GRPO and optimizer config sections (`grpo_config`, `optim_config`,
+`validate_config`), the train state (`TrainState`, `init_train_state`), the optimizer
+(`make_optimizer`) and the jitted update (`make_train_step`). The RL loop is to come.
 
 `completion_logprobs` recomputes, for each of the B*G rollout rows (row `b*G + g` is completion
 g of prompt b, as `sampler.generate` lays them out), log p(token_i | prompt_b, tokens_<i):
@@ -24,14 +26,17 @@ g of prompt b, as `sampler.generate` lays them out), log p(token_i | prompt_b, t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import optax
 from flax import nnx
 
-from visionr1_jax import sharding
+from visionr1_jax import grpo, sharding
 from visionr1_jax.models import qwen_vl, rope
 
 
@@ -200,3 +205,330 @@ def _shared_layer(layer, x_p, x_c, cos_p, sin_p, cos_c, sin_c, valid_p):
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         out.append(sharding.constrain(x, names, rules))
     return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Config sections
+
+
+def grpo_config() -> ml_collections.ConfigDict:
+    """The `grpo` config section with the released Vision-R1 script's values (SPEC §5).
+
+    Fields: `num_generations` G (4); `beta` the KL coefficient β (0.04, TRL's default that the
+    release kept; the paper says 0.2); `kl` the estimator (`k3`); `epsilon` / `epsilon_high`
+    the clip range ε_low / ε_high (0.2, TRL's default / None = ε_low); `aggregation`
+    (`seq-mean-token-mean`); `estimator` the advantage (`grpo`, std + 1e-4); `num_iterations`
+    μ, updates per rollout (1: the ratio is exp(logp − stop_gradient(logp)) ≡ 1, so ε has no
+    effect); `max_new_tokens` (512) and the sampling settings `temperature` (1.0; the train
+    step's log-probs divide the logits by it too), `top_k` (50, 0 = off) and `top_p` (1.0).
+
+    The sampling settings are the `GenerationConfig` defaults that the reference's `generate`
+    call inherited; whether Qwen's `generation_config.json` was merged into that call at the
+    reference's pinned transformers commit is unverified.
+    """
+    c = ml_collections.ConfigDict()
+    c.num_generations = 4
+    c.beta = 0.04
+    c.kl = "k3"
+    c.epsilon = 0.2
+    c.epsilon_high = ml_collections.config_dict.placeholder(float)
+    c.aggregation = "seq-mean-token-mean"
+    c.estimator = "grpo"
+    c.num_iterations = 1
+    c.max_new_tokens = 512
+    c.temperature = 1.0
+    c.top_k = 50
+    c.top_p = 1.0
+    return c
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    """The `optim` config section: AdamW as the release ran it (SPEC §5; HF `Trainer` defaults).
+
+    Fields: `learning_rate` (1e-6, decayed linearly to 0 at `total_steps`), `warmup_steps`
+    (0: none; else a linear ramp from 0, as HF's `get_linear_schedule_with_warmup`),
+    `weight_decay` (0.0: TRL's `GRPOConfig` inherits `TrainingArguments.weight_decay = 0.0`),
+    `grad_clip` (1.0, the global-norm clip of `max_grad_norm`; None = no clipping). Adam's
+    β1 0.9, β2 0.999, ε 1e-8 are HF's defaults and fixed.
+    """
+    c = ml_collections.ConfigDict()
+    c.learning_rate = 1e-6
+    c.warmup_steps = 0
+    c.weight_decay = 0.0
+    c.grad_clip = 1.0
+    return c
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the `grpo` and `optim` sections (when present) and `total_steps`; returns config.
+
+    A value without effect is an error: `epsilon_high` with `num_iterations == 1` (the ratio is
+    1 and never clipped).
+    """
+
+    def fail(key: str, value: Any, why: str) -> None:
+        raise ValueError(f"{key}={value!r} {why}")
+
+    if "grpo" in config:
+        c = config.grpo
+        g = c.num_generations
+        if not _is_int(g) or g < 1:
+            fail("grpo.num_generations", g, "must be an int >= 1")
+        if c.estimator not in grpo.ESTIMATORS:
+            fail("grpo.estimator", c.estimator, f"must be one of {list(grpo.ESTIMATORS)}")
+        if c.estimator in ("grpo", "rloo") and g < 2:
+            fail("grpo.num_generations", g, f"must be >= 2 for estimator {c.estimator!r}")
+        if not _is_number(c.beta) or c.beta < 0:
+            fail("grpo.beta", c.beta, "must be a number >= 0")
+        if c.kl not in grpo.KL_ESTIMATORS:
+            fail("grpo.kl", c.kl, f"must be one of {list(grpo.KL_ESTIMATORS)}")
+        if c.aggregation not in grpo.AGGREGATIONS:
+            fail("grpo.aggregation", c.aggregation, f"must be one of {list(grpo.AGGREGATIONS)}")
+        if not _is_number(c.epsilon) or c.epsilon < 0:
+            fail("grpo.epsilon", c.epsilon, "must be a number >= 0")
+        mu = c.num_iterations
+        if not _is_int(mu) or mu < 1:
+            fail("grpo.num_iterations", mu, "must be an int >= 1")
+        if c.epsilon_high is not None:
+            if not _is_number(c.epsilon_high) or c.epsilon_high < 0:
+                fail("grpo.epsilon_high", c.epsilon_high, "must be a number >= 0 or None")
+            if mu == 1:
+                fail(
+                    "grpo.epsilon_high",
+                    c.epsilon_high,
+                    "has no effect with num_iterations=1 (the ratio is 1, never clipped)",
+                )
+        if not _is_int(c.max_new_tokens) or c.max_new_tokens < 1:
+            fail("grpo.max_new_tokens", c.max_new_tokens, "must be an int >= 1")
+        if not _is_number(c.temperature) or c.temperature <= 0:
+            fail("grpo.temperature", c.temperature, "must be > 0 (GRPO samples)")
+        if not _is_int(c.top_k) or c.top_k < 0:
+            fail("grpo.top_k", c.top_k, "must be an int >= 0 (0 = off)")
+        if not _is_number(c.top_p) or not 0 < c.top_p <= 1:
+            fail("grpo.top_p", c.top_p, "must be in (0, 1]")
+    if "optim" in config:
+        o = config.optim
+        if not _is_number(o.learning_rate) or o.learning_rate <= 0:
+            fail("optim.learning_rate", o.learning_rate, "must be a number > 0")
+        if not _is_int(o.warmup_steps) or o.warmup_steps < 0:
+            fail("optim.warmup_steps", o.warmup_steps, "must be an int >= 0")
+        if not _is_number(o.weight_decay) or o.weight_decay < 0:
+            fail("optim.weight_decay", o.weight_decay, "must be a number >= 0")
+        if o.grad_clip is not None and (not _is_number(o.grad_clip) or o.grad_clip <= 0):
+            fail("optim.grad_clip", o.grad_clip, "must be a number > 0 or None")
+        total = config.get("total_steps")
+        if not _is_int(total) or total < 1:
+            fail("total_steps", total, "must be an int >= 1 (the learning rate decays over it)")
+        if o.warmup_steps > total:
+            fail("optim.warmup_steps", o.warmup_steps, f"exceeds total_steps={total}")
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """lr(step) of HF's `get_linear_schedule_with_warmup`: `lr · s / W` for s < W, then
+    `lr · (T − s) / (T − W)` down to 0 at T = `total_steps` (W = `optim.warmup_steps`)."""
+    o = config.optim
+    lr, warm, total = float(o.learning_rate), int(o.warmup_steps), int(config.total_steps)
+    decay = optax.linear_schedule(lr, 0.0, max(total - warm, 1))
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only (ndim >= 2): HF `Trainer` exempts biases and norm
+    weights (`get_decay_parameter_names`), which are this model's 1-D parameters."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW as the reference's HF `Trainer` runs it (SPEC §5, `optim_config`).
+
+    `clip_by_global_norm(grad_clip)` then `adamw(learning_rate_schedule, b1=0.9, b2=0.999,
+    eps=1e-8, weight_decay, mask=matrices)`: torch's AdamW (decoupled decay `lr·wd·p`) after
+    `clip_grad_norm_`, with the linear schedule stepped once per optimizer step.
+    """
+    validate_config(config)
+    o = config.optim
+    adamw = optax.adamw(
+        learning_rate_schedule(config),
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=float(o.weight_decay),
+        mask=_decay_mask,
+    )
+    if o.grad_clip is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(float(o.grad_clip)), adamw)
+
+
+# --------------------------------------------------------------------------------------------
+# Train state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a train step reads and updates; the model's graph definition stays outside
+    (static, `nnx.GraphDef`, returned by `init_train_state`).
+
+    Attributes:
+      params: the trainable parameters (`nnx.State`); only these get gradients and optimizer
+        state.
+      frozen: parameters that never change (`nnx.State`): the vision tower under
+        `model.freeze_vision_tower`, else empty. Policy and reference share them.
+      opt_state: the optax state of `params`.
+      step: i32[] optimizer steps taken.
+      rng: the run's PRNG key (per-step keys are `fold_in(rng, step)`; the update itself
+        draws none and carries it unchanged).
+      ref_params: the frozen reference, a copy of the start `params` with their shardings;
+        None when β = 0 (no reference tree is held and no reference forward runs).
+    """
+
+    params: nnx.State
+    frozen: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+    ref_params: nnx.State | None
+
+
+def frozen_filter(config: ml_collections.ConfigDict) -> Any:
+    """The nnx filter of parameters that are not trained: the vision tower (`visual`) when
+    `config.model.freeze_vision_tower` is set, else nothing."""
+    model_cfg = config.get("model") or {}
+    if model_cfg.get("freeze_vision_tower", False):
+        return nnx.All(nnx.Param, nnx.PathContains("visual"))
+    return nnx.Nothing
+
+
+def init_train_state(
+    model: qwen_vl.QwenVL,
+    config: ml_collections.ConfigDict,
+    rng: jax.Array,
+    *,
+    beta: float | None = None,
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Splits `model` into its graph definition and a fresh `TrainState`.
+
+    Args:
+      model: the policy at its start checkpoint (its parameters keep their shardings).
+      config: the run config (`grpo`, `optim`, `total_steps`, `model.freeze_vision_tower`).
+      rng: a PRNG key.
+      beta: the KL coefficient (None: `config.grpo.beta`); with 0 no reference tree is made,
+        else `ref_params` is a copy of the trainable start parameters (same shardings).
+    Returns:
+      `(graphdef, state)`: `nnx.merge(graphdef, state.params, state.frozen)` is the policy.
+      The state holds the model's own arrays, which the first (donating) step consumes: use
+      the merged state afterwards, not `model`.
+    """
+    validate_config(config)
+    beta = float(config.grpo.beta if beta is None else beta)
+    graphdef, frozen, params = nnx.split(model, frozen_filter(config), ...)
+    opt_state = make_optimizer(config).init(params)
+    ref = jax.tree.map(jnp.copy, params) if beta != 0 else None
+    step = jnp.zeros((), jnp.int32)
+    return graphdef, TrainState(params, frozen, opt_state, step, rng, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Train step
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, config: ml_collections.ConfigDict
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted GRPO update, compiled once per input shape (state donated).
+
+    `train_step(state, batch, tokens, mask, advantages, old_logps=None, ref_logps=None)
+    -> (state, metrics)`:
+
+    1. reference log-probs: `ref_logps` when given, else (β > 0) the reference's teacher-forced
+       `completion_logprobs` at the sampling temperature; with β = 0 no reference forward;
+    2. policy log-probs `completion_logprobs(policy, ...)` at `grpo.temperature`, and
+       `grpo.loss(logps, old_logps, ref_logps, advantages, mask, β, ε, ε_high, kl,
+       aggregation)` with its gradient w.r.t. `state.params` (frozen parameters get none);
+    3. the optax update (`make_optimizer`) and `step + 1`.
+
+    Args of `train_step`:
+      state: `TrainState` (donated: do not reuse the argument).
+      batch: the B prompts, the arrays `completion_logprobs` reads (input_ids i32[B, T],
+        attention_mask, pixel_values, image_grid_thw).
+      tokens: i32[B*G, L] completion tokens; mask: bool[B*G, L] tokens scored.
+      advantages: f32[B*G].
+      old_logps: f32[B*G, L] or None (μ = 1: ratio ≡ 1).
+      ref_logps: f32[B*G, L] or None (computed from `state.ref_params` when β > 0).
+    Metrics (f32[]): `loss`, `grad_norm` (before clipping), `learning_rate` (of this step)
+    and `grpo.loss`'s aux (`kl` when β > 0, clip fractions, ratio stats).
+
+    Not yet: gradient accumulation over micro-batches, remat of the step beyond the model's own
+    `remat_policy`, explicit in/out shardings (the parameters keep the shardings they come
+    with), logging of the compiled `memory_analysis()`, and sharing the frozen tower's image
+    features between the policy and reference passes (each runs the tower on the B images).
+    """
+    validate_config(config)
+    c = config.grpo
+    beta = float(c.beta)
+    use_kl = beta != 0
+    loss_kwargs = dict(
+        beta=beta,
+        epsilon=float(c.epsilon),
+        epsilon_high=None if c.epsilon_high is None else float(c.epsilon_high),
+        kl=c.kl,
+        aggregation=c.aggregation,
+    )
+    g, temperature = int(c.num_generations), float(c.temperature)
+    chunk = (config.get("model") or {}).get("logprob_chunk")
+    optimizer = make_optimizer(config)
+    schedule = learning_rate_schedule(config)
+
+    def logps_of(params, frozen, batch, tokens, mask):
+        model = nnx.merge(graphdef, params, frozen)
+        return completion_logprobs(
+            model, batch, tokens, mask, num_generations=g, temperature=temperature,
+            chunk_size=chunk,
+        )  # fmt: skip
+
+    def train_step(state, batch, tokens, mask, advantages, old_logps=None, ref_logps=None):
+        # 1. reference
+        if use_kl and ref_logps is None:
+            if state.ref_params is None:
+                raise ValueError("grpo.beta > 0 needs ref_params or ref_logps")
+            ref_logps = jax.lax.stop_gradient(
+                logps_of(state.ref_params, state.frozen, batch, tokens, mask)
+            )
+
+        # 2. policy loss and gradient
+        def loss_fn(params):
+            logps = logps_of(params, state.frozen, batch, tokens, mask)
+            ref = ref_logps if use_kl else None
+            return grpo.loss(logps, old_logps, ref, advantages, mask, **loss_kwargs)
+
+        (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+        # 3. update
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": value,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            **aux,
+        }
+        new = dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1)
+        return new, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
