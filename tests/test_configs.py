@@ -106,3 +106,15 @@ def test_parse_arg_casts_to_default_types():
     )
     assert (args.variant, args.step, args.flag) == ("paper", 7, True)
     assert config_lib.parse_arg("paper", variant="official").variant == "paper"
+
+
+def test_grpo_and_optim_sections_are_validated_with_the_run_config():
+    from visionr1_jax import train
+
+    config = config_lib.load_config("configs/demo_cpu.py")
+    config.grpo, config.optim = train.grpo_config(), train.optim_config()
+    assert config.model.freeze_vision_tower is False
+    config_lib.validate(config)
+    config.grpo.epsilon_high = 0.28  # no effect with one update per rollout
+    with pytest.raises(ValueError, match=r"grpo\.epsilon_high"):
+        config_lib.validate(config)

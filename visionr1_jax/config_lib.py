@@ -138,6 +138,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "mesh" in config:
         _check_parallelism(config.mesh.ici_parallelism, "mesh.ici_parallelism")
         _check_parallelism(config.mesh.dcn_parallelism, "mesh.dcn_parallelism")
+    if "grpo" in config or "optim" in config:
+        from visionr1_jax import train
+
+        train.validate_config(config)
     for key in ("seed", "total_steps"):
         if key in config:
             value = config[key]

@@ -20,7 +20,8 @@ def model_config():
     dots_no_batch), `logprob_chunk` (sequence chunk of the log-prob head),
     `max_image_patches` (the vision tower's static per-image bound; None derives it from
     `data.max_pixels`, see `config_lib.max_image_patches`; validation rejects a value below
-    what the data produces).
+    what the data produces), `freeze_vision_tower` (the tower gets no gradient and no optimizer
+    state; policy and reference share it).
     """
     import ml_collections
 
@@ -33,4 +34,5 @@ def model_config():
     c.remat_policy = "none"
     c.logprob_chunk = 128
     c.max_image_patches = ml_collections.config_dict.placeholder(int)
+    c.freeze_vision_tower = False
     return c
