@@ -448,10 +448,46 @@ def init_train_state(
 # Train step
 
 
-def make_train_step(
+def sft_loss(logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Supervised cross-entropy on the target tokens: `−Σ mask·logp / Σ mask` (the token mean
+    of HF's `CrossEntropyLoss` over label tokens). logps, mask: [R, L]. aux: `num_tokens`."""
+    m = mask.astype(jnp.float32)
+    n = m.sum()
+    return -(logps * m).sum() / jnp.maximum(n, 1.0), {"num_tokens": n}
+
+
+OBJECTIVES = ("grpo", "sft")
+
+
+def make_logprob_fn(
     graphdef: nnx.GraphDef, config: ml_collections.ConfigDict
+) -> Callable[..., jax.Array]:
+    """Jitted `logps(params, frozen, batch, tokens, mask) -> f32[B*G, L]`: the teacher-forced
+    `completion_logprobs` of `nnx.merge(graphdef, params, frozen)` at `grpo.temperature`
+    (G = rows of tokens / rows of the batch). The loop uses it for the old log-probs of μ > 1
+    (the policy before the rollout's first update) and the reference's once per rollout."""
+    temperature = float(config.grpo.temperature) if "grpo" in config else 1.0
+    chunk = (config.get("model") or {}).get("logprob_chunk")
+
+    def logps(params, frozen, batch, tokens, mask):
+        model = nnx.merge(graphdef, params, frozen)
+        g = tokens.shape[0] // batch["input_ids"].shape[0]
+        return completion_logprobs(
+            model, batch, tokens, mask, num_generations=g, temperature=temperature,
+            chunk_size=chunk,
+        )  # fmt: skip
+
+    return jax.jit(logps)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, *, objective: str = "grpo"
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted GRPO update, compiled once per input shape (state donated).
+    """The jitted update, compiled once per input shape (state donated).
+
+    `objective`: `grpo` (below) or `sft`, supervised fine-tuning on target tokens (`tokens`
+    are the answers, one row per prompt, `mask` the answer tokens; the loss is `sft_loss` of
+    the policy's log-probs at temperature 1; `advantages`, `old_logps`, `ref_logps` unused).
 
     `train_step(state, batch, tokens, mask, advantages, old_logps=None, ref_logps=None)
     -> (state, metrics)`:
@@ -480,8 +516,11 @@ def make_train_step(
     features between the policy and reference passes (each runs the tower on the B images).
     """
     validate_config(config)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} must be one of {OBJECTIVES}")
     c = config.grpo
-    beta = float(c.beta)
+    sft = objective == "sft"
+    beta = 0.0 if sft else float(c.beta)
     use_kl = beta != 0
     loss_kwargs = dict(
         beta=beta,
@@ -490,19 +529,20 @@ def make_train_step(
         kl=c.kl,
         aggregation=c.aggregation,
     )
-    g, temperature = int(c.num_generations), float(c.temperature)
+    temperature = 1.0 if sft else float(c.temperature)
     chunk = (config.get("model") or {}).get("logprob_chunk")
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)
 
     def logps_of(params, frozen, batch, tokens, mask):
         model = nnx.merge(graphdef, params, frozen)
+        g = tokens.shape[0] // batch["input_ids"].shape[0]
         return completion_logprobs(
             model, batch, tokens, mask, num_generations=g, temperature=temperature,
             chunk_size=chunk,
         )  # fmt: skip
 
-    def train_step(state, batch, tokens, mask, advantages, old_logps=None, ref_logps=None):
+    def train_step(state, batch, tokens, mask, advantages=None, old_logps=None, ref_logps=None):
         # 1. reference
         if use_kl and ref_logps is None:
             if state.ref_params is None:
@@ -514,6 +554,8 @@ def make_train_step(
         # 2. policy loss and gradient
         def loss_fn(params):
             logps = logps_of(params, state.frozen, batch, tokens, mask)
+            if sft:
+                return sft_loss(logps, mask)
             ref = ref_logps if use_kl else None
             return grpo.loss(logps, old_logps, ref, advantages, mask, **loss_kwargs)
 
