@@ -15,7 +15,7 @@ Nothing is downloaded: the tiny checkpoint is written locally (``model.tiny``) a
 
 import ml_collections
 
-from visionr1_jax import config_lib, rewards
+from visionr1_jax import config_lib, rewards, train
 from visionr1_jax.data import data_config
 from visionr1_jax.models import model_config
 
@@ -24,7 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, variant="official", schedule=None, switch_step=None)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.total_steps = 200
+    config.objective = "grpo"
+    config.total_steps = 40
+    config.progress = True
     config.model = model_config()
     config.model.dtype = "float32"
     config.data = data_config()
@@ -35,5 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.reward = rewards.default_config(
         args.variant, schedule=args.schedule, switch_step=args.switch_step
     )
+    config.grpo = train.grpo_config()  # SPEC §5: β 0.04, k3, G 4, temperature 1, top-k 50
+    config.grpo.max_new_tokens = 48
+    config.optim = train.optim_config()
+    config.optim.learning_rate = 1e-4  # the tiny random model moves visibly in 40 steps
     config.mesh = config_lib.mesh_config(ici=(-1, 1, 1))
     return config

@@ -27,12 +27,13 @@ g of prompt b, as `sampler.generate` lays them out), log p(token_i | prompt_b, t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -211,6 +212,9 @@ def _shared_layer(layer, x_p, x_c, cos_p, sin_p, cos_c, sin_c, valid_p):
 # Config sections
 
 
+OBJECTIVES = ("grpo", "sft")
+
+
 def grpo_config() -> ml_collections.ConfigDict:
     """The `grpo` config section with the released Vision-R1 script's values (SPEC §5).
 
@@ -277,6 +281,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     def fail(key: str, value: Any, why: str) -> None:
         raise ValueError(f"{key}={value!r} {why}")
 
+    objective = config.get("objective", "grpo")
+    if objective not in OBJECTIVES:
+        fail("objective", objective, f"must be one of {list(OBJECTIVES)}")
     if "grpo" in config:
         c = config.grpo
         g = c.num_generations
@@ -456,9 +463,6 @@ def sft_loss(logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, ja
     return -(logps * m).sum() / jnp.maximum(n, 1.0), {"num_tokens": n}
 
 
-OBJECTIVES = ("grpo", "sft")
-
-
 def make_logprob_fn(
     graphdef: nnx.GraphDef, config: ml_collections.ConfigDict
 ) -> Callable[..., jax.Array]:
@@ -481,9 +485,19 @@ def make_logprob_fn(
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, *, objective: str = "grpo"
+    graphdef: nnx.GraphDef,
+    config: ml_collections.ConfigDict,
+    *,
+    objective: str = "grpo",
+    state_sharding: Any = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted update, compiled once per input shape (state donated).
+
+    `state_sharding`: the `TrainState`'s shardings (`jax.tree.map(lambda x: x.sharding,
+    state)`); given, the state comes out with exactly these (out shardings; it goes in with
+    them, as committed arrays, and is donated), so the parameters keep their FSDP/tensor
+    layout and the sampler's program, keyed on it, is never recompiled after an update.
+    None: XLA chooses the output layout.
 
     `objective`: `grpo` (below) or `sft`, supervised fine-tuning on target tokens (`tokens`
     are the answers, one row per prompt, `mask` the answer tokens; the loss is `sft_loss` of
@@ -573,4 +587,366 @@ def make_train_step(
         new = dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1)
         return new, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
+
+
+# --------------------------------------------------------------------------------------------
+# The RL loop
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop holds across steps, built once by `setup`.
+
+    Attributes:
+      config: the validated run config; workdir: where metrics (and later checkpoints) go.
+      mesh: the device mesh (`config.mesh`).
+      graphdef: the model's static graph; `nnx.merge(graphdef, state.params, state.frozen)`
+        is the policy.
+      state: the `TrainState` (replaced after every update; the old one is donated).
+      processor: the checkpoint's processor (tokenizer + image processor).
+      pipe: the device-prefetching input pipeline (`data.pipeline.DevicePrefetch`).
+      train_step: `make_train_step(graphdef, config, objective=config.objective)`.
+      logprob_fn: `make_logprob_fn` (old and reference log-probs once per rollout, μ > 1).
+      reward_fn: the jitted reward of `config.reward` (`rewards.make_reward_fn`).
+      eos_ids: the checkpoint's stop ids (a completion without one at its end is truncated).
+      score_fn: `(run, host_batch, completions, step) -> per-row terms` (None: `score_rows`,
+        the Vision-R1 reward); must give `reward/total` and `valid`.
+      memory: the train step's compiled `memory_analysis()` (logged at its first call).
+    """
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    state: TrainState
+    processor: Any
+    pipe: Any
+    train_step: Callable[..., Any]
+    logprob_fn: Callable[..., jax.Array]
+    reward_fn: Callable[..., Any]
+    eos_ids: tuple[int, ...]
+    score_fn: Callable[..., dict[str, np.ndarray]] | None = None
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def policy(self) -> qwen_vl.QwenVL:
+        """The current policy as a module (shares the state's arrays)."""
+        return nnx.merge(self.graphdef, self.state.params, self.state.frozen)
+
+
+def checkpoint_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """`model.checkpoint`, or (empty) a tiny checkpoint `model.tiny` written once under
+    `<workdir>/tiny_checkpoint` with `model.tokenizer` and the data's pixel bounds."""
+    import os
+
+    from visionr1_jax.models import tiny
+
+    m = config.model
+    if m.checkpoint:
+        return str(m.checkpoint)
+    path = os.path.join(workdir, "tiny_checkpoint")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(path, "config.json")):
+        tiny.write_tiny_checkpoint(
+            path + ".tmp",
+            m.tiny,
+            tokenizer=m.tokenizer,
+            seed=int(config.seed),
+            min_pixels=int(config.data.min_pixels),
+            max_pixels=int(config.data.max_pixels),
+        )
+        os.replace(path + ".tmp", path)  # never a half-written checkpoint
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("tiny_checkpoint")
+    return path
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Validates the config, builds the mesh, loads the policy (and reference), the processor,
+    the input pipeline and the reward; nothing is compiled before the config is validated."""
+    from visionr1_jax import config_lib, host, processing, rewards, sampler
+    from visionr1_jax.data import pipeline
+    from visionr1_jax.models import hf_weights
+
+    config_lib.validate(config)
+    if jax.default_backend() == "cpu":
+        host.keep_freed_memory()
+    mesh = sharding.make_mesh(config.mesh.ici_parallelism, config.mesh.dcn_parallelism)
+    path = checkpoint_path(config, workdir)
+    m = config.model
+    with jax.set_mesh(mesh):
+        model = hf_weights.from_pretrained(
+            path,
+            dtype=jnp.dtype(m.param_dtype),
+            compute_dtype=jnp.dtype(m.dtype),
+            mesh=mesh,
+            remat_policy=m.remat_policy,
+            max_image_patches=config_lib.max_image_patches(config),
+        )
+        objective = config.get("objective", "grpo")
+        beta = 0.0 if objective == "sft" else None
+        graphdef, state = init_train_state(
+            model, config, jax.random.key(int(config.seed)), beta=beta
+        )
+    processor = processing.load_processor(path)
+    pipe = pipeline.DevicePrefetch(pipeline.InputPipeline(config.data, processor), mesh)
+    eos_ids, _ = sampler.default_token_ids(nnx.merge(graphdef, state.params, state.frozen))
+    return Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        graphdef=graphdef,
+        state=state,
+        processor=processor,
+        pipe=pipe,
+        train_step=make_train_step(
+            graphdef, config, objective=objective, state_sharding=shardings_of(state)
+        ),
+        logprob_fn=make_logprob_fn(graphdef, config),
+        reward_fn=rewards.make_reward_fn(config.reward),
+        eos_ids=eos_ids,
+    )
+
+
+def shardings_of(tree: Any) -> Any:
+    """The shardings of a pytree of arrays (None leaves stay None)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def log_memory(name: str, jitted: Callable[..., Any], *args: Any) -> dict[str, int]:
+    """Compiles `jitted` for `args` (the call that follows reuses the executable) and logs its
+    `memory_analysis()`: argument, output, temporary and generated-code bytes per device."""
+    from absl import logging
+
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    fields = ("argument", "output", "alias", "temp", "generated_code")
+    out = {f: int(getattr(analysis, f"{f}_size_in_bytes", 0) or 0) for f in fields}
+    logging.info(
+        "%s memory per device: %s",
+        name,
+        ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in out.items()),
+    )
+    return out
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """The global row indices of a batch-sharded array that this process holds, in the order
+    `make_array_from_process_local_data` takes (and the input pipeline gives) local rows."""
+    rows = set()
+    for shard in x.addressable_shards:
+        rows.update(range(*shard.index[0].indices(x.shape[0])))
+    return np.array(sorted(rows), np.int64)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array in full on every process (one all-gather when multi-process)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def decode_completions(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Each row's generated tokens as text, special tokens skipped (a trailing `<|im_end|>`
+    would fail the official format check's `json.loads`). tokens, mask: [R, L]."""
+    rows = [t[m].tolist() for t, m in zip(tokens, mask, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def truncated(tokens: np.ndarray, mask: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
+    """bool[R]: rows whose last generated token is not a stop token (cut at the budget)."""
+    n = mask.sum(1)
+    last = tokens[np.arange(len(tokens)), np.maximum(n - 1, 0)]
+    return (n == 0) | ~np.isin(last, np.asarray(list(eos_ids) or [-1]))
+
+
+def score_rows(
+    run: Run, host_batch: Any, completions: Sequence[str], step: int
+) -> dict[str, np.ndarray]:
+    """The Vision-R1 reward of this process's completions (host parse, then the jitted
+    reward of `config.reward` with the thresholds of `step`); the loop's default `score_fn`.
+
+    Args:
+      host_batch: this process's `HostBatch` (b prompt rows); completions: its b·G texts,
+        row `i·G + g` for prompt i.
+    Returns:
+      per-row f32[b·G] terms: `reward/total` (0 for padding rows), `reward/format`,
+      `reward/recall`, `reward/precision`, `parse_rate` (official format check passed),
+      `matched_iou`, `boxes_per_completion`, and `valid` (1 for real rows).
+    """
+    from visionr1_jax import rewards
+
+    g = len(completions) // len(host_batch.record_ids)
+    valid = np.repeat(np.asarray(host_batch.arrays["valid"], bool), g)
+    targets = host_batch.targets()
+    if not targets:
+        raise ValueError("a training batch has no valid rows")
+    per_row, it = [], iter(targets)
+    for ok in host_batch.arrays["valid"]:
+        per_row.append(next(it) if ok else targets[0])  # padding rows: scored, then zeroed
+    targets = [t for t in per_row for _ in range(g)]
+    pred, gt, parsed = rewards.prepare(completions, targets, run.config.reward)
+    total, aux = run.reward_fn(pred, gt, jnp.asarray(step, jnp.int32))
+    f32 = lambda x: np.asarray(x, np.float32)
+    return {
+        "reward/total": np.where(valid, f32(total), 0.0).astype(np.float32),
+        **{f"reward/{k}": f32(aux[k]) for k in ("format", "recall", "precision")},
+        "parse_rate": f32(parsed.format_official),
+        "matched_iou": f32(aux["matched_iou_mean"]),
+        "boxes_per_completion": f32(aux["num_pred"]),
+        "valid": f32(valid),
+    }
+
+
+def _global_rows(run: Run, local: np.ndarray, num_rows: int) -> jax.Array:
+    """This process's rows `local` of a `num_rows`-row array, as a global array with its rows
+    sharded over the batch axes (as the input pipeline's and the rollout's rows)."""
+    axes = tuple(a for a in ("data", "fsdp") if a in run.mesh.axis_names)
+    sh = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(axes or None))
+    return jax.make_array_from_process_local_data(sh, local, (num_rows, *local.shape[1:]))
+
+
+def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
+    """One rollout and its μ updates (`grpo.num_iterations`); returns one metrics dict per
+    optimizer step and leaves the new state in `run.state`.
+
+    Stages: rollout (G completions per prompt; the vision special tokens are never sampled)
+    → host decode (special tokens skipped) and parse → reward (jitted, thresholds at the
+    step) → advantages → [old and reference log-probs once, μ > 1] → μ train steps.
+    """
+    import time
+
+    from visionr1_jax import sampler
+
+    c = run.config.grpo
+    g = int(c.num_generations)
+    arrays, host_batch = device_batch.arrays, device_batch.host
+    step = int(run.state.step)
+    times = {}
+
+    # 1. rollout
+    t0 = time.perf_counter()
+    with jax.set_mesh(run.mesh):
+        rollout = sampler.generate(
+            run.policy,
+            arrays,
+            rng=jax.random.fold_in(run.state.rng, step),
+            num_generations=g,
+            max_new_tokens=int(c.max_new_tokens),
+            temperature=float(c.temperature),
+            top_k=int(c.top_k),
+            top_p=float(c.top_p),
+        )
+        tokens_all, mask_all = to_host(rollout.tokens), to_host(rollout.mask)
+    times["time/rollout"] = time.perf_counter() - t0
+
+    # 2. host decode + parse, 3. reward (this process's rows)
+    t0 = time.perf_counter()
+    rows = np.concatenate([np.arange(r * g, r * g + g) for r in local_rows(arrays["valid"])])
+    tokens, mask = tokens_all[rows], mask_all[rows]
+    n_rows = tokens_all.shape[0]
+    completions = decode_completions(run.processor.tokenizer, tokens, mask)
+    terms = (run.score_fn or score_rows)(run, host_batch, completions, step)
+    terms["completion/truncated"] = truncated(tokens, mask, run.eos_ids).astype(np.float32)
+    terms["completion/length"] = mask.sum(1).astype(np.float32)
+    gathered = {k: to_host(_global_rows(run, v, n_rows)) for k, v in terms.items()}
+
+    # 4. advantages (groups of G rows; padding rows get 0 and no scored tokens)
+    valid_rows = gathered.pop("valid") > 0
+    total = gathered["reward/total"]
+    adv = grpo.advantages(jnp.asarray(total), g, estimator=c.estimator)
+    adv = np.where(valid_rows, np.asarray(adv), 0.0).astype(np.float32)
+    advantages = _global_rows(run, adv[rows], n_rows)
+    score_mask = rollout.mask & _global_rows(run, valid_rows[rows], n_rows)[:, None]
+    times["time/reward"] = time.perf_counter() - t0
+
+    # 5. μ updates
+    t0 = time.perf_counter()
+    old_logps = ref_logps = None
+    mu = min(int(c.num_iterations), int(run.config.total_steps) - step)
+    with jax.set_mesh(run.mesh):
+        if int(c.num_iterations) > 1:
+            s = run.state
+            old_logps = run.logprob_fn(s.params, s.frozen, arrays, rollout.tokens, score_mask)
+            if s.ref_params is not None:
+                ref_logps = run.logprob_fn(
+                    s.ref_params, s.frozen, arrays, rollout.tokens, score_mask
+                )
+        if not run.memory:
+            run.memory = log_memory(
+                "train_step", run.train_step, run.state, arrays, rollout.tokens, score_mask,
+                advantages, old_logps, ref_logps,
+            )  # fmt: skip
+        out = []
+        for _ in range(mu):
+            run.state, m = run.train_step(
+                run.state, arrays, rollout.tokens, score_mask, advantages, old_logps, ref_logps
+            )
+            out.append(m)
+        out = jax.device_get(out)
+    times["time/update"] = time.perf_counter() - t0
+
+    group = total.reshape(-1, g)
+    rollout_metrics = {
+        **{k: float(x[valid_rows].mean()) for k, x in gathered.items()},
+        "reward/group_std": float(group.std(1, ddof=1).mean()) if g > 1 else 0.0,
+        "reward/zero_std_groups": float((group.std(1) == 0).mean()),
+        **times,
+    }
+    return [{**rollout_metrics, **{k: float(x) for k, x in m.items()}} for m in out]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+    """The training job: `train_loop(setup(config, workdir))`. Returns the metrics rows."""
+    return train_loop(setup(config, workdir))
+
+
+def train_loop(r: Run) -> list[dict[str, Any]]:
+    """Runs `config.total_steps` optimizer steps of `config.objective` (`grpo`: rollout →
+    reward → μ updates per batch, `grpo_iteration`; `sft`: supervised warm start,
+    `sft.sft_iteration`), writing one JSON line per step to `<workdir>/metrics.jsonl` (step,
+    reward terms, KL, loss, seconds per phase, data counters) under a progress bar.
+    """
+    import time
+
+    from visionr1_jax import metrics as metrics_lib
+
+    config = r.config
+    objective = config.get("objective", "grpo")
+    writer = metrics_lib.JsonlWriter(r.workdir)
+    total = int(config.total_steps)
+    bar = metrics_lib.Progress(total, int(r.state.step), enabled=config.get("progress", True))
+    rows: list[dict[str, Any]] = []
+    try:
+        while int(r.state.step) < total:
+            t0 = time.perf_counter()
+            device_batch = next(r.pipe)
+            t_data = time.perf_counter() - t0
+            if objective == "sft":
+                from visionr1_jax import sft
+
+                r.state, m = sft.sft_iteration(
+                    r.train_step, r.state, device_batch.arrays, device_batch.host,
+                    r.processor.tokenizer, config,
+                )  # fmt: skip
+                step_rows = [{k: float(v) for k, v in jax.device_get(m).items()}]
+            else:
+                step_rows = grpo_iteration(r, device_batch)
+            seconds = time.perf_counter() - t0
+            first = int(r.state.step) - len(step_rows)
+            for i, m in enumerate(step_rows):
+                m = {**m, "time/data": t_data, "time/step": seconds / len(step_rows)}
+                m.update(r.pipe.metrics())
+                writer.write(first + i, m)
+                rows.append({"step": first + i, **m})
+            bar.update(len(step_rows), rows[-1])
+    finally:
+        bar.close()
+        writer.close()
+        r.pipe.close()
+    return rows

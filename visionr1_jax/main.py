@@ -1,0 +1,55 @@
+"""The training job's entry point: flags, multi-process start-up, one call.
+
+    python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=/tmp/visionr1_demo
+    python -m visionr1_jax.main --config=configs/tpu_v4_64.py --workdir=gs://BUCKET/run \\
+        --config.grpo.beta=0.01
+
+On a Cloud TPU VM pod slice every host runs the same command and `jax.distributed` finds its
+peers by itself; elsewhere (a local multi-process test) pass `--coordinator_address`,
+`--num_processes` and `--process_id`. The config is validated before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for run outputs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (explicit multi-process launch)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the launch.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """`jax.distributed.initialize` for multi-process launches: explicit when a coordinator
+    is given, automatic on a multi-host Cloud TPU slice; nothing for a single process."""
+    import jax
+
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from visionr1_jax import config_lib, train
+
+    config = config_lib.validate(_CONFIG.value)
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    train.run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
