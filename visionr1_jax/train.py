@@ -811,6 +811,26 @@ def _global_rows(run: Run, local: np.ndarray, num_rows: int) -> jax.Array:
     return jax.make_array_from_process_local_data(sh, local, (num_rows, *local.shape[1:]))
 
 
+def write_rollout(
+    run: Run, step: int, tokens: np.ndarray, mask: np.ndarray, rewards: np.ndarray
+) -> None:
+    """Appends one rollout to `<workdir>/rollouts.jsonl` (process 0): the step, each row's
+    generated token ids (masked tail dropped) and reward, all B·G rows in rollout order.
+    `config.log_rollouts` = how many first steps to record (0: none)."""
+    import json
+    import os
+
+    if jax.process_index() != 0:
+        return
+    row = {
+        "step": int(step),
+        "tokens": [t[m].tolist() for t, m in zip(tokens, mask, strict=True)],
+        "rewards": [float(x) for x in rewards],
+    }
+    with open(os.path.join(run.workdir, "rollouts.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
     """One rollout and its μ updates (`grpo.num_iterations`); returns one metrics dict per
     optimizer step and leaves the new state in `run.state`.
@@ -864,6 +884,8 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
     advantages = _global_rows(run, adv[rows], n_rows)
     score_mask = rollout.mask & _global_rows(run, valid_rows[rows], n_rows)[:, None]
     times["time/reward"] = time.perf_counter() - t0
+    if step < int(run.config.get("log_rollouts", 0)):
+        write_rollout(run, step, tokens_all, mask_all, total)
 
     # 5. μ updates
     t0 = time.perf_counter()
