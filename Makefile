@@ -30,8 +30,18 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/rewards.py
+# `make bench` adds the bench extra (the PyTorch references: trl, accelerate, datasets) to the
+# venv once, then runs every benchmark in benchmarks/ with its default arguments (tens of
+# minutes on 2 cores; each prints a Markdown table, see BENCHMARKS.md).
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) setup.py
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip check
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	set -e; for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
