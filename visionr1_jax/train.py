@@ -665,6 +665,18 @@ def checkpoint_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     return path
 
 
+def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The mesh of `config.mesh`. A fully specified mesh (no -1) smaller than the devices of a
+    single process uses the first devices (a 1-device reference run on an 8-device host);
+    multi-process runs must use every device."""
+    ici, dcn = config.mesh.ici_parallelism, config.mesh.dcn_parallelism
+    size = int(np.prod([*ici, *dcn]))
+    devices = jax.devices()
+    if -1 not in ici and jax.process_count() == 1 and size < len(devices):
+        devices = devices[:size]
+    return sharding.make_mesh(ici, dcn, devices=devices)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Validates the config, builds the mesh, loads the policy (and reference), the processor,
     the input pipeline and the reward; nothing is compiled before the config is validated."""
@@ -675,7 +687,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     config_lib.validate(config)
     if jax.default_backend() == "cpu":
         host.keep_freed_memory()
-    mesh = sharding.make_mesh(config.mesh.ici_parallelism, config.mesh.dcn_parallelism)
+    mesh = make_run_mesh(config)
     path = checkpoint_path(config, workdir)
     m = config.model
     with jax.set_mesh(mesh):
@@ -816,7 +828,7 @@ def write_rollout(
 ) -> None:
     """Appends one rollout to `<workdir>/rollouts.jsonl` (process 0): the step, each row's
     generated token ids (masked tail dropped) and reward, all B·G rows in rollout order.
-    `config.log_rollouts` = how many first steps to record (0: none)."""
+    `config.log_rollouts` = how many first rollouts to record (0: none)."""
     import json
     import os
 
@@ -884,7 +896,7 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
     advantages = _global_rows(run, adv[rows], n_rows)
     score_mask = rollout.mask & _global_rows(run, valid_rows[rows], n_rows)[:, None]
     times["time/reward"] = time.perf_counter() - t0
-    if step < int(run.config.get("log_rollouts", 0)):
+    if step // int(c.num_iterations) < int(run.config.get("log_rollouts", 0)):
         write_rollout(run, step, tokens_all, mask_all, total)
 
     # 5. μ updates
