@@ -252,7 +252,9 @@ def optim_config() -> ml_collections.ConfigDict:
     Fields: `learning_rate` (1e-6, decayed linearly to 0 at `total_steps`), `warmup_steps`
     (0: none; else a linear ramp from 0, as HF's `get_linear_schedule_with_warmup`),
     `weight_decay` (0.0: TRL's `GRPOConfig` inherits `TrainingArguments.weight_decay = 0.0`),
-    `grad_clip` (1.0, the global-norm clip of `max_grad_norm`; None = no clipping). Adam's
+    `grad_clip` (1.0, the global-norm clip of `max_grad_norm`; None = no clipping),
+    `accumulation_steps` (1: micro-batches of B/k prompts per optimizer step, `lax.scan`
+    over them in the train step; must divide the batch). Adam's
     β1 0.9, β2 0.999, ε 1e-8 are HF's defaults and fixed.
     """
     c = ml_collections.ConfigDict()
@@ -260,6 +262,7 @@ def optim_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 0
     c.weight_decay = 0.0
     c.grad_clip = 1.0
+    c.accumulation_steps = 1
     return c
 
 
@@ -331,6 +334,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             fail("optim.weight_decay", o.weight_decay, "must be a number >= 0")
         if o.grad_clip is not None and (not _is_number(o.grad_clip) or o.grad_clip <= 0):
             fail("optim.grad_clip", o.grad_clip, "must be a number > 0 or None")
+        acc = o.get("accumulation_steps", 1)
+        if not _is_int(acc) or acc < 1:
+            fail("optim.accumulation_steps", acc, "must be an int >= 1")
+        batch = (config.get("data") or {}).get("batch_size")
+        if _is_int(batch) and batch % acc:
+            fail("optim.accumulation_steps", acc, f"must divide data.batch_size={batch}")
         total = config.get("total_steps")
         if not _is_int(total) or total < 1:
             fail("total_steps", total, "must be an int >= 1 (the learning rate decays over it)")
@@ -524,10 +533,14 @@ def make_train_step(
     Metrics (f32[]): `loss`, `grad_norm` (before clipping), `learning_rate` (of this step)
     and `grpo.loss`'s aux (`kl` when β > 0, clip fractions, ratio stats).
 
-    Not yet: gradient accumulation over micro-batches, remat of the step beyond the model's own
-    `remat_policy`, explicit in/out shardings (the parameters keep the shardings they come
-    with), logging of the compiled `memory_analysis()`, and sharing the frozen tower's image
-    features between the policy and reference passes (each runs the tower on the B images).
+    `optim.accumulation_steps` = k > 1: stages 1-2 run over k micro-batches of B/k prompts
+    under `lax.scan` and the gradients are summed with the weights that make the result the
+    full batch's (`accumulated`); one optimizer update. Aux metrics are the same weighted sums
+    (exact for means over tokens or rows, a weighted mean of micro-batch extremes for
+    `ratio_min`/`ratio_max`).
+
+    Not yet: sharing the frozen tower's image features between the policy and reference
+    passes (each runs the tower on the B images).
     """
     validate_config(config)
     if objective not in OBJECTIVES:
@@ -556,7 +569,11 @@ def make_train_step(
             chunk_size=chunk,
         )  # fmt: skip
 
-    def train_step(state, batch, tokens, mask, advantages=None, old_logps=None, ref_logps=None):
+    k = int((config.get("optim") or {}).get("accumulation_steps", 1) or 1)
+    token_weighted = sft or c.aggregation == "token-mean"
+
+    def micro_grads(params, state, batch, tokens, mask, advantages, old_logps, ref_logps):
+        """Loss, aux and gradient of one (micro-)batch (stages 1 and 2)."""
         # 1. reference
         if use_kl and ref_logps is None:
             if state.ref_params is None:
@@ -573,7 +590,44 @@ def make_train_step(
             ref = ref_logps if use_kl else None
             return grpo.loss(logps, old_logps, ref, advantages, mask, **loss_kwargs)
 
-        (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def accumulated(state, batch, tokens, mask, advantages, old_logps, ref_logps):
+        """Stages 1-2 over k micro-batches of B/k prompts (and their completions) under
+        `lax.scan`, gradients summed with the weights that make the sum the full batch's:
+        each micro-batch's share of the scored tokens for token means (`token-mean`, SFT),
+        1/k for the per-sequence aggregations (equal rows and length per micro-batch)."""
+        b = batch["input_ids"].shape[0]
+        if b % k:
+            raise ValueError(f"optim.accumulation_steps={k} does not divide the {b} prompts")
+        if batch.get("pixel_values") is not None and batch["pixel_values"].ndim != 3:
+            raise ValueError("gradient accumulation needs per-row images (pixel_values [B,S,F])")
+        split = lambda x: None if x is None else x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        rows = {key: split(jnp.asarray(v)) for key, v in batch.items() if jnp.ndim(v) >= 1}
+        xs = (rows, split(tokens), split(mask), split(advantages), split(old_logps),
+              split(ref_logps))  # fmt: skip
+        counts = jnp.sum(xs[2], axis=(1, 2), dtype=jnp.float32)
+        weights = counts / jnp.maximum(counts.sum(), 1.0) if token_weighted else jnp.full(k, 1 / k)
+
+        def body(carry, inp):
+            (w, (mb, tok, m, adv, old, ref)) = inp
+            (value, aux), grads = micro_grads(state.params, state, mb, tok, m, adv, old, ref)
+            add = lambda acc, x: acc + w * x
+            return jax.tree.map(add, carry, ((value, aux), grads)), None
+
+        zero = jax.eval_shape(
+            lambda: micro_grads(state.params, state, *jax.tree.map(lambda x: x[0], xs))
+        )
+        zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero)
+        out, _ = jax.lax.scan(body, zero, (weights, xs))
+        return out
+
+    def train_step(state, batch, tokens, mask, advantages=None, old_logps=None, ref_logps=None):
+        args = (batch, tokens, mask, advantages, old_logps, ref_logps)
+        if k == 1:
+            (value, aux), grads = micro_grads(state.params, state, *args)
+        else:
+            (value, aux), grads = accumulated(state, *args)
 
         # 3. update
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
