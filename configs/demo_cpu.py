@@ -2,6 +2,12 @@
 
     python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=/tmp/visionr1_demo
 
+`make demo` runs this: Vision-R1 GRPO on the tiny random checkpoint (β 0.04, k3, G 4,
+temperature 1, top-k 50; 4 prompts × 48 new tokens per step, 40 steps, AdamW lr 1e-4). Expect a
+progress bar, one JSON line per step in WORKDIR/metrics.jsonl and the first rollouts in
+WORKDIR/rollouts.jsonl; about a minute of compilation, then well under a second per step on
+2 cores. From random weights the reward stays near 0 (answers do not parse yet): the demo shows
+the job runs end to end; an SFT warm start (``--config.objective=sft``) teaches the format.
 Nothing is downloaded: the tiny checkpoint is written locally (``model.tiny``) and the
 ``synthetic_shapes`` dataset is generated from its seed. Config args (``key=value,...``):
 
@@ -27,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.objective = "grpo"
     config.total_steps = 40
     config.progress = True
+    config.log_rollouts = 2
     config.model = model_config()
     config.model.dtype = "float32"
     config.data = data_config()

@@ -4,15 +4,22 @@
         --config.model.checkpoint=gs://BUCKET/Qwen2.5-VL-7B-Instruct \\
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
-Recipe of SPEC §5: 16 prompts per step, max_pixels 401,408; parameters FSDP-sharded over
-16 chips × tensor 2 within a slice. Config args: ``:variant=paper,switch_step=1500`` (the
+Recipe of SPEC §5: 16 prompts per step × G 4 completions of up to 512 new tokens (temperature
+1.0, top-k 50, top-p 1.0: the `GenerationConfig` defaults the reference's `generate` inherited;
+whether Qwen's generation_config.json was merged in at its pinned transformers commit is
+unverified), β 0.04 with the k3 KL (the released script; the paper says 0.2), AdamW lr 1e-6
+decayed linearly over 3,000 steps, no warm-up, grad-clip 1.0, max_pixels 401,408; float32
+master weights, bfloat16 compute; parameters FSDP-sharded over 16 chips × tensor 2 within a
+slice. Expect one JSON line per step in WORKDIR/metrics.jsonl (reward terms, KL, loss, seconds
+per phase) and a progress bar on host 0; the train step's compiled memory per device is logged
+at start-up. Config args: ``:variant=paper,switch_step=1500`` (the
 paper's schedule at STEP), ``:schedule=official_adaptive`` (the released ``--adaptive`` switch at
 step 1500; ``switch_step`` moves it); ``switch_step`` is rejected for a schedule without a switch.
 """
 
 import ml_collections
 
-from visionr1_jax import config_lib, rewards
+from visionr1_jax import config_lib, rewards, train
 from visionr1_jax.data import data_config
 from visionr1_jax.models import model_config
 
@@ -21,7 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, variant="official", schedule=None, switch_step=None)
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.objective = "grpo"
     config.total_steps = 3000
+    config.progress = True
+    config.log_rollouts = 4
     config.model = model_config()
     config.model.checkpoint = "gs://YOUR_BUCKET/Qwen2.5-VL-7B-Instruct"
     config.model.tokenizer = "qwen"
@@ -34,5 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.reward = rewards.default_config(
         args.variant, schedule=args.schedule, switch_step=args.switch_step
     )
+    config.grpo = train.grpo_config()  # SPEC §5 defaults (see the docstring)
+    config.optim = train.optim_config()
     config.mesh = config_lib.mesh_config(ici=(1, 16, 2))
     return config

@@ -287,6 +287,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     objective = config.get("objective", "grpo")
     if objective not in OBJECTIVES:
         fail("objective", objective, f"must be one of {list(OBJECTIVES)}")
+    for key in ("log_rollouts",):
+        if key in config and (not _is_int(config[key]) or config[key] < 0):
+            fail(key, config[key], "must be an int >= 0")
+    if "progress" in config and not isinstance(config.progress, bool):
+        fail("progress", config.progress, "must be True or False")
     if "grpo" in config:
         c = config.grpo
         g = c.num_generations
