@@ -181,11 +181,12 @@ def reference_grad(plain, rollout):
 
 def test_beta_zero_holds_no_reference_and_runs_no_reference_forward(plain, frozen):
     """β = 0: no reference tree, one vision-tower run per step (the policy's); β > 0 without
-    given reference log-probs: two (policy and reference)."""
+    given reference log-probs and a frozen tower: still one (the policy and reference passes
+    share the frozen tower's features)."""
     assert plain["state"].ref_params is None
     assert plain["calls"] == [1] * STEPS
     assert frozen["state"].ref_params is not None
-    assert frozen["calls"] == [2, 2]
+    assert frozen["calls"] == [1, 1]
 
 
 def test_reference_stays_at_start_params(frozen, logprob_atol):

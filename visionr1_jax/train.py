@@ -50,6 +50,7 @@ def completion_logprobs(
     num_generations: int,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    image_embeds: jax.Array | None = None,
 ) -> jax.Array:
     """Teacher-forced log-probs of the rollout's completion tokens (see the module docstring).
 
@@ -70,6 +71,9 @@ def completion_logprobs(
       num_generations: G (static).
       temperature: the sampling temperature (static; logits are divided by it).
       chunk_size: positions per vocabulary-head chunk (`qwen_vl.chunked_logprobs`).
+      image_embeds: the B prompts' image features (`model.encode_images` of the batch's
+        images); given, the vision tower does not run (policy and reference share a frozen
+        tower's features this way).
     Returns:
       f32[B*G, L], 0 where `mask` is False.
     """
@@ -94,7 +98,12 @@ def completion_logprobs(
     grid = jnp.asarray(grid, jnp.int32)
 
     # 1. The B prompts: images encoded once, embedded once, their positions and rope deltas.
-    emb = model.encode_images(pixels, grid) if has_images else None
+    if not has_images:
+        emb = None
+    elif image_embeds is not None:
+        emb = image_embeds
+    else:
+        emb = model.encode_images(pixels, grid)
     x_p = model.embed(ids, emb, grid if has_images else None, prompt_mask)  # [B, T, D]
     pos_p, delta = model.rope_index(ids, grid, prompt_mask, per_row)  # [3, B, T], [B, 1]
 
@@ -544,8 +553,9 @@ def make_train_step(
     (exact for means over tokens or rows, a weighted mean of micro-batch extremes for
     `ratio_min`/`ratio_max`).
 
-    Not yet: sharing the frozen tower's image features between the policy and reference
-    passes (each runs the tower on the B images).
+    With `model.freeze_vision_tower` and β > 0 the tower runs once per step on the B images
+    and the policy and reference passes share its features; with a trained tower each pass
+    runs it (the policy's tower moves away from the reference's).
     """
     validate_config(config)
     if objective not in OBJECTIVES:
@@ -566,30 +576,43 @@ def make_train_step(
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)
 
-    def logps_of(params, frozen, batch, tokens, mask):
+    frozen_tower = frozen_filter(config) is not nnx.Nothing
+
+    def logps_of(params, frozen, batch, tokens, mask, emb=None):
         model = nnx.merge(graphdef, params, frozen)
         g = tokens.shape[0] // batch["input_ids"].shape[0]
         return completion_logprobs(
             model, batch, tokens, mask, num_generations=g, temperature=temperature,
-            chunk_size=chunk,
+            chunk_size=chunk, image_embeds=emb,
         )  # fmt: skip
+
+    def shared_features(state, batch):
+        """A frozen tower's features of the B images, computed once for both passes."""
+        pixels = batch.get("pixel_values")
+        if not frozen_tower or pixels is None or pixels.size == 0:
+            return None
+        model = nnx.merge(graphdef, state.params, state.frozen)
+        grid = jnp.asarray(batch["image_grid_thw"], jnp.int32)
+        return jax.lax.stop_gradient(model.encode_images(pixels, grid))
 
     k = int((config.get("optim") or {}).get("accumulation_steps", 1) or 1)
     token_weighted = sft or c.aggregation == "token-mean"
 
     def micro_grads(params, state, batch, tokens, mask, advantages, old_logps, ref_logps):
         """Loss, aux and gradient of one (micro-)batch (stages 1 and 2)."""
-        # 1. reference
+        # 1. reference (a frozen tower's image features are shared with the policy pass)
+        emb = None
         if use_kl and ref_logps is None:
             if state.ref_params is None:
                 raise ValueError("grpo.beta > 0 needs ref_params or ref_logps")
+            emb = shared_features(state, batch)
             ref_logps = jax.lax.stop_gradient(
-                logps_of(state.ref_params, state.frozen, batch, tokens, mask)
+                logps_of(state.ref_params, state.frozen, batch, tokens, mask, emb)
             )
 
         # 2. policy loss and gradient
         def loss_fn(params):
-            logps = logps_of(params, state.frozen, batch, tokens, mask)
+            logps = logps_of(params, state.frozen, batch, tokens, mask, emb)
             if sft:
                 return sft_loss(logps, mask)
             ref = ref_logps if use_kl else None
