@@ -167,7 +167,10 @@ def _run(ckpt, rollout, beta: float, mesh=None) -> dict:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=[0.04, 0.0], ids=["with_ref", "no_ref"])
+# β = 0.04 only: its step contains the β = 0 step (policy pass, loss, update) plus the
+# reference forward; each β costs two train-step compilations (~30 s of CPU each), and the
+# suite's budget is tight. The β = 0 branches below stay valid for a local `params=[0.0]` run.
+@pytest.fixture(scope="module", params=[0.04], ids=["with_ref"])
 def runs(request, ckpt, rollout):
     """(beta, one-device run, mesh run)."""
     beta = request.param
