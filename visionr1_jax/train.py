@@ -296,6 +296,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     objective = config.get("objective", "grpo")
     if objective not in OBJECTIVES:
         fail("objective", objective, f"must be one of {list(OBJECTIVES)}")
+    if objective == "sft" and "sft" not in config:
+        fail("objective", objective, "needs an `sft` section (sft.sft_config())")
     for key in ("log_rollouts",):
         if key in config and (not _is_int(config[key]) or config[key] < 0):
             fail(key, config[key], "must be an int >= 0")
@@ -767,6 +769,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     from visionr1_jax.models import hf_weights
 
     config_lib.validate(config)
+    if "sft" in config and config.sft.eval_every and jax.process_count() > 1:
+        raise ValueError("sft.eval_every > 0 evaluates on one process; set it to 0 on multi-host")
     if jax.default_backend() == "cpu":
         host.keep_freed_memory()
     mesh = make_run_mesh(config)
@@ -1017,6 +1021,28 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
     return [{**rollout_metrics, **{k: float(x) for k, x in m.items()}} for m in out]
 
 
+def evaluate_sft(r: Run) -> dict[str, float]:
+    """`sft.evaluate` of the current policy on `sft.eval_batches` batches of the evaluation
+    split (`data.eval_config`: every record, one epoch, file order): `eval/parse_rate`,
+    `eval/matched_iou`, ... (single process; multi-host evaluation is separate work)."""
+    import itertools
+
+    from visionr1_jax import sft
+    from visionr1_jax.data import config as data_config_lib
+    from visionr1_jax.data import pipeline
+
+    c = r.config.sft
+    pipe = pipeline.InputPipeline(data_config_lib.eval_config(r.config.data), r.processor)
+    try:
+        batches = itertools.islice(pipe, c.eval_batches) if c.eval_batches else pipe
+        out = sft.evaluate(
+            r.policy, r.processor, batches, r.config, max_new_tokens=int(c.eval_max_new_tokens)
+        )
+    finally:
+        pipe.close()
+    return {f"eval/{k}": float(v) for k, v in out.items()}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """The training job: `train_loop(setup(config, workdir))`. Returns the metrics rows."""
     return train_loop(setup(config, workdir))
@@ -1051,6 +1077,9 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
                     r.processor.tokenizer, config,
                 )  # fmt: skip
                 step_rows = [{k: float(v) for k, v in jax.device_get(m).items()}]
+                every = int(config.sft.eval_every) if "sft" in config else 0
+                if every and int(r.state.step) % every == 0:
+                    step_rows[0].update(evaluate_sft(r))
             else:
                 step_rows = grpo_iteration(r, device_batch)
             seconds = time.perf_counter() - t0
