@@ -456,8 +456,8 @@ def main() -> None:
             f"load average at the end {load()}"
         )
         print(
-            "| vocab | steps/run | ours steps/s | TRL steps/s | ratio (best runs) | "
-            "ratio (median round) | ours peak RSS | TRL peak RSS | "
+            "| vocab | steps/run | ours steps/s (s/step) | TRL steps/s (s/step) | "
+            "ratio (best runs) | ratio (median round) | ours peak RSS | TRL peak RSS | "
             "ours rollout / reward / update s |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
@@ -498,7 +498,8 @@ def summary_row(vocab: str, results: dict, args, vocab_size: int) -> str:
     ]
     steps = len(results["ours"][0]["step_s"])
     return (
-        f"| {vocab} ({vocab_size:,}) | {steps} | {1 / best['ours']:.2f} | {1 / best['trl']:.2f} | "
+        f"| {vocab} ({vocab_size:,}) | {steps} | {1 / best['ours']:.3g} ({best['ours']:.3g} s) | "
+        f"{1 / best['trl']:.3g} ({best['trl']:.3g} s) | "
         f"{best['trl'] / best['ours']:.2f}x | {np.median(med['trl'] / med['ours']):.2f}x | "
         f"{peak['ours']:,.0f} MB | {peak['trl']:,.0f} MB | "
         f"{' / '.join(f'{x:.3f}' for x in phases)} |"
