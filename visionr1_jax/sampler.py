@@ -136,6 +136,9 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> jax
         return logits
     # Sorted candidates: the top-k (or the whole vocabulary when only top-p is on).
     vals, _ = jax.lax.top_k(logits, k)  # [R, k] descending
+    # XLA:CPU otherwise fuses the slice of the k-th value into the top-k and lowers it as a
+    # full sort of the vocabulary (913 ms vs 7.8 ms for 8 x 151,936 logits; BENCHMARKS.md).
+    vals = jax.lax.optimization_barrier(vals)
     if top_k > 0:
         logits = jnp.where(logits < vals[:, -1:], neg, logits)
     if top_p is not None:
