@@ -388,9 +388,9 @@ def test_sft_raises_parse_rate_and_matched_iou_on_held_out_images(tmp_path_facto
     same greedy answers.
 
     Seeds 0, 1, 2 (checkpoint and data order) after 200 steps: parse rate 0 -> 1.0 each,
-    matched IoU 0 -> 0.21 / 0.17 / 0.18. In this budget the model learns the answer format and
-    a data-prior box (the IoU is that of its most common answer given to every image), not
-    yet image-specific boxes.
+    matched IoU 0 -> 0.19 / 0.16 / 0.24 (150-180 s each on 2 heavily shared cores; 120 s of
+    CPU). In this budget the model learns the answer format and a data-prior box (the IoU is
+    that of its most common answer given to every image), not yet image-specific boxes.
     """
     src = _shapes(tmp_path_factory, "sft_learn", num_train=1024, num_validation=32,
                   max_shapes=1, min_scale=0.3, texture=False)  # fmt: skip
@@ -438,7 +438,7 @@ def test_sft_raises_parse_rate_and_matched_iou_on_held_out_images(tmp_path_facto
 
     print(f"SFT losses {losses[0]:.2f} -> {losses[-1]:.2f}; before {before}; after {after}")
     assert losses[-1] < 0.2 * losses[0]
-    # Seed noise: every seed ends at parse rate 1.0 and matched IoU >= 0.17 (docstring); the
+    # Seed noise: every seed ends at parse rate 1.0 and matched IoU >= 0.15 (docstring); the
     # untrained model never parses (0 pairs, IoU 0).
     assert before["parse_rate"] <= 0.1 and after["parse_rate"] >= 0.9
     assert before["matched_iou"] <= 0.02 and after["matched_iou"] >= before["matched_iou"] + 0.1

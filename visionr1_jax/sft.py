@@ -366,7 +366,8 @@ def evaluate(
     Args:
       model: the policy (`QwenVL`).
       processor: the checkpoint's processor (tokenizer; image normalisation for uint8 batches).
-      host_batches: `HostBatch`es of the evaluation pipeline (padding rows are ignored).
+      host_batches: `HostBatch`es of the evaluation pipeline (padding rows are ignored); on
+        a multi-host run each host scores its own rows (the numbers are this host's).
       config: the run config (`data` frame, `reward` if present).
       max_new_tokens: the greedy token budget.
     Returns:
