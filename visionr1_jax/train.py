@@ -562,8 +562,8 @@ def make_train_step(
     validate_config(config)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} must be one of {OBJECTIVES}")
-    c = config.grpo
     sft = objective == "sft"
+    c = config.grpo if "grpo" in config else grpo_config()  # SFT reads none of it
     beta = 0.0 if sft else float(c.beta)
     use_kl = beta != 0
     loss_kwargs = dict(
