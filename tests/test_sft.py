@@ -16,13 +16,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 from scipy.optimize import linear_sum_assignment
 
-from visionr1_jax import processing, rewards, sampler, sft, train
+from visionr1_jax import config_lib, processing, rewards, sampler, sft, train
 from visionr1_jax.data import data_config, eval_config, pipeline
 from visionr1_jax.data.builders import synthetic_shapes
-from visionr1_jax.models import from_pretrained, model_config, testing
+from visionr1_jax.models import model_config, testing
 
 F32_U = testing.F32_U
 
@@ -57,6 +56,7 @@ def _shapes(tmp_path_factory, name: str, **kw):
     data_dir = str(tmp_path_factory.mktemp(name))
     builder = synthetic_shapes.SyntheticShapes(config=config, data_dir=data_dir)
     builder.download_and_prepare()
+    _shapes.data_dir = data_dir  # where the run opens it by name (the learning test)
     return builder.as_data_source()
 
 
@@ -399,24 +399,25 @@ def test_sft_raises_parse_rate_and_matched_iou_on_held_out_images(tmp_path_facto
     c.total_steps = LEARN_STEPS
     c.optim.learning_rate = LEARN_LR
     c.optim.warmup_steps = 10
+    # Trained by the run's own loop (`train.setup` + `train.train_loop`, objective sft): the
+    # same state, step factory, mesh and device-prefetched pipeline as GRPO.
+    c.seed = 0
+    c.progress = False
+    c.model.checkpoint = ckpt
+    c.data.builder_config = "sft_learn"
+    c.data.data_dir = _shapes.data_dir
+    c.mesh = config_lib.mesh_config(ici=(1, 1, 1))
     processor = processing.load_processor(ckpt)
     tok = processor.tokenizer
     held_out = list(
         pipeline.InputPipeline(eval_config(c.data), processor, source=src["validation"])
     )
-    model = from_pretrained(ckpt)
-    before = sft.evaluate(model, processor, held_out, c, max_new_tokens=MAX_NEW_TOKENS)
-
-    graphdef, state = train.init_train_state(model, c, jax.random.key(0), beta=0.0)
-    step = train.make_train_step(graphdef, c, objective="sft")
-    pipe = pipeline.InputPipeline(c.data, processor, source=src["train"])
-    losses = []
-    for _ in range(LEARN_STEPS):
-        hb = next(pipe)
-        state, metrics = sft.sft_iteration(step, state, hb.arrays, hb, tok, c)
-        losses.append(float(metrics["loss"]))
-    pipe.close()
-    model = nnx.merge(graphdef, state.params, state.frozen)
+    run = train.setup(c, str(tmp_path_factory.mktemp("sft_run")))
+    before = sft.evaluate(run.policy, processor, held_out, c, max_new_tokens=MAX_NEW_TOKENS)
+    rows = train.train_loop(run)
+    losses = [m["loss"] for m in rows]
+    assert [m["step"] for m in rows] == list(range(LEARN_STEPS))
+    model = run.policy
     after = sft.evaluate(model, processor, held_out, c, max_new_tokens=MAX_NEW_TOKENS)
 
     # The same greedy answers scored by the oracle.

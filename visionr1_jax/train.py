@@ -694,7 +694,8 @@ class Run:
       pipe: the device-prefetching input pipeline (`data.pipeline.DevicePrefetch`).
       train_step: `make_train_step(graphdef, config, objective=config.objective)`.
       logprob_fn: `make_logprob_fn` (old and reference log-probs once per rollout, μ > 1).
-      reward_fn: the jitted reward of `config.reward` (`rewards.make_reward_fn`).
+      reward_fn: the jitted reward of `config.reward` (`rewards.make_reward_fn`; None
+        without a reward section, as SFT may run).
       eos_ids: the checkpoint's stop ids (a completion without one at its end is truncated).
       score_fn: `(run, host_batch, completions, step) -> per-row terms` (None: `score_rows`,
         the Vision-R1 reward); must give `reward/total` and `valid`.
@@ -769,6 +770,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     from visionr1_jax.models import hf_weights
 
     config_lib.validate(config)
+    if config.get("objective", "grpo") == "grpo" and "reward" not in config:
+        raise ValueError("objective='grpo' needs a `reward` section (rewards.default_config())")
     if "sft" in config and config.sft.eval_every and jax.process_count() > 1:
         raise ValueError("sft.eval_every > 0 evaluates on one process; set it to 0 on multi-host")
     if jax.default_backend() == "cpu":
@@ -805,7 +808,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
             graphdef, config, objective=objective, state_sharding=shardings_of(state)
         ),
         logprob_fn=make_logprob_fn(graphdef, config),
-        reward_fn=rewards.make_reward_fn(config.reward),
+        reward_fn=rewards.make_reward_fn(config.reward) if "reward" in config else None,
         eos_ids=eos_ids,
     )
 
@@ -1072,10 +1075,11 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
             if objective == "sft":
                 from visionr1_jax import sft
 
-                r.state, m = sft.sft_iteration(
-                    r.train_step, r.state, device_batch.arrays, device_batch.host,
-                    r.processor.tokenizer, config,
-                )  # fmt: skip
+                with jax.set_mesh(r.mesh):
+                    r.state, m = sft.sft_iteration(
+                        r.train_step, r.state, device_batch.arrays, device_batch.host,
+                        r.processor.tokenizer, config,
+                    )  # fmt: skip
                 step_rows = [{k: float(v) for k, v in jax.device_get(m).items()}]
                 every = int(config.sft.eval_every) if "sft" in config else 0
                 if every and int(r.state.step) % every == 0:
