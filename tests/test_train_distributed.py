@@ -1,0 +1,237 @@
+"""The GRPO loop of `python -m visionr1_jax.main` does not depend on how it is laid out: on a
+(2, 2, 2) mesh of 8 CPU devices, and as a 2-process `jax.distributed` run (2 x 4 CPU devices
+on localhost), it reproduces the 1-device run's first rollouts token for token and their
+rewards (issue 10, acceptance 4).
+
+Every run is a real `main` subprocess (the device count is fixed before jax is imported) on the
+same tiny checkpoint and the same `synthetic_shapes` records; all are launched at once so the
+compilations share the cores. Two rollouts are compared: the second is sampled from the policy
+after the first update (lr 1e-3), so reproducing it shows the update matched too.
+
+The 2-process run loads one prompt per process: the input pipeline gives host p the records
+[p::P], so only with one prompt per host (and no shuffling) is its global batch the 1-process
+batch, row for row; its reference is a 1-device run of the same 2-prompt batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import conftest
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from visionr1_jax import processing
+from visionr1_jax.data.builders import synthetic_shapes
+from visionr1_jax.metrics import read_jsonl
+from visionr1_jax.models import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 2  # rollouts compared: the first, and the one after the first update
+TIMEOUT_S = 1200  # all runs together (~9 minutes measured on a 2-core machine under load 10)
+
+# `main` runs configs/demo_cpu.py with these overrides (and a mesh, a batch size per run).
+OVERRIDES = {
+    "total_steps": STEPS,
+    "log_rollouts": STEPS,
+    "progress": False,
+    "grpo.num_generations": 4,
+    "grpo.max_new_tokens": 8,
+    "optim.learning_rate": 1e-3,  # the update moves step 2's sampling distribution (kl > 0)
+    "data.shuffle": False,
+    "data.builder_config": "loop",
+}
+# name: (processes, devices per process, ici mesh, prompts per step B)
+RUNS = {
+    "one": (1, 1, (1, 1, 1), 8),
+    "mesh": (1, 8, (2, 2, 2), 8),
+    "one_b2": (1, 1, (1, 1, 1), 2),
+    "procs": (2, 4, (1, 2, 4), 2),  # fsdp across the processes: parameters span both
+}
+
+# The wrapper adds `log_rollouts` (not a key of the demo config) so that `main`'s locked
+# `--config.<key>=value` overrides can set it.
+CONFIG_WRAPPER = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("demo_cpu", {demo!r})
+_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_demo)
+
+
+def get_config():
+    config = _demo.get_config()
+    config.log_rollouts = 0
+    return config
+"""
+
+
+def digit_writer_checkpoint(path: str) -> str:
+    """The tiny checkpoint, edited so that completions are mostly ASCII digits: a digit string
+    (without a leading 0) is a JSON number and passes the official format check, so the random
+    model's rewards vary within groups and the first update is driven by them.
+
+    A constant vector u joins the last layer's residual stream at every position (through the
+    value bias: attention weights sum to 1, so `o_proj(bias)` is added whatever they are), and
+    the lm_head rows of the digit tokens and `<|im_end|>` gain a component along u: a logit
+    bonus of a few units everywhere; all logits still depend on the prompt and the image.
+    """
+    tiny.write_tiny_checkpoint(
+        path, "qwen2_5_vl_tiny", tokenizer="small", min_pixels=3136, max_pixels=112 * 112
+    )
+    (file,) = glob.glob(os.path.join(path, "*.safetensors"))
+    w = load_file(file)
+    bias = np.random.default_rng(0).normal(size=32).astype(np.float32) * 1.5  # 2 kv heads x 16
+    w["model.layers.1.self_attn.v_proj.bias"] += bias
+    heads = np.repeat(bias.reshape(2, 16), 2, axis=0).reshape(-1)  # 4 query heads share 2
+    u = w["model.layers.1.self_attn.o_proj.weight"] @ heads
+    vocab = processing.load_processor(path).tokenizer.get_vocab()
+    ids = [i for t, i in vocab.items() if t.isascii() and t.isdigit()] + [vocab["<|im_end|>"]]
+    w["lm_head.weight"][ids] += 0.8 * u / np.linalg.norm(u)
+    save_file(w, file, metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A 16-record `synthetic_shapes` dataset opened by name (multi-process runs do not build
+    synthetic data), the shared checkpoint and the config wrapper."""
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    shapes = synthetic_shapes.ShapesConfig(name="loop", num_train=16, num_validation=2)
+    synthetic_shapes.SyntheticShapes(config=shapes, data_dir=data_dir).download_and_prepare()
+    root = tmp_path_factory.mktemp("assets")
+    checkpoint = digit_writer_checkpoint(str(root / "checkpoint"))
+    config = root / "config.py"
+    config.write_text(CONFIG_WRAPPER.format(demo=os.path.join(ROOT, "configs", "demo_cpu.py")))
+    return {"data_dir": data_dir, "checkpoint": checkpoint, "config": str(config)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(assets, workdir: str, processes: int, devices: int, mesh, batch: int) -> list:
+    """Starts the `processes` of one `main` run; returns [(Popen, log path)]."""
+    os.makedirs(workdir)
+    overrides = {
+        **OVERRIDES,
+        "model.checkpoint": assets["checkpoint"],
+        "data.data_dir": assets["data_dir"],
+        "data.batch_size": batch,
+        "mesh.ici_parallelism": "({},{},{})".format(*mesh),
+    }
+    cmd = [
+        sys.executable, "-m", "visionr1_jax.main", f"--config={assets['config']}",
+        f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]  # fmt: skip
+    flags = conftest.with_device_count(os.environ.get("XLA_FLAGS", ""), devices)
+    # Unoptimised XLA:CPU code generation (every run alike) compiles in ~2/3 of the CPU time
+    # (measured; the 1-device rollouts were identical at both levels, and all runs agreed).
+    flags += " --xla_backend_optimization_level=0"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=ROOT)
+    port = free_port()
+    out = []
+    for i in range(processes):
+        dist = []
+        if processes > 1:
+            dist = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
+            dist.append(f"--process_id={i}")
+        log = os.path.join(workdir, f"process_{i}.log")
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd + dist, cwd=ROOT, env=env, stdout=f, stderr=f)
+        out.append((proc, log))
+    return out
+
+
+def tail(log: str, n: int = 3000) -> str:
+    with open(log, errors="replace") as f:
+        return f.read()[-n:]
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """Launches every run at once and waits for all; a failed run stops the others and fails
+    with the log tails of each of its processes."""
+    base = tmp_path_factory.mktemp("runs")
+    started = {
+        name: launch(assets, str(base / name), *spec) for name, spec in RUNS.items()
+    }  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    failed = None
+    try:
+        while failed is None and time.monotonic() < deadline:
+            codes = {n: [p.poll() for p, _ in ps] for n, ps in started.items()}
+            failed = next((n for n, c in codes.items() if any(x not in (None, 0) for x in c)), None)
+            if all(x == 0 for c in codes.values() for x in c):
+                break
+            time.sleep(1)
+    finally:
+        for ps in started.values():
+            for p, _ in ps:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    if failed is None and any(p.returncode != 0 for ps in started.values() for p, _ in ps):
+        failed = "timeout"
+    if failed is not None:
+        logs = "\n".join(
+            f"--- {n} process {i} (exit {p.returncode}) ---\n{tail(log)}"
+            for n, ps in started.items()
+            if n == failed or failed == "timeout"
+            for i, (p, log) in enumerate(ps)
+        )
+        pytest.fail(f"run {failed!r} failed:\n{logs}")
+    return {name: str(base / name) for name in RUNS}
+
+
+def rollouts(workdir: str) -> list[dict]:
+    return read_jsonl(os.path.join(workdir, "rollouts.jsonl"))
+
+
+def assert_same_rollouts(got: list[dict], want: list[dict], name: str) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(STEPS)), name
+    for g, w in zip(got, want, strict=True):
+        assert len(g["tokens"]) == len(w["tokens"]), name
+        diff = [i for i, (a, b) in enumerate(zip(g["tokens"], w["tokens"], strict=True)) if a != b]
+        assert not diff, f"{name}: step {w['step']} rows {diff} differ; first: " + str(
+            (g["tokens"][diff[0]], w["tokens"][diff[0]])
+        )
+        # Rewards exactly: the same jitted reward program of the same completions and records.
+        diff = [
+            i for i, (a, b) in enumerate(zip(g["rewards"], w["rewards"], strict=True)) if a != b
+        ]
+        assert not diff, f"{name}: step {w['step']} rewards of rows {diff} differ: " + str(
+            ([g["rewards"][i] for i in diff], [w["rewards"][i] for i in diff])
+        )
+
+
+@pytest.mark.parametrize(("name", "reference"), [("mesh", "one"), ("procs", "one_b2")])
+def test_rollouts_and_rewards_equal_the_1_device_run(runs, name, reference):
+    want = rollouts(runs[reference])
+    # Preconditions: the first update is driven by rewards that vary within a group; it moved
+    # the policy (KL to the reference at the second step > 1e-3; ~1e-13 before any update);
+    # the groups' rewards differ, so rows scored for the wrong prompt would show.
+    g = OVERRIDES["grpo.num_generations"]
+    groups = [np.asarray(r["rewards"]).reshape(-1, g) for r in want]
+    assert (groups[0].std(1) > 0).any(), groups[0]
+    assert any(len({tuple(x) for x in step}) > 1 for step in groups), groups
+    metrics = read_jsonl(os.path.join(runs[reference], "metrics.jsonl"))
+    assert metrics[1]["kl"] > 1e-3, metrics[1]["kl"]
+    assert_same_rollouts(rollouts(runs[name]), want, f"{name} vs {reference}")
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_one_metrics_line_per_step_from_process_0(runs, name):
+    """Every process of a run shares the workdir; only process 0 writes metrics and rollouts."""
+    files = sorted(os.listdir(runs[name]))
+    assert [f for f in files if f.endswith(".jsonl")] == ["metrics.jsonl", "rollouts.jsonl"]
+    assert [m["step"] for m in read_jsonl(os.path.join(runs[name], "metrics.jsonl"))] == [0, 1]
+    assert len(rollouts(runs[name])) == STEPS
