@@ -284,7 +284,11 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_two_processes_see_disjoint_shards_covering_the_split(tmp_path, tmp_path_factory):
+def test_two_processes_see_disjoint_shards_covering_the_split(
+    tmp_path, tmp_path_factory, processor
+):
+    """Two hosts read disjoint rows covering the split, and together they assemble exactly
+    the global batches of a one-process run: host p holds rows [4p, 4p + 4) of each."""
     src, data_dir = shapes_source(tmp_path_factory, "mp", num_train=21, num_validation=2)
     # The worker opens the dataset by name from data_dir, as a run does.
     with socket.socket() as s:
@@ -320,8 +324,15 @@ def test_two_processes_see_disjoint_shards_covering_the_split(tmp_path, tmp_path
     a, b = set(hosts[0]["ids"]), set(hosts[1]["ids"])
     assert not a & b
     assert a | b == {records.as_text(src["train"][i]["id"]) for i in range(21)}
-    assert len(hosts[0]["ids"]) == 11 and len(hosts[1]["ids"]) == 10
-    assert hosts[0]["steps"] == hosts[1]["steps"] == 3  # ceil(11 / 4), same on both hosts
+    # One process, same config: its batches in order are the reference global batches.
+    c = cfg(batch_size=8, num_epochs=1, name="synthetic_shapes", builder_config="mp",
+            data_dir=data_dir)  # fmt: skip
+    single = pipeline.InputPipeline(c, processor, process_index=0, process_count=1)
+    order = [r for batch in single for r in batch.record_ids if r]
+    assert len(order) == 21
+    assert hosts[0]["ids"] == order[0:4] + order[8:12] + order[16:20]
+    assert hosts[1]["ids"] == order[4:8] + order[12:16] + order[20:21]
+    assert hosts[0]["steps"] == hosts[1]["steps"] == 3  # ceil(21 / 8), same on both hosts
     # The global arrays assembled from both hosts' rows hold every record once.
     assert hosts[0]["valid"] == hosts[1]["valid"] == 21
 

@@ -3,8 +3,9 @@
 Stages (one host; every host runs the same code on its own shard)::
 
     tfds.data_source (random access, numpy)
-      -> shard: records [process_index::process_count]      disjoint, union = the split
-      -> shuffle(seed) per epoch, repeat(num_epochs)        grain MapDataset, index-based
+      -> shuffle(seed), repeat(num_epochs)                  one global order, every host alike
+      -> host rows: [p·b, (p+1)·b) of each global batch     disjoint, union = the split; the
+                                                            global batch is the same for any P
       -> encode (num_threads threads): instance-count selection, checks, decode, smart
          resize into [min_pixels, max_pixels], normalise + patchify (as the HF Qwen2-VL
          processor), tokenise the chat prompt; a record selected out or bad becomes a
@@ -14,7 +15,7 @@ Stages (one host; every host runs the same code on its own shard)::
       -> thread prefetch of `prefetch` batches
       -> global jax.Arrays sharded over the batch axes (make_array_from_process_local_data)
 
-Determinism: the order is a pure function of (seed, epoch, shard); threads only change
+Determinism: the order is a pure function of (seed, epoch, host rows); threads only change
 *when* elements are computed, never their order. Resume: ``get_state()`` after any number of
 batches, saved with the checkpoint (one small JSON per host), restores the exact position,
 including the skip counters.
@@ -506,6 +507,35 @@ class _PadToCount(grain.IterDataset):
 # ------------------------------------------------------------------------------------ pipeline
 
 
+class _HostRows(grain.MapDataset):
+    """This host's rows of every global batch of `parent`: element i is parent element
+    `k·B + p·b + j` for `k, j = divmod(i, b)` (B global rows, b = B / P per host, p this host).
+
+    The global order is one sequence shared by all hosts, so batch k holds the same records in
+    the same rows for any process count; the hosts' rows are disjoint and cover the sequence.
+    """
+
+    def __init__(self, parent: grain.MapDataset, batch: int, rows: int, index: int):
+        super().__init__(parent)
+        self._batch, self._rows, self._index = int(batch), int(rows), int(index)
+        full, rest = divmod(len(parent), self._batch)
+        self._len = full * self._rows + min(max(rest - self._index * self._rows, 0), self._rows)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        k, j = divmod(index, self._rows)
+        return self._parent[k * self._batch + self._index * self._rows + j]
+
+    def __str__(self) -> str:
+        return f"HostRows(batch={self._batch}, rows={self._rows}, index={self._index})"
+
+
 def open_source(
     c: ml_collections.ConfigDict, split: str | None = None, *, build_synthetic: bool = True
 ) -> Any:
@@ -641,11 +671,14 @@ class InputPipeline:
             pixel_format=str(c.pixels),
         )  # fmt: skip
 
-        ds = grain.MapDataset.source(self.source)[process_index::process_count]
-        shard_len = len(ds)
+        # One global order (same seed on every host), then host p takes rows [p·b, (p+1)·b) of
+        # each global batch: the global batch is the same whatever the process count.
+        ds = grain.MapDataset.source(self.source)
+        shard_len = math.ceil(len(ds) / process_count)
         if c.shuffle:
             ds = ds.shuffle(seed=int(c.seed))
         ds = ds.repeat(c.num_epochs)
+        ds = _HostRows(ds, c.batch_size, self.rows, process_index)
         ds = ds.map(self.encoder.encode)
         threads = int(c.num_threads)
         it = ds.to_iter_dataset(
@@ -657,9 +690,8 @@ class InputPipeline:
         finite = c.num_epochs is not None
         it = it.batch(self.rows, drop_remainder=not finite, batch_fn=self.collate)
         if finite:
-            # Every host: ceil(largest shard · epochs / b) batches, the last ones padded.
-            largest = math.ceil(len(self.source) / process_count)
-            self.num_batches = math.ceil(largest * c.num_epochs / self.rows)
+            # Every host: ceil(records · epochs / B) batches, the last ones padded.
+            self.num_batches = math.ceil(len(self.source) * c.num_epochs / c.batch_size)
             it = _PadToCount(it, self.num_batches, self.collate([]))
         else:
             self.num_batches = None
