@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from visionr1_jax import rewards, sampler
+from visionr1_jax import rewards, sampler, train
 from visionr1_jax.data import templates
 from visionr1_jax.data.config import frame_of
 from visionr1_jax.data.pipeline import HostBatch, PixelNormalizer
@@ -402,13 +402,9 @@ def evaluate(
             cache_dtype=model.cfg.dtype,
         )
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-        texts = [
-            tokenizer.decode(t[m].tolist(), skip_special_tokens=True)
-            for t, m in zip(tokens, mask, strict=True)
-        ]
-        n = mask.sum(1)
-        last = tokens[np.arange(len(n)), np.maximum(n - 1, 0)]
-        truncated += int(((n >= max_new_tokens) & ~np.isin(last, eos)).sum())
+        texts = train.decode_completions(tokenizer, tokens, mask)
+        cut = train.truncated(tokens, mask, eos) & (mask.sum(1) >= max_new_tokens)
+        truncated += int(cut.sum())
         terms.append(score_completions(texts, host.targets(), config))
     if not terms:
         raise ValueError("evaluate: the batches hold no valid row")
