@@ -37,6 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.tokenizer = "qwen"
     config.model.dtype = "bfloat16"
     config.model.remat_policy = "dots_no_batch"
+    # 128 positions per log-prob head block: the automatic size assumes one host's rows.
+    config.model.logprob_chunk = 128
     config.data = data_config()
     config.data.name = "vision_r1_data"
     config.data.builder_config = "qwen25"

@@ -91,6 +91,7 @@ def test_data_and_reward_frames_must_agree(data_frame, template, reward_frame, o
         (lambda c: setattr(c.model, "dtype", "int8"), r"model.dtype='int8'"),
         (lambda c: setattr(c.mesh, "ici_parallelism", (-1, -1, 1)), r"mesh.ici_parallelism"),
         (lambda c: setattr(c, "total_steps", -3), r"total_steps=-3"),
+        (lambda c: setattr(c.model, "logprob_chunk", 0), r"model.logprob_chunk=0"),
     ],
 )
 def test_validation_rejects_bad_values(mutate, message):

@@ -346,7 +346,10 @@ def test_device_prefetch_same_batches_and_state_of_the_consumed_position(process
     )
     got = [next(batches) for _ in range(3)]
     state = batches.get_state()  # the thread has prefetched further; the state must not show it
+    peeked = batches.peek()
+    assert batches.peek() is peeked and batches.get_state() == state  # peeking takes nothing
     got += [next(batches) for _ in range(3)]
+    assert got[3] is peeked
     batches.close()
     assert [b.host.record_ids for b in got] == [b.record_ids for b in direct]
     for b, d in zip(got, direct, strict=True):

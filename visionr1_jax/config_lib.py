@@ -76,8 +76,8 @@ def _validate_model(c) -> None:
     if c.get("remat_policy") not in _REMAT:
         raise ValueError(f"model.remat_policy={c.get('remat_policy')!r} must be one of {_REMAT}")
     chunk = c.get("logprob_chunk")
-    if not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"model.logprob_chunk={chunk!r} must be a positive integer")
+    if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
+        raise ValueError(f"model.logprob_chunk={chunk!r} must be a positive integer or None")
     if c.get("tokenizer") not in ("small", "qwen"):
         raise ValueError(f"model.tokenizer={c.get('tokenizer')!r} must be 'small' or 'qwen'")
 

@@ -10,17 +10,42 @@ a batch-32 model forward and a fixed cost of every matcher call (BENCHMARKS.md).
 heap and freed memory stays mapped for the next step. The price: the process keeps its peak
 heap instead of shrinking after a spike. Nothing here runs on import; entry points and
 benchmarks call it explicitly (in a benchmark it applies to every contender in the process).
+
+That price is paid at every compilation: XLA's compiler frees hundreds of MiB of working memory
+(~600 MiB for the tiny model's GRPO train step) scattered through the heap, and a kept heap
+holds it, so the next compilation or the first steps' buffers stack on top of it.
+`watch_compiles(release_memory=True)` hands the free pages back to the kernel (`malloc_trim`)
+right after each XLA compilation; steady-state steps, which compile nothing, keep their
+buffers mapped. `compile_counts()` tells how many programs each jitted function compiled.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import sys
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 1 << 30  # 1 GiB: larger blocks than this are still mapped and unmapped
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
+_listening = False
+_release = False
+_compiles: collections.Counter[str] = collections.Counter()
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
 
 
 def keep_freed_memory() -> bool:
@@ -30,15 +55,10 @@ def keep_freed_memory() -> bool:
       True when both settings were applied (Linux with glibc); False elsewhere, where it does
       nothing.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(name)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+    except AttributeError:  # no libc here, or not glibc (e.g. musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # Both are needed: a high mmap threshold alone makes every free trim the heap (more
@@ -46,3 +66,42 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
     )
+
+
+def release_freed_memory() -> bool:
+    """Returns the heap's free pages to the kernel now (glibc `malloc_trim(0)`); the blocks in
+    use stay where they are. Returns True when pages were released, False when there was
+    nothing to release or no glibc."""
+    libc = _libc()
+    try:
+        trim = libc.malloc_trim
+    except AttributeError:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
+
+
+def _on_duration(event: str, _duration: float, fun_name: str = "", **_kw: Any) -> None:
+    if event == _COMPILE_EVENT:
+        _compiles[fun_name] += 1
+        if _release:
+            release_freed_memory()
+
+
+def watch_compiles(*, release_memory: bool = False) -> None:
+    """Counts this process's XLA backend compilations per function from now on
+    (`compile_counts`), through a `jax.monitoring` listener registered once. With
+    `release_memory` (glibc only), `release_freed_memory()` also runs after each compilation,
+    in the compiling thread, before the new program first runs."""
+    global _listening, _release
+    _release = _release or (release_memory and _libc() is not None)
+    if not _listening:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _listening = True
+
+
+def compile_counts() -> dict[str, int]:
+    """XLA backend compilations per program name (`jit(<function>)`) since `watch_compiles`."""
+    return dict(_compiles)

@@ -440,6 +440,14 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     return int(buckets[i])
 
 
+def completion_width(
+    max_new_tokens: int, completion_buckets: Sequence[int] | None = COMPLETION_BUCKETS
+) -> int:
+    """L of a rollout's `[B*G, L]` arrays: the completion bucket of `max_new_tokens` (itself
+    when `completion_buckets` is None)."""
+    return bucket(max_new_tokens, completion_buckets) if completion_buckets else max_new_tokens
+
+
 def pad_batch(
     batch: Mapping[str, Any],
     *,
@@ -631,7 +639,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    big_l = bucket(max_new_tokens, completion_buckets) if completion_buckets else max_new_tokens
+    big_l = completion_width(max_new_tokens, completion_buckets)
     if isinstance(batch["input_ids"], np.ndarray) and batch.get("pixel_values") is not None:
         rope.check_image_tokens(
             batch["input_ids"],

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from visionr1_jax import grpo, sharding
 from visionr1_jax.models import qwen_vl, rope
@@ -453,6 +454,7 @@ def init_train_state(
     rng: jax.Array,
     *,
     beta: float | None = None,
+    abstract: bool = False,
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Splits `model` into its graph definition and a fresh `TrainState`.
 
@@ -462,18 +464,49 @@ def init_train_state(
       rng: a PRNG key.
       beta: the KL coefficient (None: `config.grpo.beta`); with 0 no reference tree is made,
         else `ref_params` is a copy of the trainable start parameters (same shardings).
+      abstract: the optimizer state and the reference as `jax.ShapeDtypeStruct`s with the
+        shardings the concrete ones get (nothing allocated), to compile the train step
+        before they exist; the other fields are the concrete arrays.
     Returns:
       `(graphdef, state)`: `nnx.merge(graphdef, state.params, state.frozen)` is the policy.
       The state holds the model's own arrays, which the first (donating) step consumes: use
-      the merged state afterwards, not `model`.
+      the merged state afterwards, not `model`. The optimizer's moments have their
+      parameter's sharding (FSDP/tensor layout), its counters are replicated.
     """
     validate_config(config)
     beta = float(config.grpo.beta if beta is None else beta)
     graphdef, frozen, params = nnx.split(model, frozen_filter(config), ...)
-    opt_state = make_optimizer(config).init(params)
-    ref = jax.tree.map(jnp.copy, params) if beta != 0 else None
+    optimizer = make_optimizer(config)
+    opt_sharding = _opt_shardings(optimizer, params)
     step = jnp.zeros((), jnp.int32)
+    if abstract:
+        sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        opt_state = jax.tree.map(sds, jax.eval_shape(optimizer.init, params), opt_sharding)
+        ref = jax.tree.map(lambda p: sds(p, p.sharding), params) if beta != 0 else None
+        return graphdef, TrainState(params, frozen, opt_state, step, rng, ref)
+    if opt_sharding is None:
+        opt_state = optimizer.init(params)
+    else:
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(params)
+    ref = jax.tree.map(jnp.copy, params) if beta != 0 else None
     return graphdef, TrainState(params, frozen, opt_state, step, rng, ref)
+
+
+def _opt_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """Shardings of `optimizer.init(params)`: each per-parameter tree (Adam's moments) as the
+    parameters, other leaves (counters) replicated; None when the parameters are not laid out
+    on a mesh (`NamedSharding`)."""
+    leaves = jax.tree.leaves(params)
+    if not leaves or not all(isinstance(x.sharding, NamedSharding) for x in leaves):
+        return None
+    replicated = NamedSharding(leaves[0].sharding.mesh, PartitionSpec())
+    return optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, p: p.sharding,
+        jax.eval_shape(optimizer.init, params),
+        params,
+        transform_non_params=lambda _: replicated,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,7 +732,8 @@ class Run:
       eos_ids: the checkpoint's stop ids (a completion without one at its end is truncated).
       score_fn: `(run, host_batch, completions, step) -> per-row terms` (None: `score_rows`,
         the Vision-R1 reward); must give `reward/total` and `valid`.
-      memory: the train step's compiled `memory_analysis()` (logged at its first call).
+      memory: the GRPO train step's compiled `memory_analysis()` (logged at start-up;
+        SFT: at its first call).
     """
 
     config: ml_collections.ConfigDict
@@ -776,6 +810,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         raise ValueError("sft.eval_every > 0 evaluates on one process; set it to 0 on multi-host")
     if jax.default_backend() == "cpu":
         host.keep_freed_memory()
+    host.watch_compiles(release_memory=jax.default_backend() == "cpu")
     mesh = make_run_mesh(config)
     path = checkpoint_path(config, workdir)
     m = config.model
@@ -790,11 +825,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         )
         objective = config.get("objective", "grpo")
         beta = 0.0 if objective == "sft" else None
-        graphdef, state = init_train_state(
-            model, config, jax.random.key(int(config.seed)), beta=beta
-        )
+        key = jax.random.key(int(config.seed))
+        graphdef, abstract = init_train_state(model, config, key, beta=beta, abstract=True)
     processor = processing.load_processor(path)
     pipe = pipeline.DevicePrefetch(pipeline.InputPipeline(config.data, processor), mesh)
+    train_step = make_train_step(
+        graphdef, config, objective=objective, state_sharding=shardings_of(abstract)
+    )
+    memory = {}
+    if objective == "grpo":
+        # Compiled before the optimizer state and the reference exist: XLA's working memory
+        # (~0.6 GB for the tiny model on CPU) never coexists with them. The first batch's
+        # shapes; the loop's call reuses the executable.
+        with jax.set_mesh(mesh):
+            args = rollout_shapes(config, mesh, pipe.peek().arrays)
+            memory = log_memory("train_step", train_step, abstract, *args)
+    with jax.set_mesh(mesh):
+        graphdef, state = init_train_state(model, config, key, beta=beta)
+    if shardings_of(state) != shardings_of(abstract):
+        raise AssertionError("the train state's shardings differ from the compiled ones")
     eos_ids, _ = sampler.default_token_ids(nnx.merge(graphdef, state.params, state.frozen))
     return Run(
         config=config,
@@ -804,12 +853,44 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         state=state,
         processor=processor,
         pipe=pipe,
-        train_step=make_train_step(
-            graphdef, config, objective=objective, state_sharding=shardings_of(state)
-        ),
+        train_step=train_step,
         logprob_fn=make_logprob_fn(graphdef, config),
         reward_fn=rewards.make_reward_fn(config.reward) if "reward" in config else None,
         eos_ids=eos_ids,
+        memory=memory,
+    )
+
+
+def rows_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Rows sharded over the batch axes present in `mesh` (`data`, `fsdp`), other dims
+    replicated: the layout of the input pipeline's arrays and of every rollout array."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes or None))
+
+
+def rollout_shapes(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch: Mapping[str, Any]
+) -> tuple[Any, ...]:
+    """The GRPO train step's arguments after the state for prompt batch `batch` (B rows), as
+    `grpo_iteration` passes them: `(batch, tokens i32[B·G, L], mask bool[B·G, L],
+    advantages f32[B·G], old_logps, ref_logps)`, L = the sampler's completion width of
+    `grpo.max_new_tokens`; the log-probs are f32[B·G, L] when μ > 1 (the reference's when
+    β > 0), else None. Rows: `rows_sharding`."""
+    from visionr1_jax import sampler
+
+    c = config.grpo
+    r = batch["input_ids"].shape[0] * int(c.num_generations)
+    length = sampler.completion_width(int(c.max_new_tokens))
+    sh = rows_sharding(mesh)
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    logps = sds((r, length), jnp.float32) if int(c.num_iterations) > 1 else None
+    return (
+        batch,
+        sds((r, length), jnp.int32),
+        sds((r, length), jnp.bool_),
+        sds((r,), jnp.float32),
+        logps,
+        logps if logps is not None and float(c.beta) != 0 else None,
     )
 
 
@@ -906,9 +987,8 @@ def score_rows(
 
 def _global_rows(run: Run, local: np.ndarray, num_rows: int) -> jax.Array:
     """This process's rows `local` of a `num_rows`-row array, as a global array with its rows
-    sharded over the batch axes (as the input pipeline's and the rollout's rows)."""
-    axes = tuple(a for a in ("data", "fsdp") if a in run.mesh.axis_names)
-    sh = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(axes or None))
+    sharded over the batch axes (`rows_sharding`: as the input pipeline's and the rollout's)."""
+    sh = rows_sharding(run.mesh)
     return jax.make_array_from_process_local_data(sh, local, (num_rows, *local.shape[1:]))
 
 
@@ -993,22 +1073,26 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
     old_logps = ref_logps = None
     mu = min(int(c.num_iterations), int(run.config.total_steps) - step)
     with jax.set_mesh(run.mesh):
+        # Every rollout array laid out as `rollout_shapes` says, as the program compiled at
+        # start-up expects (a no-op where it already is).
+        sh = rows_sharding(run.mesh)
+        as_rows = lambda x: x if x is None or x.sharding == sh else jax.device_put(x, sh)
+        seqs, score_mask, advantages = map(as_rows, (rollout.tokens, score_mask, advantages))
         if int(c.num_iterations) > 1:
             s = run.state
-            old_logps = run.logprob_fn(s.params, s.frozen, arrays, rollout.tokens, score_mask)
+            old_logps = run.logprob_fn(s.params, s.frozen, arrays, seqs, score_mask)
             if s.ref_params is not None:
-                ref_logps = run.logprob_fn(
-                    s.ref_params, s.frozen, arrays, rollout.tokens, score_mask
-                )
+                ref_logps = run.logprob_fn(s.ref_params, s.frozen, arrays, seqs, score_mask)
+            old_logps, ref_logps = as_rows(old_logps), as_rows(ref_logps)
         if not run.memory:
             run.memory = log_memory(
-                "train_step", run.train_step, run.state, arrays, rollout.tokens, score_mask,
+                "train_step", run.train_step, run.state, arrays, seqs, score_mask,
                 advantages, old_logps, ref_logps,
             )  # fmt: skip
         out = []
         for _ in range(mu):
             run.state, m = run.train_step(
-                run.state, arrays, rollout.tokens, score_mask, advantages, old_logps, ref_logps
+                run.state, arrays, seqs, score_mask, advantages, old_logps, ref_logps
             )
             out.append(m)
         out = jax.device_get(out)

@@ -781,12 +781,14 @@ class DevicePrefetch:
         batches = DevicePrefetch(pipe, mesh)
         batch = next(batches)       # DeviceBatch
         saved = batches.get_state() # position after the last batch returned
+        first = batches.peek()      # the next batch, left for the next `next`
     """
 
     def __init__(self, pipe: InputPipeline, mesh: Any, size: int = 2, **kw: Any):
         self._pipe, self._mesh, self._kw = pipe, mesh, kw
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._state = pipe.get_state()
+        self._peeked: DeviceBatch | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="device_prefetch")
         self._thread.start()
@@ -813,15 +815,26 @@ class DevicePrefetch:
     def __iter__(self) -> DevicePrefetch:
         return self
 
-    def __next__(self) -> DeviceBatch:
+    def _get(self) -> DeviceBatch:
         item = self._queue.get()
         if isinstance(item, StopIteration):
             self._queue.put(item)
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
+        return item
+
+    def __next__(self) -> DeviceBatch:
+        item, self._peeked = self._peeked or self._get(), None
         self._state = item.state
         return item
+
+    def peek(self) -> DeviceBatch:
+        """The batch the next `next` returns, without taking it (`get_state` and `metrics`
+        stay at the last batch returned)."""
+        if self._peeked is None:
+            self._peeked = self._get()
+        return self._peeked
 
     def get_state(self) -> bytes:
         """The pipeline position after the last batch returned (prefetched ones excluded)."""
