@@ -23,7 +23,7 @@ test: $(STAMP)
 DEMO_WORKDIR ?= runs/demo
 
 demo: $(STAMP)
-	rm -f $(DEMO_WORKDIR)/metrics.jsonl $(DEMO_WORKDIR)/rollouts.jsonl
+	rm -rf $(DEMO_WORKDIR)/metrics.jsonl $(DEMO_WORKDIR)/rollouts.jsonl $(DEMO_WORKDIR)/checkpoints
 	$(BIN)/python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR)
 
 demo-rewards: $(STAMP)

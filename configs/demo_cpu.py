@@ -6,7 +6,9 @@
 temperature 1, top-k 50; 4 prompts × 48 new tokens per step, 40 steps, AdamW lr 1e-4). Expect a
 progress bar, one JSON line per step in WORKDIR/metrics.jsonl and the first rollouts in
 WORKDIR/rollouts.jsonl; about a minute of compilation, then well under a second per step on
-2 cores. From random weights the reward stays near 0 (answers do not parse yet): the demo shows
+2 cores. Checkpoints go to WORKDIR/checkpoints (steps 20 and 40): run the same command again
+after a kill and it resumes (``make demo`` starts afresh: it clears them).
+From random weights the reward stays near 0 (answers do not parse yet): the demo shows
 the job runs end to end; an SFT warm start (``--config.objective=sft``) teaches the format.
 Nothing is downloaded: the tiny checkpoint is written locally (``model.tiny``) and the
 ``synthetic_shapes`` dataset is generated from its seed. Config args (``key=value,...``):
@@ -21,7 +23,7 @@ Nothing is downloaded: the tiny checkpoint is written locally (``model.tiny``) a
 
 import ml_collections
 
-from visionr1_jax import config_lib, rewards, train
+from visionr1_jax import checkpoint, config_lib, rewards, train
 from visionr1_jax.data import data_config
 from visionr1_jax.models import model_config
 
@@ -49,4 +51,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim = train.optim_config()
     config.optim.learning_rate = 1e-4  # the tiny random model moves visibly in 40 steps
     config.mesh = config_lib.mesh_config(ici=(-1, 1, 1))
+    config.checkpoint = checkpoint.checkpoint_config()
+    config.checkpoint.every = 20
     return config

@@ -12,14 +12,16 @@ decayed linearly over 3,000 steps, no warm-up, grad-clip 1.0, max_pixels 401,408
 master weights, bfloat16 compute; parameters FSDP-sharded over 16 chips × tensor 2 within a
 slice. Expect one JSON line per step in WORKDIR/metrics.jsonl (reward terms, KL, loss, seconds
 per phase) and a progress bar on host 0; the train step's compiled memory per device is logged
-at start-up. Config args: ``:variant=paper,switch_step=1500`` (the
+at start-up. A checkpoint is saved under WORKDIR/checkpoints every 100 steps and on SIGTERM
+(a preemption notice); the same command restarts the run from the newest complete one.
+Config args: ``:variant=paper,switch_step=1500`` (the
 paper's schedule at STEP), ``:schedule=official_adaptive`` (the released ``--adaptive`` switch at
 step 1500; ``switch_step`` moves it); ``switch_step`` is rejected for a schedule without a switch.
 """
 
 import ml_collections
 
-from visionr1_jax import config_lib, rewards, train
+from visionr1_jax import checkpoint, config_lib, rewards, train
 from visionr1_jax.data import data_config
 from visionr1_jax.models import model_config
 
@@ -49,4 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grpo = train.grpo_config()  # SPEC §5 defaults (see the docstring)
     config.optim = train.optim_config()
     config.mesh = config_lib.mesh_config(ici=(1, 16, 2))
+    config.checkpoint = checkpoint.checkpoint_config()
+    config.checkpoint.every = 100  # async; the newest 3 kept, every 1,000th for good
+    config.checkpoint.keep_period = 1000
     return config

@@ -146,6 +146,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         from visionr1_jax import sft
 
         sft.validate_config(config)
+    if "checkpoint" in config:
+        from visionr1_jax import checkpoint
+
+        checkpoint.validate_config(config)
     for key in ("seed", "total_steps"):
         if key in config:
             value = config[key]

@@ -49,6 +49,28 @@ class JsonlWriter:
             self._file = None
 
 
+def truncate_jsonl(path: str, before_step: int) -> int:
+    """Keeps the lines of a `{"step": ...}` JSON-lines file whose step is below `before_step`
+    (a resumed run rewrites the steps after its checkpoint; a line torn by a kill is dropped);
+    atomic (a temporary file renamed over it). Process 0 only; returns the number of lines
+    dropped (0 without a file)."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return 0
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill mid-write
+                rows.append({"step": before_step})
+    kept = [r for r in rows if int(r["step"]) < before_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The rows of a metrics file, in order."""
     with open(path, encoding="utf-8") as f:

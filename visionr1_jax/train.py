@@ -4,7 +4,9 @@ This module holds the teacher-forced completion log-probs that the GRPO loss nee
 policy (differentiated) and the frozen reference (`grpo.loss`'s `logps`, `old_logps`,
 `ref_logps`), the GRPO and optimizer config sections (`grpo_config`, `optim_config`,
 `validate_config`), the train state (`TrainState`, `init_train_state`), the optimizer
-(`make_optimizer`) and the jitted update (`make_train_step`). The RL loop is to come.
+(`make_optimizer`), the jitted update (`make_train_step`) and the run: `run(config, workdir)`
+= `train_loop(setup(config, workdir))` (rollout → reward → updates per batch, metrics,
+checkpoints and resume through `checkpoint.Checkpointer`, SIGTERM, skipped non-finite steps).
 
 `completion_logprobs` recomputes, for each of the B*G rollout rows (row `b*G + g` is completion
 g of prompt b, as `sampler.generate` lays them out), log p(token_i | prompt_b, tokens_<i):
@@ -264,8 +266,11 @@ def optim_config() -> ml_collections.ConfigDict:
     `weight_decay` (0.0: TRL's `GRPOConfig` inherits `TrainingArguments.weight_decay = 0.0`),
     `grad_clip` (1.0, the global-norm clip of `max_grad_norm`; None = no clipping),
     `accumulation_steps` (1: micro-batches of B/k prompts per optimizer step, `lax.scan`
-    over them in the train step; must divide the batch). Adam's
-    β1 0.9, β2 0.999, ε 1e-8 are HF's defaults and fixed.
+    over them in the train step; must divide the batch), `max_bad_steps` (3: a step whose
+    loss or gradients hold a NaN or Inf is skipped, parameters and optimizer state left as
+    they were, and counted; that many in a row stop the run with an error, its last
+    checkpoint intact; None = never stop). Adam's β1 0.9, β2 0.999, ε 1e-8 are HF's defaults
+    and fixed.
     """
     c = ml_collections.ConfigDict()
     c.learning_rate = 1e-6
@@ -273,6 +278,7 @@ def optim_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     c.grad_clip = 1.0
     c.accumulation_steps = 1
+    c.max_bad_steps = 3
     return c
 
 
@@ -357,6 +363,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         batch = (config.get("data") or {}).get("batch_size")
         if _is_int(batch) and batch % acc:
             fail("optim.accumulation_steps", acc, f"must divide data.batch_size={batch}")
+        bad = o.get("max_bad_steps", 3)
+        if bad is not None and (not _is_int(bad) or bad < 1):
+            fail("optim.max_bad_steps", bad, "must be an int >= 1 or None")
         total = config.get("total_steps")
         if not _is_int(total) or total < 1:
             fail("total_steps", total, "must be an int >= 1 (the learning rate decays over it)")
@@ -569,7 +578,9 @@ def make_train_step(
     2. policy log-probs `completion_logprobs(policy, ...)` at `grpo.temperature`, and
        `grpo.loss(logps, old_logps, ref_logps, advantages, mask, β, ε, ε_high, kl,
        aggregation)` with its gradient w.r.t. `state.params` (frozen parameters get none);
-    3. the optax update (`make_optimizer`) and `step + 1`.
+    3. the optax update (`make_optimizer`) and `step + 1`; when the loss or the gradients
+       hold a NaN or Inf the parameters and the optimizer state stay as they were (a skipped
+       step, `bad_step` = 1; the step still counts).
 
     Args of `train_step`:
       state: `TrainState` (donated: do not reuse the argument).
@@ -579,8 +590,8 @@ def make_train_step(
       advantages: f32[B*G].
       old_logps: f32[B*G, L] or None (μ = 1: ratio ≡ 1).
       ref_logps: f32[B*G, L] or None (computed from `state.ref_params` when β > 0).
-    Metrics (f32[]): `loss`, `grad_norm` (before clipping), `learning_rate` (of this step)
-    and `grpo.loss`'s aux (`kl` when β > 0, clip fractions, ratio stats).
+    Metrics (f32[]): `loss`, `grad_norm` (before clipping), `learning_rate` (of this step),
+    `bad_step` (1: skipped) and `grpo.loss`'s aux (`kl` when β > 0, clip fractions, ratio stats).
 
     `optim.accumulation_steps` = k > 1: stages 1-2 run over k micro-batches of B/k prompts
     under `lax.scan` and the gradients are summed with the weights that make the result the
@@ -692,13 +703,18 @@ def make_train_step(
         else:
             (value, aux), grads = accumulated(state, *args)
 
-        # 3. update
+        # 3. update, unless the loss or a gradient is not finite (then a skipped step)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics = {
             "loss": value,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            "bad_step": 1.0 - finite.astype(jnp.float32),
             **aux,
         }
         new = dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1)
@@ -734,6 +750,11 @@ class Run:
         the Vision-R1 reward); must give `reward/total` and `valid`.
       memory: the GRPO train step's compiled `memory_analysis()` (logged at start-up;
         SFT: at its first call).
+      checkpointer: the run's `checkpoint.Checkpointer` (None without a `checkpoint`
+        section: nothing is saved).
+      resumed_from: the checkpoint step the run resumed from (None: a fresh start).
+      term: the `TermSignal` installed first thing in `setup` (a SIGTERM during start-up
+        stops the run after its first iteration, saved).
     """
 
     config: ml_collections.ConfigDict
@@ -749,6 +770,9 @@ class Run:
     eos_ids: tuple[int, ...]
     score_fn: Callable[..., dict[str, np.ndarray]] | None = None
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    checkpointer: Any = None
+    resumed_from: int | None = None
+    term: Any = None
 
     @property
     def policy(self) -> qwen_vl.QwenVL:
@@ -799,11 +823,14 @@ def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Validates the config, builds the mesh, loads the policy (and reference), the processor,
     the input pipeline and the reward; nothing is compiled before the config is validated."""
-    from visionr1_jax import config_lib, host, processing, rewards, sampler
+    import os
+
+    from visionr1_jax import checkpoint, config_lib, host, processing, rewards, sampler
     from visionr1_jax.data import pipeline
     from visionr1_jax.models import hf_weights
 
     config_lib.validate(config)
+    term = TermSignal()
     if config.get("objective", "grpo") == "grpo" and "reward" not in config:
         raise ValueError("objective='grpo' needs a `reward` section (rewards.default_config())")
     if "sft" in config and config.sft.eval_every and jax.process_count() > 1:
@@ -828,7 +855,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         key = jax.random.key(int(config.seed))
         graphdef, abstract = init_train_state(model, config, key, beta=beta, abstract=True)
     processor = processing.load_processor(path)
-    pipe = pipeline.DevicePrefetch(pipeline.InputPipeline(config.data, processor), mesh)
+    ckpt = checkpoint.Checkpointer(workdir, config) if "checkpoint" in config else None
+    resume = ckpt.latest_step() if ckpt is not None and config.checkpoint.resume else None
+    inner = pipeline.InputPipeline(config.data, processor)
+    if resume is not None:
+        inner.set_state(ckpt.restore_data(resume))  # before the prefetch thread reads on
+    pipe = pipeline.DevicePrefetch(inner, mesh)
     train_step = make_train_step(
         graphdef, config, objective=objective, state_sharding=shardings_of(abstract)
     )
@@ -844,6 +876,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         graphdef, state = init_train_state(model, config, key, beta=beta)
     if shardings_of(state) != shardings_of(abstract):
         raise AssertionError("the train state's shardings differ from the compiled ones")
+    if resume is not None:
+        from absl import logging
+
+        from visionr1_jax import metrics as metrics_lib
+
+        state = ckpt.restore(resume, state).state
+        for name in ("metrics.jsonl", "rollouts.jsonl"):  # steps after it are redone
+            metrics_lib.truncate_jsonl(os.path.join(workdir, name), resume)
+        logging.info("resuming from checkpoint step %d (%s)", resume, ckpt.directory)
     eos_ids, _ = sampler.default_token_ids(nnx.merge(graphdef, state.params, state.frozen))
     return Run(
         config=config,
@@ -858,6 +899,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         reward_fn=rewards.make_reward_fn(config.reward) if "reward" in config else None,
         eos_ids=eos_ids,
         memory=memory,
+        checkpointer=ckpt,
+        resumed_from=resume,
+        term=term,
     )
 
 
@@ -1140,6 +1184,10 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
     reward → μ updates per batch, `grpo_iteration`; `sft`: supervised warm start,
     `sft.sft_iteration`), writing one JSON line per step to `<workdir>/metrics.jsonl` (step,
     reward terms, KL, loss, seconds per phase, data counters) under a progress bar.
+
+    With a checkpointer (`config.checkpoint`) it saves every `checkpoint.every` steps and at
+    the end, and a SIGTERM (a preemption notice) makes it save after the current iteration
+    and return (every process stops at the same step).
     """
     import time
 
@@ -1151,6 +1199,9 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
     total = int(config.total_steps)
     bar = metrics_lib.Progress(total, int(r.state.step), enabled=config.get("progress", True))
     rows: list[dict[str, Any]] = []
+    term = r.term or TermSignal()
+    max_bad = (config.get("optim") or {}).get("max_bad_steps", 3)
+    bad_run = bad_total = 0
     try:
         while int(r.state.step) < total:
             t0 = time.perf_counter()
@@ -1171,15 +1222,88 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
             else:
                 step_rows = grpo_iteration(r, device_batch)
             seconds = time.perf_counter() - t0
-            first = int(r.state.step) - len(step_rows)
+            step = int(r.state.step)
+            first = step - len(step_rows)
             for i, m in enumerate(step_rows):
+                bad_run = bad_run + 1 if m.get("bad_step") else 0
+                bad_total += bool(m.get("bad_step"))
                 m = {**m, "time/data": t_data, "time/step": seconds / len(step_rows)}
-                m.update(r.pipe.metrics())
+                m.update(r.pipe.metrics(), bad_steps_total=bad_total)
                 writer.write(first + i, m)
                 rows.append({"step": first + i, **m})
             bar.update(len(step_rows), rows[-1])
+            if max_bad is not None and bad_run >= max_bad:
+                last = r.checkpointer.latest_step() if r.checkpointer is not None else None
+                raise FloatingPointError(
+                    f"{bad_run} optimizer steps in a row (to step {step - 1}) had a NaN or Inf "
+                    f"in the loss or the gradients (optim.max_bad_steps={max_bad}); each was "
+                    "skipped, and the run stops here without saving. "
+                    + (f"The last checkpoint (step {last}) is intact." if last is not None
+                       else "No checkpoint was saved.")
+                )  # fmt: skip
+            stop = term.received()
+            if r.checkpointer is not None and (
+                stop or step == total or r.checkpointer.should_save(step)
+            ):
+                save_checkpoint(r)
+            if stop:
+                from absl import logging
+
+                if r.checkpointer is not None:
+                    r.checkpointer.wait()
+                logging.warning("SIGTERM: stopped after step %d (checkpoint saved)", step)
+                break
     finally:
+        term.restore()
         bar.close()
         writer.close()
         r.pipe.close()
+        if r.checkpointer is not None:
+            r.checkpointer.close()  # waits for the last save to commit
     return rows
+
+
+def save_checkpoint(r: Run) -> None:
+    """Saves the run at its current step (`checkpoint.Checkpointer.save`): the state, this
+    host's pipeline position after the last batch consumed, and the thresholds in force."""
+    step = int(r.state.step)
+    meta = {}
+    if "reward" in r.config and r.config.reward.get("stages"):
+        stages = [dict(s) for s in r.config.reward.stages]
+        meta["thresholds"] = max(
+            (s for s in stages if s["start_step"] <= step), key=lambda s: s["start_step"]
+        )
+    r.checkpointer.save(step, r.state, r.pipe.get_state(), meta)
+
+
+class TermSignal:
+    """Records a SIGTERM instead of dying (installed from the main thread only; elsewhere it
+    never fires); `received()` is agreed over the processes, so all stop at the same step."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self._flag = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        del signum, frame
+        self._flag = True
+
+    def received(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self._flag))
+        return bool(np.max(flags))
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

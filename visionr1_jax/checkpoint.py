@@ -1,0 +1,242 @@
+"""Run checkpoints: an orbax `CheckpointManager` under `<workdir>/checkpoints`.
+
+What a checkpoint holds (one orbax step directory, committed atomically: orbax writes a
+temporary directory and renames it once every item and every host is done, so a killed save
+leaves nothing that `latest_step` would pick):
+
+- `state`: the train state's trainable parameters, optimizer state, step and PRNG key data,
+  each array with its global shape (restored onto any mesh: the target shardings come from
+  the restoring run's own state);
+- `data`: every host's input-pipeline position (`DevicePrefetch.get_state`, the batch after
+  the last one consumed), one file per process as grain's orbax handler writes them;
+- `meta`: the step, the reward thresholds in force at it, and the run config (JSON).
+
+Not saved, because they never change and the run's start checkpoint (`model.checkpoint` or
+the tiny one) gives them back: the frozen parameters (`model.freeze_vision_tower`) and the
+reference tree (a copy of the start parameters).
+
+Usage (the loop, `train.train_loop`)::
+
+    ckpt = Checkpointer(workdir, config)
+    restored = ckpt.restore_latest(state)       # None: fresh run
+    ...
+    ckpt.maybe_save(step, state, pipe.get_state())   # every `checkpoint.every` steps, async
+    ckpt.close()                                     # waits for the last save
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+    """The `checkpoint` section of a run config.
+
+    Fields: `every` (save every that many optimizer steps, at a rollout boundary, so a
+    multiple of `grpo.num_iterations`; 0 = only at the end and on SIGTERM), `keep` (the
+    newest N checkpoints are kept; None = all), `keep_period` (every K-th step is also kept
+    for good; None = off), `async_save` (the loop goes on while the arrays are written),
+    `resume` (start from the newest complete checkpoint in the workdir when there is one).
+    """
+    c = ml_collections.ConfigDict()
+    c.every = 0
+    c.keep = 3
+    c.keep_period = ml_collections.config_dict.placeholder(int)
+    c.async_save = True
+    c.resume = True
+    return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad `checkpoint.*` value (a run config without the
+    section is valid: nothing is saved)."""
+    c = config.get("checkpoint")
+    if c is None:
+        return
+    mu = int(config.grpo.num_iterations) if "grpo" in config else 1
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+    if not is_int(c.every) or c.every < 0:
+        raise ValueError(f"checkpoint.every={c.every!r} must be an integer >= 0")
+    if config.get("objective", "grpo") == "grpo" and c.every % mu:
+        raise ValueError(
+            f"checkpoint.every={c.every} is not a multiple of grpo.num_iterations={mu}: saves "
+            "happen between rollouts, so such a value would not be honoured"
+        )
+    if c.keep is not None and (not is_int(c.keep) or c.keep < 1):
+        raise ValueError(f"checkpoint.keep={c.keep!r} must be a positive integer or None")
+    if c.keep_period is not None and (not is_int(c.keep_period) or c.keep_period < 1):
+        raise ValueError(f"checkpoint.keep_period={c.keep_period!r} must be a positive integer")
+    if c.keep_period is not None and c.every and c.keep_period % c.every:
+        raise ValueError(
+            f"checkpoint.keep_period={c.keep_period} is not a multiple of "
+            f"checkpoint.every={c.every}: no saved step would be kept by it"
+        )
+    for key in ("async_save", "resume"):
+        if not isinstance(c.get(key), bool):
+            raise ValueError(f"checkpoint.{key}={c.get(key)!r} must be True or False")
+
+
+# ------------------------------------------------------------------------------ data item
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Each host's input-pipeline state (bytes), one `process_{i}-of-{n}.json` per host."""
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_bytes(args.state)
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> bytes:
+        del args
+        path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir())
+            raise ValueError(
+                f"{path} is missing: the checkpoint's data state was saved by {found}; resume "
+                "with the same number of processes"
+            )
+        return path.read_bytes()
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: bytes
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ------------------------------------------------------------------------------ the manager
+
+
+def saved_tree(state: Any) -> dict[str, Any]:
+    """The arrays of a `train.TrainState` a checkpoint holds (see the module docstring)."""
+    return {
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "step": state.step,
+        "rng": jax.random.key_data(state.rng),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `Checkpointer.restore` gives back: the train state (the restoring run's frozen
+    parameters and reference kept), this host's pipeline state and the saved `meta`."""
+
+    state: Any
+    data_state: bytes
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under `<workdir>/checkpoints` (local or gs://).
+
+    Args:
+      workdir: the run's directory.
+      config: the run config (its `checkpoint` section; absent = `checkpoint_config()`).
+    """
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+        self.config = config
+        self.c = config.get("checkpoint") or checkpoint_config()
+        validate_config(config)
+        self.directory = epath.Path(workdir) / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.c.keep,
+            keep_period=self.c.keep_period,
+            enable_async_checkpointing=bool(self.c.async_save),
+            cleanup_tmp_directories=True,  # a save killed half-way is removed, never read
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete (committed) checkpoint's step, or None."""
+        self.manager.reload()
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        self.manager.reload()
+        return list(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """A save is due after optimizer step `step` (`checkpoint.every`)."""
+        every = int(self.c.every)
+        return bool(every) and step % every == 0
+
+    def save(self, step: int, state: Any, data_state: bytes, meta: dict[str, Any]) -> None:
+        """Saves `state` (its step is `step`) and this host's `data_state`; returns once the
+        arrays are copied off the devices (the write goes on in the background when
+        `checkpoint.async_save`). Every process calls it."""
+        meta = {"step": int(step), **meta, "config": json.loads(self.config.to_json_best_effort())}
+        self.manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(saved_tree(state)),
+                data=DataStateSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore_data(self, step: int) -> bytes:
+        """This host's input-pipeline state saved at `step` (set it before reading batches)."""
+        out = self.manager.restore(int(step), args=ocp.args.Composite(data=DataStateRestore()))
+        return out["data"]
+
+    def restore(self, step: int, like: Any) -> Restored:
+        """The checkpoint of `step` restored into the shapes and shardings of the train state
+        `like` (any mesh: each array is read straight into its target shards)."""
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            saved_tree(like),
+        )
+        out = self.manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=DataStateRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        tree = out["state"]
+        rng = jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(like.rng))
+        state = dataclasses.replace(
+            like, params=tree["params"], opt_state=tree["opt_state"], step=tree["step"], rng=rng
+        )
+        return Restored(state=state, data_state=out["data"], meta=dict(out["meta"]))
+
+    def wait(self) -> None:
+        """Blocks until the last save is committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
