@@ -322,6 +322,8 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(assets, tmp_path):
     assert [m["bad_step"] for m in rows] == [0, 0, 1, 1]
     assert [m["bad_steps_total"] for m in rows] == [0, 0, 1, 2]
     assert rows[2]["loss"] is None  # NaN, written as null
+    # the loop's blocked time of each save, reported with the next step
+    assert "time/checkpoint" not in rows[0] and all(m["time/checkpoint"] > 0 for m in rows[1:])
     assert committed(str(tmp_path)) == [1, 2, 3]  # nothing saved after the second bad step
     _, _, like = state_on(assets["checkpoint"], (1, 1, 1))
     loader = checkpoint.Checkpointer(str(tmp_path), c)

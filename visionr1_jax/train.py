@@ -1186,7 +1186,8 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
     reward terms, KL, loss, seconds per phase, data counters) under a progress bar.
 
     With a checkpointer (`config.checkpoint`) it saves every `checkpoint.every` steps and at
-    the end, and a SIGTERM (a preemption notice) makes it save after the current iteration
+    the end (the seconds the loop was blocked by a save, `time/checkpoint`, are reported with
+    the next step), and a SIGTERM (a preemption notice) makes it save after the current iteration
     and return (every process stops at the same step).
     """
     import time
@@ -1202,6 +1203,7 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
     term = r.term or TermSignal()
     max_bad = (config.get("optim") or {}).get("max_bad_steps", 3)
     bad_run = bad_total = 0
+    saved_s = None
     try:
         while int(r.state.step) < total:
             t0 = time.perf_counter()
@@ -1228,6 +1230,8 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
                 bad_run = bad_run + 1 if m.get("bad_step") else 0
                 bad_total += bool(m.get("bad_step"))
                 m = {**m, "time/data": t_data, "time/step": seconds / len(step_rows)}
+                if i == 0 and saved_s is not None:  # the save after the previous iteration
+                    m["time/checkpoint"], saved_s = saved_s, None
                 m.update(r.pipe.metrics(), bad_steps_total=bad_total)
                 writer.write(first + i, m)
                 rows.append({"step": first + i, **m})
@@ -1245,7 +1249,9 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
             if r.checkpointer is not None and (
                 stop or step == total or r.checkpointer.should_save(step)
             ):
+                t_save = time.perf_counter()
                 save_checkpoint(r)
+                saved_s = time.perf_counter() - t_save  # the loop's blocked time (async save)
             if stop:
                 from absl import logging
 
