@@ -2,7 +2,8 @@
 
 XLA_FLAGS must be set before jax creates its CPU backend, which is why it lives here. Flags
 already in the environment are kept and the device count is appended to them (replacing any
-count they give: the sharded tests build meshes of exactly 8 devices), so those tests always run.
+count they give: the sharded tests build meshes of exactly 8 devices), so those tests always
+run. XLA:CPU code generation is unoptimised (see below) unless XLA_FLAGS chooses a level.
 """
 
 import os
@@ -20,7 +21,14 @@ def with_device_count(flags: str, n: int = NUM_DEVICES) -> str:
     return flags[: found.start()] + f"{_COUNT_FLAG}={n}" + flags[found.end() :]
 
 
+_OPT_FLAG = "--xla_backend_optimization_level"
 os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""))
+if _OPT_FLAG not in os.environ["XLA_FLAGS"]:
+    # Unoptimised XLA:CPU code generation (LLVM -O0; XLA's own HLO passes still run): the tests
+    # check what the programs compute, and most of their time is compilation, which takes
+    # about 2/3 as long this way (measured: tests/test_train_step.py 97 s -> 70 s). Runs and
+    # benchmarks keep the default level. Set the flag in XLA_FLAGS to choose another.
+    os.environ["XLA_FLAGS"] += f" {_OPT_FLAG}=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
