@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -165,6 +166,8 @@ class Checkpointer:
         self.config = config
         self.c = config.get("checkpoint") or checkpoint_config()
         validate_config(config)
+        if "://" not in workdir:  # orbax's array store wants absolute local paths
+            workdir = os.path.abspath(workdir)
         self.directory = epath.Path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.c.keep,
