@@ -31,6 +31,7 @@ setup(
         "orjson>=3.10",
         "absl-py>=2.1",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is pinned to the CPU build that lies on local disk; never let pip pick another.
