@@ -4,12 +4,15 @@
 
 `make demo` runs this: Vision-R1 GRPO on the tiny random checkpoint (β 0.04, k3, G 4,
 temperature 1, top-k 50; 4 prompts × 48 new tokens per step, 40 steps, AdamW lr 1e-4). Expect a
-progress bar, one JSON line per step in WORKDIR/metrics.jsonl and the first rollouts in
-WORKDIR/rollouts.jsonl; about a minute of compilation, then well under a second per step on
+progress bar, one JSON line per step in WORKDIR/metrics.jsonl (and TensorBoard events in
+WORKDIR/tensorboard: ``tensorboard --logdir WORKDIR``), the first rollouts in
+WORKDIR/rollouts.jsonl and, every 10 steps, completions drawn over their images in
+WORKDIR/renderings; about a minute of compilation, then well under a second per step on
 2 cores. Checkpoints go to WORKDIR/checkpoints (steps 20 and 40): run the same command again
 after a kill and it resumes (``make demo`` starts afresh: it clears them).
 From random weights the reward stays near 0 (answers do not parse yet): the demo shows
-the job runs end to end; an SFT warm start (``--config.objective=sft``) teaches the format.
+the job runs end to end; an SFT warm start (``--config.objective=sft
+--config.metrics.render_every=0``) teaches the format.
 Nothing is downloaded: the tiny checkpoint is written locally (``model.tiny``) and the
 ``synthetic_shapes`` dataset is generated from its seed. Config args (``key=value,...``):
 
@@ -23,7 +26,7 @@ Nothing is downloaded: the tiny checkpoint is written locally (``model.tiny``) a
 
 import ml_collections
 
-from visionr1_jax import checkpoint, config_lib, rewards, train
+from visionr1_jax import checkpoint, config_lib, metrics, rewards, train
 from visionr1_jax.data import data_config
 from visionr1_jax.models import model_config
 
@@ -53,4 +56,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = config_lib.mesh_config(ici=(-1, 1, 1))
     config.checkpoint = checkpoint.checkpoint_config()
     config.checkpoint.every = 20
+    config.metrics = metrics.metrics_config()  # TensorBoard under WORKDIR/tensorboard
+    config.metrics.render_every = 10  # PNGs of completions under WORKDIR/renderings
     return config

@@ -21,7 +21,7 @@ step 1500; ``switch_step`` moves it); ``switch_step`` is rejected for a schedule
 
 import ml_collections
 
-from visionr1_jax import checkpoint, config_lib, rewards, train
+from visionr1_jax import checkpoint, config_lib, metrics, rewards, train
 from visionr1_jax.data import data_config
 from visionr1_jax.models import model_config
 
@@ -54,4 +54,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint = checkpoint.checkpoint_config()
     config.checkpoint.every = 100  # async; the newest 3 kept, every 1,000th for good
     config.checkpoint.keep_period = 1000
+    config.metrics = metrics.metrics_config()
+    config.metrics.render_every = 100
     return config

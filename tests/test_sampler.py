@@ -455,7 +455,7 @@ def test_rollout_is_a_pytree_and_bf16_cache_tracks_float32(tiny):
                            max_new_tokens=n)  # fmt: skip
     assert out.tokens.dtype == jnp.int32 and out.tokens.shape == (6, 16)
     assert out.mask.dtype == jnp.bool_ and out.logprobs.dtype == jnp.float32
-    assert len(jax.tree.leaves(out)) == 5
+    assert len(jax.tree.leaves(out)) == 6  # tokens, mask, logprobs, num_tokens, steps, entropy
     doubled = jax.jit(lambda r: dataclasses.replace(r, logprobs=2 * r.logprobs))(out)
     assert doubled.num_generations == 2
     np.testing.assert_array_equal(np.asarray(doubled.logprobs), 2 * np.asarray(out.logprobs))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -185,3 +186,105 @@ def test_grpo_loop_learns_a_verifiable_reward_from_random_init(ckpt, data_dir, t
     assert len(logged[0]["tokens"]) == 32 and len(logged[0]["rewards"]) == 32
     assert all(1 <= len(t) <= 12 for t in logged[0]["tokens"])
     np.testing.assert_allclose(np.mean(logged[0]["rewards"]), reward[0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ telemetry
+
+# Every key the GRPO loop writes each step with β > 0 (issue 11: detection telemetry).
+TELEMETRY = (
+    "reward/total", "reward/format", "reward/recall", "reward/precision",
+    "reward/total_std", "reward/format_std", "reward/recall_std", "reward/precision_std",
+    "reward/group_std", "reward/zero_std_groups",
+    "matched_iou", "matched_giou", "boxes/pred", "boxes/gt", "boxes/matched",
+    "parse_rate", "parse_failure", "completion/truncated", "completion/length",
+    "completion/tokens", "entropy",
+    "threshold/recall_tp", "threshold/recall_lo", "threshold/recall_hi",
+    "threshold/precision_lo", "threshold/precision_hi",
+    "loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "grad_norm",
+    "learning_rate", "bad_step", "bad_steps_total",
+    "time/data", "time/rollout", "time/reward", "time/reference", "time/update", "time/step",
+    "throughput/tokens_per_s", "throughput/rollout_tokens_per_s", "compiles",
+    "data/skipped_total", "data/selected_out_total",
+)  # fmt: skip
+
+
+def read_events(logdir) -> tuple[dict, dict]:
+    """TensorBoard event files read back without TensorBoard: TFRecord frames (u64 length,
+    u32 crc, payload, u32 crc) of `Event` protos. Returns ({tag: {step: value}},
+    {tag: {step: png bytes}})."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars, images = {}, {}
+    files = sorted(glob.glob(os.path.join(str(logdir), "events.out.tfevents.*")))
+    assert files, logdir
+    for name in files:
+        data = open(name, "rb").read()
+        at = 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + n])
+            at += 16 + n
+            for v in event.summary.value:
+                if v.HasField("image"):
+                    images.setdefault(v.tag, {})[event.step] = v.image.encoded_image_string
+                else:
+                    scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+    return scalars, images
+
+
+def test_telemetry_in_metrics_jsonl_tensorboard_and_renderings(ckpt, data_dir, tmp_path):
+    """A 4-step run with β > 0 writes every telemetry key each step to metrics.jsonl and the
+    same values to TensorBoard (read back from the event files), and renders completions
+    over their images every `metrics.render_every` steps (PNG files and TensorBoard images)."""
+    import io
+
+    from PIL import Image
+
+    c = loop_config(ckpt, data_dir, beta=0.04)
+    c.metrics = metrics.metrics_config()
+    c.metrics.render_every = 2
+    c.metrics.render_count = 2
+    train.run(c, str(tmp_path))
+
+    written = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [m["step"] for m in written] == [0, 1, 2, 3]
+    stages = [dict(x) for x in c.reward.stages]
+    for m in written:
+        missing = [k for k in TELEMETRY if k not in m]
+        assert not missing, (m["step"], missing)
+        for k in TELEMETRY:
+            assert isinstance(m[k], int | float) and np.isfinite(m[k]), (m["step"], k, m[k])
+        assert 0 <= m["matched_iou"] <= 1 and -1 <= m["matched_giou"] <= m["matched_iou"]
+        assert m["boxes/gt"] >= 1 and m["boxes/matched"] <= min(m["boxes/pred"], m["boxes/gt"])
+        assert m["entropy"] > 0 and m["time/reference"] > 0 and m["kl"] >= 0
+        assert m["compiles"] >= 3  # at least the sampler, the reward and the train step
+        # the thresholds in force: the last stage started at or before the step
+        stage = max((x for x in stages if x["start_step"] <= m["step"]),
+                    key=lambda x: x["start_step"])  # fmt: skip
+        for k in ("recall_tp", "recall_lo", "recall_hi", "precision_lo", "precision_hi"):
+            assert m[f"threshold/{k}"] == float(np.float32(stage[k])), k
+        length = m["completion/tokens"] / (c.data.batch_size * c.grpo.num_generations)
+        assert abs(m["completion/length"] - length) <= 1e-6 * length  # one mean, two ways
+
+    scalars, images = read_events(tmp_path / "tensorboard")
+    for m in written:
+        for k, v in m.items():
+            if k == "step" or v is None:
+                continue
+            # TensorBoard stores float32: equal to the JSON value rounded to float32.
+            assert scalars[k][m["step"]] == np.float32(v), (k, m["step"])
+    assert sorted(images) == ["rollout/0", "rollout/1"]
+    for tag, by_step in images.items():
+        assert sorted(by_step) == [0, 2], tag
+        png = np.asarray(Image.open(io.BytesIO(by_step[0])).convert("RGB"))
+        disk = np.asarray(
+            Image.open(tmp_path / "renderings" / "step_0" / f"{tag.replace('/', '_')}.png")
+        )
+        np.testing.assert_array_equal(png, disk)
+        assert min(png.shape[:2]) >= 256
+        # the ground-truth boxes (every training prompt has at least one) are drawn in green
+        green = (png[..., 1] > 200) & (png[..., 0] < 60) & (png[..., 2] < 60)
+        assert green.sum() > 50, tag

@@ -150,6 +150,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         from visionr1_jax import checkpoint
 
         checkpoint.validate_config(config)
+    if "metrics" in config:
+        from visionr1_jax import metrics
+
+        metrics.validate_config(config)
     for key in ("seed", "total_steps"):
         if key in config:
             value = config[key]

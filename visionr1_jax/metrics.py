@@ -1,7 +1,29 @@
-"""Run metrics: one JSON line per step in `<workdir>/metrics.jsonl` and a progress bar.
+"""Run metrics: one JSON line per step in `<workdir>/metrics.jsonl`, TensorBoard event files
+under `<workdir>/tensorboard` (tensorboardX: no TensorFlow), PNG renderings of completions
+under `<workdir>/renderings`, and a progress bar.
 
-Only process 0 writes (every process computes the same global values). The writer appends, so
-a resumed run continues the same file; full telemetry (TensorBoard, renderings) builds on this.
+Only process 0 writes (every process computes the same global values). The writers append, so
+a resumed run continues the same files: the JSON lines after the checkpoint are dropped
+(`truncate_jsonl`) and TensorBoard is told to purge the events from that step on
+(`purge_step`).
+
+The keys the GRPO loop writes each optimizer step (`train.grpo_iteration`, `train.train_loop`):
+
+- reward: `reward/{total,format,recall,precision}` and their `..._std` over the rollout's
+  completions, `reward/group_std` (mean within-group std), `reward/zero_std_groups`
+  (fraction of groups whose G rewards are equal: no learning signal);
+- boxes: `matched_iou`, `matched_giou` (mean over a completion's matched pairs, then over
+  completions), `boxes/pred`, `boxes/gt`, `boxes/matched` per completion, `parse_rate`
+  (official format check passed), `parse_failure` (the configured format check failed);
+- the thresholds in force: `threshold/*` (the rule-refinement stage of the step);
+- policy: `loss`, `kl` (β > 0), `clip_frac`, `clip_frac_low`, `clip_frac_high`, `ratio_*`,
+  `grad_norm`, `learning_rate`, `entropy` (token mean of the sampling distribution's
+  entropy), `completion/length`, `completion/truncated`;
+- time: `time/{data,rollout,reward,reference,update,step}` seconds (`time/data`: waiting for
+  the input pipeline), `time/checkpoint` (after a save), `throughput/tokens_per_s`
+  (completion tokens per second of the step), `throughput/rollout_tokens_per_s`;
+- health: `compiles` (XLA compilations so far), `bad_step`, `bad_steps_total`,
+  `data/skipped_total`, `data/selected_out_total` and per kind (summed over hosts).
 """
 
 from __future__ import annotations
@@ -13,7 +35,45 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+
+
+def metrics_config() -> ml_collections.ConfigDict:
+    """The `metrics` section of a run config: `tensorboard` (write event files),
+    `render_every` (render completions every that many optimizer steps, at a rollout boundary,
+    so a multiple of `grpo.num_iterations`; 0 = never), `render_count` (prompts rendered, one
+    completion each)."""
+    c = ml_collections.ConfigDict()
+    c.tensorboard = True
+    c.render_every = 0
+    c.render_count = 4
+    return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad `metrics.*` value."""
+    c = config.get("metrics")
+    if c is None:
+        return
+    unknown = set(c.keys()) - set(metrics_config().keys())
+    if unknown:
+        raise ValueError(f"metrics: unknown keys {sorted(unknown)}")
+    if not isinstance(c.tensorboard, bool):
+        raise ValueError(f"metrics.tensorboard={c.tensorboard!r} must be a bool")
+    for key in ("render_every", "render_count"):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "render_every" else 1):
+            raise ValueError(f"metrics.{key}={v!r} must be an integer >= 0 (count: >= 1)")
+    mu = int(config.grpo.num_iterations) if "grpo" in config else 1
+    if c.render_every and config.get("objective", "grpo") == "grpo" and c.render_every % mu:
+        raise ValueError(
+            f"metrics.render_every={c.render_every} is not a multiple of "
+            f"grpo.num_iterations={mu}: completions exist once per rollout, so such a value "
+            "would not be honoured"
+        )
+    if c.render_every and config.get("objective", "grpo") != "grpo":
+        raise ValueError("metrics.render_every renders GRPO rollouts; set it to 0 for SFT")
 
 
 def to_python(value: Any) -> Any:
@@ -47,6 +107,101 @@ class JsonlWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class TensorBoardWriter:
+    """Scalars and images in TensorBoard event files under `<workdir>/tensorboard`
+    (process 0; tensorboardX). `purge_step`: the step a resumed run restarts from (TensorBoard
+    drops the earlier run's events from it on)."""
+
+    def __init__(self, workdir: str, purge_step: int | None = None):
+        self.logdir = os.path.join(workdir, "tensorboard")
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(self.logdir, purge_step=purge_step, flush_secs=30)
+
+    def scalars(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            return
+        for key, value in metrics.items():
+            value = to_python(value)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(key, float(value), int(step))
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """`images`: name -> uint8[H, W, 3]."""
+        if self._writer is None:
+            return
+        for name, image in images.items():
+            self._writer.add_image(name, np.asarray(image), int(step), dataformats="HWC")
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class Writer:
+    """Everything a run writes per step: `metrics.jsonl` and (`metrics.tensorboard`) the
+    TensorBoard scalars; `images` adds renderings (TensorBoard and PNG files under
+    `<workdir>/renderings/step_<step>/`). Process 0 only."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True, purge_step: int | None = None):
+        self.workdir = workdir
+        self.jsonl = JsonlWriter(workdir)
+        self.tb = TensorBoardWriter(workdir, purge_step) if tensorboard else None
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self.jsonl.write(step, metrics)
+        if self.tb is not None:
+            self.tb.scalars(step, metrics)
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> list[str]:
+        """Writes each uint8[H, W, 3] image; returns the PNG paths (empty off process 0)."""
+        if jax.process_index() != 0:
+            return []
+        from PIL import Image
+
+        directory = os.path.join(self.workdir, "renderings", f"step_{int(step)}")
+        os.makedirs(directory, exist_ok=True)
+        paths = []
+        for name, image in images.items():
+            path = os.path.join(directory, name.replace("/", "_") + ".png")
+            Image.fromarray(np.asarray(image, np.uint8)).save(path)
+            paths.append(path)
+        if self.tb is not None:
+            self.tb.images(step, images)
+        return paths
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def sum_over_processes(counts: Mapping[str, int | float]) -> dict[str, int | float]:
+    """Each key's sum over the processes (keys seen on any host; every process calls it, with
+    one small all-gather of each host's JSON). One process: `counts` unchanged."""
+    if jax.process_count() == 1:
+        return dict(counts)
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(dict(counts)).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    out: dict[str, int | float] = {}
+    for row, size in zip(rows, sizes, strict=True):
+        for key, value in json.loads(bytes(row[:size])).items():
+            out[key] = out.get(key, 0) + value
+    return out
 
 
 def truncate_jsonl(path: str, before_step: int) -> int:

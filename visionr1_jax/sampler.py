@@ -91,6 +91,8 @@ class Rollout:
       logprobs: f32[B*G, L] log-prob of each sampled token under the sampling distribution
         (suppressed tokens removed, then tempered, top-k/top-p filtered logits; the untempered
         model for greedy); 0 where masked.
+      entropy: f32[B*G, L] entropy (nats) of the sampling distribution each token was drawn
+        from (the same filtered, tempered distribution; 0 for greedy); 0 where masked.
       num_tokens: i32[B*G] generated tokens per row (`mask.sum(1)`).
       steps: i32[] decode-loop iterations run (the longest row; < max_new_tokens on early exit).
       num_generations: G (static).
@@ -101,12 +103,13 @@ class Rollout:
     logprobs: jax.Array
     num_tokens: jax.Array
     steps: jax.Array
+    entropy: jax.Array
     num_generations: int = dataclasses.field(default=1, metadata=dict(static=True))
 
 
 jax.tree_util.register_dataclass(
     Rollout,
-    data_fields=["tokens", "mask", "logprobs", "num_tokens", "steps"],
+    data_fields=["tokens", "mask", "logprobs", "num_tokens", "steps", "entropy"],
     meta_fields=["num_generations"],
 )
 
@@ -161,24 +164,29 @@ def sample_tokens(
     top_k: int,
     top_p: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per row and its log-prob under the sampling distribution.
+    """One token per row, its log-prob under the sampling distribution and that
+    distribution's entropy.
 
     Args:
       logits: f32[R, V] model logits; keys: [R] one PRNG key per row.
       greedy: static; argmax, with log-probs of the untempered softmax.
       temperature: f32[]; top_k: static (0 = off); top_p: f32[] or None (off).
     Returns:
-      tokens i32[R], logprobs f32[R].
+      tokens i32[R], logprobs f32[R], entropy f32[R] (`-Σ p log p` over the tokens the
+      filters keep; 0 for greedy, whose distribution is the argmax).
     """
     logits = logits.astype(jnp.float32)
     if greedy:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         lp = jax.nn.log_softmax(logits, axis=-1)
+        entropy = jnp.zeros(tok.shape, jnp.float32)
     else:
         scaled = filter_logits(logits / temperature, top_k, top_p)
         lp = jax.nn.log_softmax(scaled, axis=-1)
-        tok = _inverse_cdf(jnp.exp(lp), jax.vmap(jax.random.uniform)(keys))
-    return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+        probs = jnp.exp(lp)
+        tok = _inverse_cdf(probs, jax.vmap(jax.random.uniform)(keys))
+        entropy = -jnp.sum(jnp.where(probs > 0, probs * lp, 0.0), axis=-1)
+    return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0], entropy
 
 
 def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
@@ -255,15 +263,15 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
 
     # 3. Decode until every row stopped or the budget is spent.
     def cond(c):
-        i, _, _, _, _, done = c
+        i, _, _, _, _, _, done = c
         return (i < max_new) & ~jnp.all(done)
 
     def body(c):
-        i, logits, gen_kv, tokens, logps, done = c
+        i, logits, gen_kv, tokens, logps, ents, done = c
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
         if suppressed is not None:
             logits = jnp.where(suppressed, -jnp.inf, logits.astype(jnp.float32))
-        tok, lp = sample_tokens(
+        tok, lp, ent = sample_tokens(
             logits, keys, greedy=st.greedy, temperature=temperature, top_k=st.top_k,
             top_p=top_p_arg,
         )  # fmt: skip
@@ -271,17 +279,18 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, i))
+        ents = jax.lax.dynamic_update_slice(ents, jnp.where(done, 0.0, ent)[:, None], (0, i))
         done = done | jnp.isin(tok, eos)
         p = jnp.broadcast_to((next_pos + i)[None, :, None], (3, r, 1))
         h, gen_kv = decode_step(model, tok, p, prompt_kv, prompt_valid, gen_kv, i)
         logits = sharding.constrain(model.logits(h), ("batch", "act_vocab"), rules)
-        return i + 1, logits, _constrain_cache(gen_kv, rules), tokens, logps, done
+        return i + 1, logits, _constrain_cache(gen_kv, rules), tokens, logps, ents, done
 
     tokens = jnp.full((r, big_l), st.pad_id, jnp.int32)
     logps = jnp.zeros((r, big_l), jnp.float32)
     done = jnp.zeros((r,), bool)
-    carry = (jnp.int32(0), logits, gen_kv, tokens, logps, done)
-    steps, _, _, tokens, logps, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), logits, gen_kv, tokens, logps, logps, done)
+    steps, _, _, tokens, logps, ents, _ = jax.lax.while_loop(cond, body, carry)
     # A row's tokens are valid up to and including its first EOS, within the steps run.
     ar = jnp.arange(big_l)[None]
     is_eos = jnp.isin(tokens, eos) & (ar < steps)
@@ -295,6 +304,7 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
         logprobs=sharding.constrain(jnp.where(out_mask, logps, 0.0), names, rules),
         num_tokens=num,
         steps=steps,
+        entropy=sharding.constrain(jnp.where(out_mask, ents, 0.0), names, rules),
         num_generations=g,
     )
 

@@ -573,8 +573,10 @@ def make_train_step(
     `train_step(state, batch, tokens, mask, advantages, old_logps=None, ref_logps=None)
     -> (state, metrics)`:
 
-    1. reference log-probs: `ref_logps` when given, else (β > 0) the reference's teacher-forced
-       `completion_logprobs` at the sampling temperature; with β = 0 no reference forward;
+    1. reference log-probs: `ref_logps` when given (the loop computes them once per rollout,
+       as their own timed phase), else (β > 0) the reference's teacher-forced
+       `completion_logprobs` at the sampling temperature inside the step (a frozen tower's
+       features then shared with the policy pass); with β = 0 no reference forward;
     2. policy log-probs `completion_logprobs(policy, ...)` at `grpo.temperature`, and
        `grpo.loss(logps, old_logps, ref_logps, advantages, mask, β, ε, ε_high, kl,
        aggregation)` with its gradient w.r.t. `state.params` (frozen parameters get none);
@@ -755,6 +757,8 @@ class Run:
       resumed_from: the checkpoint step the run resumed from (None: a fresh start).
       term: the `TermSignal` installed first thing in `setup` (a SIGTERM during start-up
         stops the run after its first iteration, saved).
+      renderings: step -> {name: uint8[H, W, 3]} rendered completions (`render_rollout`,
+        every `metrics.render_every` steps) not yet written by the loop.
     """
 
     config: ml_collections.ConfigDict
@@ -773,6 +777,7 @@ class Run:
     checkpointer: Any = None
     resumed_from: int | None = None
     term: Any = None
+    renderings: dict[int, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @property
     def policy(self) -> qwen_vl.QwenVL:
@@ -918,8 +923,8 @@ def rollout_shapes(
     """The GRPO train step's arguments after the state for prompt batch `batch` (B rows), as
     `grpo_iteration` passes them: `(batch, tokens i32[B·G, L], mask bool[B·G, L],
     advantages f32[B·G], old_logps, ref_logps)`, L = the sampler's completion width of
-    `grpo.max_new_tokens`; the log-probs are f32[B·G, L] when μ > 1 (the reference's when
-    β > 0), else None. Rows: `rows_sharding`."""
+    `grpo.max_new_tokens`; `old_logps` f32[B·G, L] when μ > 1, `ref_logps` f32[B·G, L] when
+    β > 0 (the loop computes them as their own phase), else None. Rows: `rows_sharding`."""
     from visionr1_jax import sampler
 
     c = config.grpo
@@ -927,14 +932,14 @@ def rollout_shapes(
     length = sampler.completion_width(int(c.max_new_tokens))
     sh = rows_sharding(mesh)
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-    logps = sds((r, length), jnp.float32) if int(c.num_iterations) > 1 else None
+    logps = sds((r, length), jnp.float32)
     return (
         batch,
         sds((r, length), jnp.int32),
         sds((r, length), jnp.bool_),
         sds((r,), jnp.float32),
-        logps,
-        logps if logps is not None and float(c.beta) != 0 else None,
+        logps if int(c.num_iterations) > 1 else None,
+        logps if float(c.beta) != 0 else None,
     )
 
 
@@ -1001,9 +1006,12 @@ def score_rows(
       host_batch: this process's `HostBatch` (b prompt rows); completions: its b·G texts,
         row `i·G + g` for prompt i.
     Returns:
-      per-row f32[b·G] terms: `reward/total` (0 for padding rows), `reward/format`,
-      `reward/recall`, `reward/precision`, `parse_rate` (official format check passed),
-      `matched_iou`, `boxes_per_completion`, and `valid` (1 for real rows).
+      per-row f32[b·G] terms: `reward/total` (0 for padding rows), each term of the reward
+      family (`reward/format`, `reward/recall`, `reward/precision` for Vision-R1), `parse_rate`
+      (official format check passed), `parse_failure` (the configured check failed),
+      `matched_iou` and `matched_giou` (mean over the completion's matched pairs),
+      `boxes/pred`, `boxes/gt`, `boxes/matched`, the thresholds in force `threshold/*` (the
+      same in every row), and `valid` (1 for real rows).
     """
     from visionr1_jax import rewards
 
@@ -1018,15 +1026,24 @@ def score_rows(
     targets = [t for t in per_row for _ in range(g)]
     pred, gt, parsed = rewards.prepare(completions, targets, run.config.reward)
     total, aux = run.reward_fn(pred, gt, jnp.asarray(step, jnp.int32))
-    f32 = lambda x: np.asarray(x, np.float32)
-    return {
-        "reward/total": np.where(valid, f32(total), 0.0).astype(np.float32),
-        **{f"reward/{k}": f32(aux[k]) for k in ("format", "recall", "precision")},
-        "parse_rate": f32(parsed.format_official),
-        "matched_iou": f32(aux["matched_iou_mean"]),
-        "boxes_per_completion": f32(aux["num_pred"]),
-        "valid": f32(valid),
+    f32 = lambda x: np.broadcast_to(np.asarray(x, np.float32), total.shape).copy()
+    out = {"reward/total": np.where(valid, f32(total), 0.0).astype(np.float32)}
+    for name in ("format", "recall", "precision", "iou_accuracy"):  # the family's terms
+        if name in aux:
+            out[f"reward/{name}"] = f32(aux[name])
+    out["parse_rate"] = f32(parsed.format_official)
+    out["parse_failure"] = 1.0 - f32(pred.format)
+    named = {
+        "matched_iou_mean": "matched_iou",
+        "matched_giou_mean": "matched_giou",
+        "num_pred": "boxes/pred",
+        "num_gt": "boxes/gt",
+        "num_matched": "boxes/matched",
     }
+    out |= {new: f32(aux[old]) for old, new in named.items() if old in aux}
+    out |= {k: f32(v) for k, v in aux.items() if k.startswith("threshold/")}
+    out["valid"] = f32(valid)
+    return out
 
 
 def _global_rows(run: Run, local: np.ndarray, num_rows: int) -> jax.Array:
@@ -1056,13 +1073,59 @@ def write_rollout(
         f.write(json.dumps(row) + "\n")
 
 
+def render_rollout(
+    run: Run, host_batch: Any, completions: Sequence[str], terms: Mapping[str, np.ndarray],
+    step: int,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Images of this process's first `metrics.render_count` prompts, each with its
+    best-rewarded completion: the image the model saw, the ground truth (green) and the
+    predicted boxes (red, parsed as the reward parses them), captioned with the reward and the
+    matched IoU. Returns {`rollout/<i>`: uint8[H, W, 3]} (empty off process 0)."""
+    from visionr1_jax import render, rewards
+
+    if jax.process_index() != 0:
+        return {}
+    rc = run.config.reward
+    count = int(run.config.metrics.render_count)
+    g = len(completions) // len(host_batch.record_ids)
+    a = host_batch.arrays
+    pixels = a["pixel_patches"] if "pixel_patches" in a else a["pixel_values"]  # u8 or f32
+    images = render.images_from_pixel_values(
+        pixels, a["image_grid_thw"], run.processor.image_processor
+    )
+    rows = np.nonzero(a["valid"])[0][:count]
+    targets = dict(zip(np.nonzero(a["valid"])[0].tolist(), host_batch.targets(), strict=True))
+    best = [int(i * g + np.argmax(terms["reward/total"][i * g : (i + 1) * g])) for i in rows]
+    chosen = [completions[j] for j in best]
+    parsed = rewards.parse.parse_batch(
+        chosen, [targets[int(i)] for i in rows], frame=rc.frame, max_boxes=rc.max_boxes,
+        max_coord=rc.max_coord,
+    )  # fmt: skip
+    out = {}
+    for k, (i, j) in enumerate(zip(rows, best, strict=True)):
+        target = targets[int(i)]
+        names = {v: n for n, v in target.label_to_id.items()}
+        keep = parsed.valid[k]
+        labels = [names.get(int(x), "?") for x in parsed.labels[k][keep]]
+        caption = f"step {step} | reward {terms['reward/total'][j]:.2f}"
+        if "matched_iou" in terms:
+            caption += f" | IoU {terms['matched_iou'][j]:.2f}"
+        (image,) = render.render_examples(
+            [images[int(i)]], [target], [(parsed.boxes[k][keep], labels)], [caption]
+        )
+        out[f"rollout/{k}"] = image
+    return out
+
+
 def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
     """One rollout and its μ updates (`grpo.num_iterations`); returns one metrics dict per
     optimizer step and leaves the new state in `run.state`.
 
     Stages: rollout (G completions per prompt; the vision special tokens are never sampled)
     → host decode (special tokens skipped) and parse → reward (jitted, thresholds at the
-    step) → advantages → [old and reference log-probs once, μ > 1] → μ train steps.
+    step) → advantages → [renderings, every `metrics.render_every` steps] → reference
+    log-probs (β > 0) → [old log-probs once, μ > 1] → μ train steps. Each phase is timed
+    (`time/rollout`, `time/reward`, `time/reference`, `time/update`).
     """
     import time
 
@@ -1088,6 +1151,7 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
             top_p=float(c.top_p),
         )
         tokens_all, mask_all = to_host(rollout.tokens), to_host(rollout.mask)
+        entropy_all = to_host(rollout.entropy)
     times["time/rollout"] = time.perf_counter() - t0
 
     # 2. host decode + parse, 3. reward (this process's rows)
@@ -1111,9 +1175,11 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
     times["time/reward"] = time.perf_counter() - t0
     if step // int(c.num_iterations) < int(run.config.get("log_rollouts", 0)):
         write_rollout(run, step, tokens_all, mask_all, total)
+    render_every = int((run.config.get("metrics") or {}).get("render_every", 0) or 0)
+    if render_every and step % render_every == 0:
+        run.renderings[step] = render_rollout(run, host_batch, completions, terms, step)
 
-    # 5. μ updates
-    t0 = time.perf_counter()
+    # 5. reference log-probs (β > 0), once per rollout, as their own phase
     old_logps = ref_logps = None
     mu = min(int(c.num_iterations), int(run.config.total_steps) - step)
     with jax.set_mesh(run.mesh):
@@ -1122,12 +1188,17 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
         sh = rows_sharding(run.mesh)
         as_rows = lambda x: x if x is None or x.sharding == sh else jax.device_put(x, sh)
         seqs, score_mask, advantages = map(as_rows, (rollout.tokens, score_mask, advantages))
+        s = run.state
+        t0 = time.perf_counter()
+        if float(c.beta) != 0:
+            ref = run.logprob_fn(s.ref_params, s.frozen, arrays, seqs, score_mask)
+            ref_logps = as_rows(ref).block_until_ready()
+        times["time/reference"] = time.perf_counter() - t0
+
+        # 6. μ updates (μ > 1: the sampling policy's log-probs first, once)
+        t0 = time.perf_counter()
         if int(c.num_iterations) > 1:
-            s = run.state
-            old_logps = run.logprob_fn(s.params, s.frozen, arrays, seqs, score_mask)
-            if s.ref_params is not None:
-                ref_logps = run.logprob_fn(s.ref_params, s.frozen, arrays, seqs, score_mask)
-            old_logps, ref_logps = as_rows(old_logps), as_rows(ref_logps)
+            old_logps = as_rows(run.logprob_fn(s.params, s.frozen, arrays, seqs, score_mask))
         if not run.memory:
             run.memory = log_memory(
                 "train_step", run.train_step, run.state, arrays, seqs, score_mask,
@@ -1142,11 +1213,17 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
         out = jax.device_get(out)
     times["time/update"] = time.perf_counter() - t0
 
-    group = total.reshape(-1, g)
+    group = total.reshape(-1, g)[valid_rows.reshape(-1, g)[:, 0]]  # real prompts' groups
+    scored = mask_all[valid_rows]
+    spread = {k: x for k, x in gathered.items() if k.startswith("reward/")}
     rollout_metrics = {
         **{k: float(x[valid_rows].mean()) for k, x in gathered.items()},
+        **{f"{k}_std": float(x[valid_rows].std()) for k, x in spread.items()},
         "reward/group_std": float(group.std(1, ddof=1).mean()) if g > 1 else 0.0,
         "reward/zero_std_groups": float((group.std(1) == 0).mean()),
+        "entropy": float(entropy_all[valid_rows].sum() / max(scored.sum(), 1)),
+        "completion/tokens": float(scored.sum()),
+        "throughput/rollout_tokens_per_s": float(scored.sum() / times["time/rollout"]),
         **times,
     }
     return [{**rollout_metrics, **{k: float(x) for k, x in m.items()}} for m in out]
@@ -1181,9 +1258,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
 def train_loop(r: Run) -> list[dict[str, Any]]:
     """Runs `config.total_steps` optimizer steps of `config.objective` (`grpo`: rollout →
-    reward → μ updates per batch, `grpo_iteration`; `sft`: supervised warm start,
-    `sft.sft_iteration`), writing one JSON line per step to `<workdir>/metrics.jsonl` (step,
-    reward terms, KL, loss, seconds per phase, data counters) under a progress bar.
+    reward → reference → μ updates per batch, `grpo_iteration`; `sft`: supervised warm start,
+    `sft.sft_iteration`), writing each step's metrics (the keys are listed in
+    `visionr1_jax.metrics`) to `<workdir>/metrics.jsonl` and TensorBoard
+    (`metrics.tensorboard`), and the renderings of `metrics.render_every`, under a progress bar.
 
     With a checkpointer (`config.checkpoint`) it saves every `checkpoint.every` steps and at
     the end (the seconds the loop was blocked by a save, `time/checkpoint`, are reported with
@@ -1192,11 +1270,13 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
     """
     import time
 
+    from visionr1_jax import host
     from visionr1_jax import metrics as metrics_lib
 
     config = r.config
     objective = config.get("objective", "grpo")
-    writer = metrics_lib.JsonlWriter(r.workdir)
+    mc = config.get("metrics") or metrics_lib.metrics_config()
+    writer = metrics_lib.Writer(r.workdir, bool(mc.tensorboard), purge_step=r.resumed_from)
     total = int(config.total_steps)
     bar = metrics_lib.Progress(total, int(r.state.step), enabled=config.get("progress", True))
     rows: list[dict[str, Any]] = []
@@ -1226,15 +1306,22 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
             seconds = time.perf_counter() - t0
             step = int(r.state.step)
             first = step - len(step_rows)
+            data_counts = metrics_lib.sum_over_processes(r.pipe.metrics())
+            compiles = sum(host.compile_counts().values())
             for i, m in enumerate(step_rows):
                 bad_run = bad_run + 1 if m.get("bad_step") else 0
                 bad_total += bool(m.get("bad_step"))
                 m = {**m, "time/data": t_data, "time/step": seconds / len(step_rows)}
+                if "completion/tokens" in m:
+                    m["throughput/tokens_per_s"] = m["completion/tokens"] / seconds
                 if i == 0 and saved_s is not None:  # the save after the previous iteration
                     m["time/checkpoint"], saved_s = saved_s, None
-                m.update(r.pipe.metrics(), bad_steps_total=bad_total)
+                m.update(data_counts, bad_steps_total=bad_total, compiles=compiles)
                 writer.write(first + i, m)
                 rows.append({"step": first + i, **m})
+            for at, images in sorted(r.renderings.items()):
+                writer.images(at, images)
+            r.renderings.clear()
             bar.update(len(step_rows), rows[-1])
             if max_bad is not None and bad_run >= max_bad:
                 last = r.checkpointer.latest_step() if r.checkpointer is not None else None

@@ -87,7 +87,8 @@ def vision_r1_reward(
       ``(total f32[C], aux)``; aux holds every term (``format``, ``recall``, ``precision``,
       ``total``), counts (``num_pred``, ``num_gt``, ``num_matched``, ``true_positives``; the
       latter is fractional when a pair ties at ξ0), matched-overlap statistics
-      (``matched_overlap_mean``, ``matched_iou_mean``, ``matched_cost``) per completion, the
+      (``matched_overlap_mean``, ``matched_iou_mean``, ``matched_giou_mean``,
+      ``matched_cost``) per completion, the
       assignment ``pred_to_gt i32[C, M]`` (-1: unmatched or padding) and the thresholds in
       force (scalars).
     """
@@ -101,6 +102,7 @@ def vision_r1_reward(
     take = lambda x: jnp.take_along_axis(x, jnp.clip(pred_to_gt, 0)[..., None], -1)[..., 0]
     q = jnp.where(matched, take(pair[config["overlap"]]), 0.0)
     iou_pairs = jnp.where(matched, take(pair["iou"]), 0.0)
+    giou_pairs = jnp.where(matched, take(pair["giou"]), 0.0)
     # 4. thresholds in force.
     th = schedule.lookup(config["stages"], step)
     num_pred, num_gt, num_matched = _count(pred.valid), _count(gt.valid), _count(matched)
@@ -135,6 +137,7 @@ def vision_r1_reward(
         "true_positives": tp,
         "matched_overlap_mean": _safe_div(jnp.sum(q, -1), num_matched),
         "matched_iou_mean": _safe_div(jnp.sum(iou_pairs, -1), num_matched),
+        "matched_giou_mean": _safe_div(jnp.sum(giou_pairs, -1), num_matched),
         "matched_cost": matching.matched_cost(cost, assignment),
         "pred_to_gt": assignment,
         **{f"threshold/{k}": v for k, v in th.items()},
