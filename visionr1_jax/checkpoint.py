@@ -13,7 +13,9 @@ leaves nothing that `latest_step` would pick):
 
 Not saved, because they never change and the run's start checkpoint (`model.checkpoint` or
 the tiny one) gives them back: the frozen parameters (`model.freeze_vision_tower`) and the
-reference tree (a copy of the start parameters).
+reference tree (a copy of the start parameters). A run initialised from another run's
+checkpoint (`model.init_from`, `load_params`) saves its reference tree too (`ref_params`):
+the other run's checkpoints may be gone when this one resumes.
 
 Usage (the loop, `train.train_loop`)::
 
@@ -134,14 +136,83 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # ------------------------------------------------------------------------------ the manager
 
 
-def saved_tree(state: Any) -> dict[str, Any]:
-    """The arrays of a `train.TrainState` a checkpoint holds (see the module docstring)."""
-    return {
+def saved_tree(state: Any, with_ref: bool = False) -> dict[str, Any]:
+    """The arrays of a `train.TrainState` a checkpoint holds (see the module docstring);
+    `with_ref`: the reference tree too (when it is not the start checkpoint's)."""
+    tree = {
         "params": state.params,
         "opt_state": state.opt_state,
         "step": state.step,
         "rng": jax.random.key_data(state.rng),
     }
+    if with_ref and state.ref_params is not None:
+        tree["ref_params"] = state.ref_params
+    return tree
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def load_params(workdir: str, step: int | None, like: Any) -> tuple[Any, int]:
+    """Another run's trainable parameters (`model.init_from`): the `params` of its checkpoint
+    `step` (None: the newest complete one) read straight into the shapes and shardings of
+    `like` (this run's trainable parameters, any mesh). Returns `(params, step)`.
+
+    Raises:
+      FileNotFoundError: no checkpoint there (or not that step; the message lists them).
+      ValueError: the saved parameters do not have `like`'s structure or shapes (another
+        architecture).
+    """
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)
+    directory = epath.Path(workdir) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(
+        directory, options=options, item_handlers={"state": ocp.PyTreeCheckpointHandler()}
+    )
+    try:
+        steps = list(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"model.init_from: no complete checkpoint in {directory}")
+        step = max(steps) if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(
+                f"model.init_step={step}: no such checkpoint in {directory} (has {sorted(steps)})"
+            )
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)["params"]
+        flat_saved = {k: v.shape for k, v in _flat(saved).items()}
+        flat_like = {k: tuple(v.shape) for k, v in _flat(like).items()}
+        if flat_saved != flat_like:
+            diff = sorted(set(flat_saved.items()) ^ set(flat_like.items()))[:4]
+            raise ValueError(
+                f"model.init_from={workdir}: the checkpoint's parameters differ from this "
+                f"model's (another architecture?), e.g. {diff}"
+            )
+        target = {"params": _abstract(like)}
+        out = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )
+    finally:
+        manager.close()
+    return out["state"]["params"], step
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """`{"a/b/c": leaf}` of a nested mapping / nnx.State (leaves: arrays or metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+    )[0]
+    key = lambda path: "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+    return {key(path).removesuffix("/value"): leaf for path, leaf in leaves}  # nnx.Variable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +236,7 @@ class Checkpointer:
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
         self.config = config
         self.c = config.get("checkpoint") or checkpoint_config()
+        self.with_ref = bool((config.get("model") or {}).get("init_from"))
         validate_config(config)
         if "://" not in workdir:  # orbax's array store wants absolute local paths
             workdir = os.path.abspath(workdir)
@@ -202,7 +274,7 @@ class Checkpointer:
         self.manager.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(saved_tree(state)),
+                state=ocp.args.StandardSave(saved_tree(state, self.with_ref)),
                 data=DataStateSave(data_state),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -217,10 +289,7 @@ class Checkpointer:
     def restore(self, step: int, like: Any) -> Restored:
         """The checkpoint of `step` restored into the shapes and shardings of the train state
         `like` (any mesh: each array is read straight into its target shards)."""
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            saved_tree(like),
-        )
+        target = _abstract(saved_tree(like, self.with_ref))
         out = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
@@ -234,6 +303,8 @@ class Checkpointer:
         state = dataclasses.replace(
             like, params=tree["params"], opt_state=tree["opt_state"], step=tree["step"], rng=rng
         )
+        if "ref_params" in tree:
+            state = dataclasses.replace(state, ref_params=tree["ref_params"])
         return Restored(state=state, data_state=out["data"], meta=dict(out["meta"]))
 
     def wait(self) -> None:

@@ -78,6 +78,11 @@ def _validate_model(c) -> None:
     chunk = c.get("logprob_chunk")
     if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
         raise ValueError(f"model.logprob_chunk={chunk!r} must be a positive integer or None")
+    step = c.get("init_step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"model.init_step={step!r} must be an integer >= 0 or None")
+    if step is not None and not c.get("init_from"):
+        raise ValueError(f"model.init_step={step} has no effect without model.init_from")
     if c.get("tokenizer") not in ("small", "qwen"):
         raise ValueError(f"model.tokenizer={c.get('tokenizer')!r} must be 'small' or 'qwen'")
 

@@ -877,6 +877,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         with jax.set_mesh(mesh):
             args = rollout_shapes(config, mesh, pipe.peek().arrays)
             memory = log_memory("train_step", train_step, abstract, *args)
+    if m.get("init_from") and resume is None:  # resuming: the checkpoint holds the reference
+        from absl import logging
+
+        _, _, start = nnx.split(model, frozen_filter(config), ...)
+        loaded, at = checkpoint.load_params(m.init_from, m.get("init_step"), start)
+        nnx.update(model, loaded)
+        logging.info("initialised from %s (checkpoint step %d)", m.init_from, at)
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, config, key, beta=beta)
     if shardings_of(state) != shardings_of(abstract):

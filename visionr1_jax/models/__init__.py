@@ -23,7 +23,10 @@ def model_config():
     `max_image_patches` (the vision tower's static per-image bound; None derives it from
     `data.max_pixels`, see `config_lib.max_image_patches`; validation rejects a value below
     what the data produces), `freeze_vision_tower` (the tower gets no gradient and no optimizer
-    state; policy and reference share it).
+    state; policy and reference share it), `init_from` (another run's workdir, local or gs://:
+    its trainable parameters at `init_step`, None = its newest checkpoint, replace the start
+    checkpoint's and become the reference; the architecture and the frozen parameters still
+    come from `checkpoint`; empty = off).
     """
     import ml_collections
 
@@ -37,4 +40,6 @@ def model_config():
     c.logprob_chunk = ml_collections.config_dict.placeholder(int)
     c.max_image_patches = ml_collections.config_dict.placeholder(int)
     c.freeze_vision_tower = False
+    c.init_from = ""
+    c.init_step = ml_collections.config_dict.placeholder(int)
     return c
