@@ -919,9 +919,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
 def rows_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Rows sharded over the batch axes present in `mesh` (`data`, `fsdp`), other dims
-    replicated: the layout of the input pipeline's arrays and of every rollout array."""
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes or None))
+    replicated: the layout of the input pipeline's arrays (`pipeline.rows_sharding`, one rule)
+    and of every rollout array."""
+    from visionr1_jax.data import pipeline
+
+    return pipeline.rows_sharding(mesh)
 
 
 def rollout_shapes(

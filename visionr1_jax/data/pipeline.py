@@ -916,6 +916,15 @@ class PixelNormalizer:
         return x.reshape(*lead, s, 3 * self.temporal * (f // 3))
 
 
+def rows_sharding(mesh: Any, batch_axes: Sequence[str] = ("data", "fsdp")) -> Any:
+    """Rows sharded over ``batch_axes`` present in ``mesh`` (the ``batch`` logical axis),
+    other dims replicated: the layout of every per-row array of a batch and a rollout."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes or None))
+
+
 def global_arrays(
     batch: HostBatch,
     mesh: Any,
@@ -930,17 +939,15 @@ def global_arrays(
     ``normalizer`` (``InputPipeline.normalizer``), so the result always has ``pixel_values``.
     """
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    sharding = rows_sharding(mesh, batch_axes)
     arrays = batch.arrays
     if jax.process_count() > 1:
         arrays = agree_on_buckets(batch)
     out = {}
     for key, local in arrays.items():
-        spec = PartitionSpec(axes or None, *([None] * (local.ndim - 1)))
         shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
+        out[key] = jax.make_array_from_process_local_data(sharding, local, shape)
     if "pixel_patches" in out:
         if normalizer is None:
             raise ValueError("uint8 pixel_patches need the pipeline's PixelNormalizer")
