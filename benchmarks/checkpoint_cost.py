@@ -1,0 +1,88 @@
+"""What checkpointing costs the GRPO loop: the demo config saving after every step.
+
+Three runs of `python -m visionr1_jax.main --config=configs/demo_cpu.py` (tiny model,
+synthetic shapes, 4 prompts x G 4 x 48 tokens per step), each its own process, one after the
+other on the same machine:
+
+* `none`: no checkpoints (`checkpoint.every=0`, and the final save is the only one);
+* `async`: a save after every step, orbax writing in a background thread
+  (`checkpoint.async_save=True`, the default);
+* `sync`: a save after every step, the loop waiting for each write to finish.
+
+The loop reports the seconds a save blocked it as `time/checkpoint` on the next step's line
+and each step's own time as `time/step` (data + rollout + reward + reference + update, saves
+excluded). Per run: the median step time over the steps after the first `--warmup`, the
+median and largest blocked time per save, and the mean of step + blocked time (what a step
+costs the loop, saves included). A save blocks for as long as it takes to copy the arrays
+off the devices (async) or to write everything (sync); the background write also competes
+with the steps for the 2 cores, which shows as a longer step time in the `async` run.
+
+    .venv/bin/python benchmarks/checkpoint_cost.py                 # 30 steps per run
+    .venv/bin/python benchmarks/checkpoint_cost.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RUNS = {
+    "none": {"checkpoint.every": 0},
+    "async": {"checkpoint.every": 1, "checkpoint.async_save": True},
+    "sync": {"checkpoint.every": 1, "checkpoint.async_save": False},
+}
+
+
+def run(name: str, steps: int, workdir: str) -> list[dict]:
+    overrides = {
+        "total_steps": steps,
+        "progress": False,
+        "metrics.render_every": 0,
+        "checkpoint.keep": 3,
+        **RUNS[name],
+    }
+    cmd = [
+        sys.executable, "-m", "visionr1_jax.main", "--config=configs/demo_cpu.py",
+        f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} run failed:\n{out.stderr[-3000:]}")
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    print(f"demo config, {args.steps} steps per run, first {args.warmup} not counted\n")
+    print("| run | saves | median step (s) | median blocked per save (s) | max blocked (s) "
+          "| step + blocked (s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name in RUNS:
+        with tempfile.TemporaryDirectory() as workdir:
+            rows = run(name, args.steps, workdir)
+        rows = rows[args.warmup :]
+        step = np.median([r["time/step"] for r in rows])
+        blocked = [r["time/checkpoint"] for r in rows if r.get("time/checkpoint") is not None]
+        per = np.mean([r["time/step"] + (r.get("time/checkpoint") or 0.0) for r in rows])
+        if blocked:
+            cells = f"{np.median(blocked):.3f} | {np.max(blocked):.3f}"
+        else:
+            cells = "– | –"
+        print(f"| {name} | {len(blocked)} | {step:.3f} | {cells} | {per:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
