@@ -35,7 +35,7 @@ between consecutive `on_step_end` callbacks (data + generation + reward + refere
 log-probs + update + logging). Per run the median of the timed steps (robust to a one-off
 recompilation: our reward compiles once per new ground-truth width). Reported per vocabulary:
 steps/s of each side's best run, the ratio of the best runs and the median of the per-round
-ratios, our phases (rollout / reward / update), and each process's peak resident memory
+ratios, our phases (rollout / reward / reference / update), and each process's peak resident memory
 (VmHWM over the whole run: imports, compilation and steps; the larger of the rounds).
 
     .venv/bin/python benchmarks/grpo_step.py                      # small and real vocabulary
@@ -458,7 +458,7 @@ def main() -> None:
         print(
             "| vocab | steps/run | ours steps/s (s/step) | TRL steps/s (s/step) | "
             "ratio (best runs) | ratio (median round) | ours peak RSS | TRL peak RSS | "
-            "ours rollout / reward / update s |"
+            "ours rollout / reward / reference / update s |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
         for row in table:
@@ -494,7 +494,7 @@ def summary_row(vocab: str, results: dict, args, vocab_size: int) -> str:
     peak = {k: max(r["total_peak_mb"] for r in v) for k, v in results.items()}
     phases = [
         np.median([np.median(r["phases"][f"time/{p}"][w:]) for r in results["ours"]])
-        for p in ("rollout", "reward", "update")
+        for p in ("rollout", "reward", "reference", "update")
     ]
     steps = len(results["ours"][0]["step_s"])
     return (
