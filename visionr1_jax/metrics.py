@@ -38,6 +38,24 @@ import jax
 import ml_collections
 import numpy as np
 
+_warned_remote: set[str] = set()
+
+
+def local_dir(workdir: str) -> str:
+    """Where the run's metrics files go: `workdir` itself, or for a remote (`gs://`) workdir a
+    local mirror `./runs_local/gs/BUCKET/...` (checkpoints go to the remote workdir through
+    orbax; uploading the metrics files is not implemented yet, so they are never written to a
+    local directory named `gs:` by accident). Logs where, once per workdir."""
+    if "://" not in workdir:
+        return workdir
+    path = os.path.abspath(os.path.join("runs_local", workdir.replace("://", "/", 1)))
+    if workdir not in _warned_remote and jax.process_index() == 0:
+        from absl import logging
+
+        logging.warning("metrics of the remote workdir %s are written locally to %s", workdir, path)
+        _warned_remote.add(workdir)
+    return path
+
 
 def metrics_config() -> ml_collections.ConfigDict:
     """The `metrics` section of a run config: `tensorboard` (write event files),
@@ -90,6 +108,7 @@ class JsonlWriter:
     """Appends `{"step": s, **metrics}` lines to `<workdir>/metrics.jsonl` (process 0)."""
 
     def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+        workdir = local_dir(workdir)
         self.path = os.path.join(workdir, filename)
         self._file = None
         if jax.process_index() == 0:
@@ -115,7 +134,7 @@ class TensorBoardWriter:
     drops the earlier run's events from it on)."""
 
     def __init__(self, workdir: str, purge_step: int | None = None):
-        self.logdir = os.path.join(workdir, "tensorboard")
+        self.logdir = os.path.join(local_dir(workdir), "tensorboard")
         self._writer = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
@@ -168,7 +187,7 @@ class Writer:
             return []
         from PIL import Image
 
-        directory = os.path.join(self.workdir, "renderings", f"step_{int(step)}")
+        directory = os.path.join(local_dir(self.workdir), "renderings", f"step_{int(step)}")
         os.makedirs(directory, exist_ok=True)
         paths = []
         for name, image in images.items():

@@ -895,7 +895,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
         state = ckpt.restore(resume, state).state
         for name in ("metrics.jsonl", "rollouts.jsonl"):  # steps after it are redone
-            metrics_lib.truncate_jsonl(os.path.join(workdir, name), resume)
+            metrics_lib.truncate_jsonl(os.path.join(metrics_lib.local_dir(workdir), name), resume)
         logging.info("resuming from checkpoint step %d (%s)", resume, ckpt.directory)
     eos_ids, _ = sampler.default_token_ids(nnx.merge(graphdef, state.params, state.frozen))
     return Run(
@@ -1078,7 +1078,10 @@ def write_rollout(
         "tokens": [t[m].tolist() for t, m in zip(tokens, mask, strict=True)],
         "rewards": [float(x) for x in rewards],
     }
-    with open(os.path.join(run.workdir, "rollouts.jsonl"), "a", encoding="utf-8") as f:
+    from visionr1_jax import metrics
+
+    path = os.path.join(metrics.local_dir(run.workdir), "rollouts.jsonl")
+    with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
 
 
