@@ -7,7 +7,12 @@ the run's meta; resume from the newest complete checkpoint; SIGTERM saves and ex
 - a `main` run killed with SIGKILL (while a checkpoint is being written when the kill catches
   one, else right after the first one is committed) and started again with the same command
   resumes from the newest complete checkpoint; a SIGTERM then saves and exits 0; the resumed
-  run's final parameters, metrics and rollouts are bit-identical to an uninterrupted run's.
+  run's final parameters, metrics and rollouts are bit-identical to an uninterrupted run's;
+- the same for a 2-process `jax.distributed` run (2 x 4 CPU devices on localhost): both
+  processes SIGKILLed after the first commit, both restarted, both resume, a SIGTERM to both
+  stops both at the same step with one save.
+
+The `main` runs are subprocesses started by `launch` (tests/launch.py).
 """
 
 from __future__ import annotations
@@ -15,19 +20,16 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import subprocess
-import sys
 import time
 
-import conftest
 import jax
 import jax.numpy as jnp
+import launch
 import ml_collections
 import numpy as np
 import pytest
 
 from visionr1_jax import checkpoint, config_lib, train
-from visionr1_jax.data.builders import synthetic_shapes
 from visionr1_jax.metrics import read_jsonl
 from visionr1_jax.models import hf_weights, tiny
 
@@ -136,22 +138,6 @@ def test_restore_onto_other_meshes_gives_the_same_state(ckpt, tmp_path, monkeypa
 
 # ------------------------------------------------------------------- kill, resume, SIGTERM
 
-CONFIG_WRAPPER = """
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("demo_cpu", {demo!r})
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
-
-
-def get_config():
-    from visionr1_jax import checkpoint
-
-    config = _demo.get_config()
-    config.checkpoint = checkpoint.checkpoint_config()
-    return config
-"""
-
 STEPS = 6
 OVERRIDES = {
     "total_steps": STEPS,
@@ -170,69 +156,68 @@ OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, ckpt):
-    data_dir = str(tmp_path_factory.mktemp("data"))
-    shapes = synthetic_shapes.ShapesConfig(name="loop", num_train=16, num_validation=2)
-    synthetic_shapes.SyntheticShapes(config=shapes, data_dir=data_dir).download_and_prepare()
     root = tmp_path_factory.mktemp("assets")
-    config = root / "config.py"
-    config.write_text(CONFIG_WRAPPER.format(demo=os.path.join(ROOT, "configs", "demo_cpu.py")))
-    cache = str(root / "jax_cache")
-    return {"data_dir": data_dir, "checkpoint": ckpt, "config": str(config), "cache": cache}
+    return {
+        "data_dir": launch.write_dataset(tmp_path_factory.mktemp("data")),
+        "checkpoint": ckpt,
+        "config": launch.write_config(root),
+        "cache": str(root / "jax_cache"),
+    }
 
 
-def start(assets, workdir: str) -> tuple[subprocess.Popen, str]:
-    """One `main` process of the test run (1 device, unoptimised XLA code generation, as
-    every run: bit-identity holds between them). The runs share jax's persistent compilation
-    cache, so a restarted run loads its programs instead of compiling them (as a user's
-    restarted job can)."""
+def start(assets, workdir: str, processes: int = 1, devices: int = 1, **over) -> launch.Run:
+    """One `main` run of the test config (`processes` x `devices`; unoptimised XLA code
+    generation, as every run: bit-identity holds between them). The runs share jax's
+    persistent compilation cache, so a restarted run loads its programs instead of compiling
+    them (as a user's restarted job can)."""
     overrides = {
         **OVERRIDES,
         "model.checkpoint": assets["checkpoint"],
         "data.data_dir": assets["data_dir"],
+        **over,
     }
-    cmd = [
-        sys.executable, "-m", "visionr1_jax.main", f"--config={assets['config']}",
-        f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items()),
-    ]  # fmt: skip
-    flags = conftest.with_device_count(os.environ.get("XLA_FLAGS", ""), 1)
-    flags += " --xla_backend_optimization_level=0"
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=ROOT,
-        JAX_COMPILATION_CACHE_DIR=assets["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )  # fmt: skip
-    os.makedirs(workdir, exist_ok=True)
-    log = os.path.join(workdir, f"log_{time.monotonic_ns()}.txt")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=f)
-    return proc, log
+    return launch.start(
+        assets["config"], workdir, overrides, processes, devices, cache=assets["cache"]
+    )
 
 
-def wait(proc: subprocess.Popen, log: str, timeout: float = 600) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        with open(log, errors="replace") as f:
-            pytest.fail(f"run timed out:\n{f.read()[-3000:]}")
-
-
-def committed(workdir: str) -> list[int]:
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def writing(workdir: str) -> bool:
-    return bool(glob.glob(os.path.join(workdir, "checkpoints", "*tmp*")))
-
-
-def final_params(workdir: str, ckpt: str) -> list[np.ndarray]:
+def final_params(workdir: str, ckpt: str, steps: int = STEPS) -> list[np.ndarray]:
+    """The parameters, optimizer state, step and key of the run's final checkpoint, restored
+    onto 1 device of this process. The data item (each host's pipeline position, compared on
+    disk by `assert_same_runs`) is left out: this 1-process restore could read only host 0's
+    of a multi-process run's."""
     _, _, like = state_on(ckpt, (1, 1, 1))
     loader = checkpoint.Checkpointer(workdir, run_config(ckpt))
     step = loader.latest_step()
-    assert step == STEPS
-    got = loader.restore(step, like)
+    assert step == steps
+    got = loader.restore(step, like, data=False)
     loader.close()
     return host_tree(got.state)
+
+
+def assert_same_runs(got_dir: str, want_dir: str, ckpt: str, steps: int = STEPS) -> None:
+    """The run in `got_dir` ended bit-identical to the one in `want_dir`: final parameters
+    and optimizer state, every host's pipeline position, one metrics line per step with the
+    same values, and the same rollouts."""
+    for g, w in zip(final_params(got_dir, ckpt, steps),
+                    final_params(want_dir, ckpt, steps), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(g, w)
+    data = sorted(glob.glob("process_*.json", root_dir=f"{want_dir}/checkpoints/{steps}/data"))
+    assert data, want_dir
+    for name in data:
+        got, want = (os.path.join(d, "checkpoints", str(steps), "data", name)
+                     for d in (got_dir, want_dir))  # fmt: skip
+        with open(got, "rb") as g, open(want, "rb") as w:
+            assert g.read() == w.read(), name
+    want = read_jsonl(os.path.join(want_dir, "metrics.jsonl"))
+    got = read_jsonl(os.path.join(got_dir, "metrics.jsonl"))
+    assert [m["step"] for m in got] == list(range(steps))
+    for g, w in zip(got, want, strict=True):
+        for key in ("reward/total", "loss", "kl", "grad_norm", "completion/length"):
+            assert g[key] == w[key], (g["step"], key, g[key], w[key])
+    want = read_jsonl(os.path.join(want_dir, "rollouts.jsonl"))
+    got = read_jsonl(os.path.join(got_dir, "rollouts.jsonl"))
+    assert got == want
 
 
 def test_killed_run_resumes_bit_identical_and_sigterm_saves(assets, tmp_path):
@@ -242,58 +227,82 @@ def test_killed_run_resumes_bit_identical_and_sigterm_saves(assets, tmp_path):
     # Once its first checkpoint is committed, SIGKILL the second run while the next one is
     # being written, or (when the poll misses that write) right after it is committed.
     during_write = False
+    cut.wait_for(lambda: launch.committed(cut_dir))
+    first = launch.committed(cut_dir)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and cut[0].poll() is None and not committed(cut_dir):
-        time.sleep(0.01)
-    first = committed(cut_dir)
-    while time.monotonic() < deadline and cut[0].poll() is None:
-        if writing(cut_dir):
+    while time.monotonic() < deadline and cut.running():
+        if launch.writing(cut_dir):
             during_write = True
             break
-        if committed(cut_dir) != first:
+        if launch.committed(cut_dir) != first:
             break
         time.sleep(0.002)
-    cut[0].send_signal(signal.SIGKILL)
-    cut[0].wait()
-    print("killed during a checkpoint write:", during_write, "committed:", committed(cut_dir))
-    saved = committed(cut_dir)
+    cut.kill()
+    saved = launch.committed(cut_dir)
+    print("killed during a checkpoint write:", during_write, "committed:", saved)
     assert saved and max(saved) < STEPS, saved
 
     # Same command again: resumes from the newest complete checkpoint; a SIGTERM as soon as
     # it says so (still in start-up) lets it run one iteration, save and exit 0.
     again = start(assets, cut_dir)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and again[0].poll() is None:
-        with open(again[1], errors="replace") as f:
-            if "resuming from checkpoint step" in f.read():
-                break
-        time.sleep(0.05)
-    again[0].send_signal(signal.SIGTERM)
-    assert wait(*again) == 0
-    with open(again[1]) as f:
-        text = f.read()
+    again.wait_for(lambda: "resuming from checkpoint step" in again.text())
+    again.send_signal(signal.SIGTERM)
+    assert again.wait() == [0]
+    text = again.text()
     assert f"resuming from checkpoint step {max(saved)}" in text, text[-3000:]
     assert f"SIGTERM: stopped after step {max(saved) + 1} (checkpoint saved)" in text
-    assert max(committed(cut_dir)) == max(saved) + 1
+    assert max(launch.committed(cut_dir)) == max(saved) + 1
     # ...and once more to the end.
     last = start(assets, cut_dir)
-    assert wait(*last) == 0
-    assert wait(*ref) == 0
+    assert last.wait() == [0]
+    assert ref.wait() == [0]
 
-    for g, w in zip(final_params(cut_dir, assets["checkpoint"]),
-                    final_params(ref_dir, assets["checkpoint"]), strict=True):  # fmt: skip
-        np.testing.assert_array_equal(g, w)
-    want = read_jsonl(os.path.join(ref_dir, "metrics.jsonl"))
-    got = read_jsonl(os.path.join(cut_dir, "metrics.jsonl"))
-    assert [m["step"] for m in got] == list(range(STEPS))
-    for g, w in zip(got, want, strict=True):
-        for key in ("reward/total", "loss", "kl", "grad_norm", "completion/length"):
-            assert g[key] == w[key], (g["step"], key, g[key], w[key])
-    want = read_jsonl(os.path.join(ref_dir, "rollouts.jsonl"))
-    got = read_jsonl(os.path.join(cut_dir, "rollouts.jsonl"))
-    assert got == want
-    kept = committed(cut_dir)
+    assert_same_runs(cut_dir, ref_dir, assets["checkpoint"])
+    kept = launch.committed(cut_dir)
     assert len(kept) == 2 and kept[-1] == STEPS, kept  # keep = 2
+
+
+# 2 processes x 4 CPU devices on localhost, data and fsdp across the processes (as the
+# "procs" run of test_train_distributed.py); 4 prompts per host. Every start costs a full
+# compilation: jax's persistent cache is written by process 0 only, and process 1's cache
+# keys differ from process 0's (so it never hits), hence one restart and 3 steps.
+MULTI_STEPS = 3
+MULTI = {
+    "total_steps": MULTI_STEPS,
+    "log_rollouts": MULTI_STEPS,
+    "data.batch_size": 8,
+    "mesh.ici_parallelism": "(2,2,2)",
+}
+
+
+def test_killed_2_process_run_resumes_bit_identical(assets, tmp_path):
+    """A 2-process run loses both processes (SIGKILL, as a preempted pod loses every host)
+    right after its first checkpoint (step 2) is committed; the same command on both resumes
+    from it on both; a SIGTERM to both as soon as they say so stops both after the same step
+    (the last, 3) with one save, and both exit 0; the run ends bit-identical to an
+    uninterrupted 2-process run (launched alongside, so the compilations overlap)."""
+    ref_dir, cut_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
+    ref = start(assets, ref_dir, processes=2, devices=4, **MULTI)
+    cut = start(assets, cut_dir, processes=2, devices=4, **MULTI)
+    cut.wait_for(lambda: launch.committed(cut_dir))
+    cut.kill()
+    saved = launch.committed(cut_dir)
+    assert saved == [2], saved
+
+    again = start(assets, cut_dir, processes=2, devices=4, **MULTI)
+    again.wait_for(lambda: all("resuming from checkpoint step" in again.text(i) for i in (0, 1)))
+    again.send_signal(signal.SIGTERM)
+    assert again.wait() == [0, 0]
+    for i in (0, 1):
+        text = again.text(i)
+        assert "resuming from checkpoint step 2 " in text, again.tails()
+        assert "SIGTERM: stopped after step 3 (checkpoint saved)" in text, again.tails()
+    assert launch.committed(cut_dir) == [2, 3]
+    assert ref.wait() == [0, 0]
+
+    assert_same_runs(cut_dir, ref_dir, assets["checkpoint"], MULTI_STEPS)
+    data = glob.glob("process_*.json", root_dir=f"{cut_dir}/checkpoints/{MULTI_STEPS}/data")
+    assert sorted(data) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 # --------------------------------------------------------------------------------- bad steps
@@ -325,7 +334,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(assets, tmp_path):
     assert rows[2]["loss"] is None  # NaN, written as null
     # the loop's blocked time of each save, reported with the next step
     assert "time/checkpoint" not in rows[0] and all(m["time/checkpoint"] > 0 for m in rows[1:])
-    assert committed(str(tmp_path)) == [1, 2, 3]  # nothing saved after the second bad step
+    assert launch.committed(str(tmp_path)) == [1, 2, 3]  # nothing saved after the second bad step
     _, _, like = state_on(assets["checkpoint"], (1, 1, 1))
     loader = checkpoint.Checkpointer(str(tmp_path), c)
     good, skipped = loader.restore(2, like).state, loader.restore(3, like).state

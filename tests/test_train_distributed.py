@@ -17,22 +17,16 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
-import subprocess
-import sys
-import time
 
-import conftest
+import launch
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from visionr1_jax import processing
-from visionr1_jax.data.builders import synthetic_shapes
 from visionr1_jax.metrics import read_jsonl
 from visionr1_jax.models import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2  # rollouts compared: the first, and the one after the first update
 TIMEOUT_S = 1200  # all runs together (~9 minutes measured on a 2-core machine under load 10)
 
@@ -52,22 +46,6 @@ RUNS = {
     "mesh": (1, 8, (2, 2, 2), 8),
     "procs": (2, 4, (2, 2, 2), 8),  # data and fsdp across the processes
 }
-
-# The wrapper adds `log_rollouts` (not a key of the demo config) so that `main`'s locked
-# `--config.<key>=value` overrides can set it.
-CONFIG_WRAPPER = """
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("demo_cpu", {demo!r})
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
-
-
-def get_config():
-    config = _demo.get_config()
-    config.log_rollouts = 0
-    return config
-"""
 
 
 def digit_writer_checkpoint(path: str) -> str:
@@ -98,27 +76,15 @@ def digit_writer_checkpoint(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A 16-record `synthetic_shapes` dataset opened by name (multi-process runs do not build
-    synthetic data), the shared checkpoint and the config wrapper."""
-    data_dir = str(tmp_path_factory.mktemp("data"))
-    shapes = synthetic_shapes.ShapesConfig(name="loop", num_train=16, num_validation=2)
-    synthetic_shapes.SyntheticShapes(config=shapes, data_dir=data_dir).download_and_prepare()
+    """A 16-record `synthetic_shapes` dataset, the shared checkpoint and the config."""
+    data_dir = launch.write_dataset(tmp_path_factory.mktemp("data"))
     root = tmp_path_factory.mktemp("assets")
     checkpoint = digit_writer_checkpoint(str(root / "checkpoint"))
-    config = root / "config.py"
-    config.write_text(CONFIG_WRAPPER.format(demo=os.path.join(ROOT, "configs", "demo_cpu.py")))
-    return {"data_dir": data_dir, "checkpoint": checkpoint, "config": str(config)}
+    return {"data_dir": data_dir, "checkpoint": checkpoint, "config": launch.write_config(root)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(assets, workdir: str, processes: int, devices: int, mesh, batch: int) -> list:
-    """Starts the `processes` of one `main` run; returns [(Popen, log path)]."""
-    os.makedirs(workdir)
+def start(assets, workdir: str, processes: int, devices: int, mesh, batch: int) -> launch.Run:
+    """Starts the `processes` of one `main` run."""
     overrides = {
         **OVERRIDES,
         "model.checkpoint": assets["checkpoint"],
@@ -126,32 +92,7 @@ def launch(assets, workdir: str, processes: int, devices: int, mesh, batch: int)
         "data.batch_size": batch,
         "mesh.ici_parallelism": "({},{},{})".format(*mesh),
     }
-    cmd = [
-        sys.executable, "-m", "visionr1_jax.main", f"--config={assets['config']}",
-        f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items()),
-    ]  # fmt: skip
-    flags = conftest.with_device_count(os.environ.get("XLA_FLAGS", ""), devices)
-    # Unoptimised XLA:CPU code generation (every run alike) compiles in ~2/3 of the CPU time
-    # (measured; the 1-device rollouts were identical at both levels, and all runs agreed).
-    flags += " --xla_backend_optimization_level=0"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=ROOT)
-    port = free_port()
-    out = []
-    for i in range(processes):
-        dist = []
-        if processes > 1:
-            dist = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
-            dist.append(f"--process_id={i}")
-        log = os.path.join(workdir, f"process_{i}.log")
-        with open(log, "w") as f:
-            proc = subprocess.Popen(cmd + dist, cwd=ROOT, env=env, stdout=f, stderr=f)
-        out.append((proc, log))
-    return out
-
-
-def tail(log: str, n: int = 3000) -> str:
-    with open(log, errors="replace") as f:
-        return f.read()[-n:]
+    return launch.start(assets["config"], workdir, overrides, processes, devices)
 
 
 @pytest.fixture(scope="module")
@@ -159,34 +100,8 @@ def runs(assets, tmp_path_factory):
     """Launches every run at once and waits for all; a failed run stops the others and fails
     with the log tails of each of its processes."""
     base = tmp_path_factory.mktemp("runs")
-    started = {
-        name: launch(assets, str(base / name), *spec) for name, spec in RUNS.items()
-    }  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    failed = None
-    try:
-        while failed is None and time.monotonic() < deadline:
-            codes = {n: [p.poll() for p, _ in ps] for n, ps in started.items()}
-            failed = next((n for n, c in codes.items() if any(x not in (None, 0) for x in c)), None)
-            if all(x == 0 for c in codes.values() for x in c):
-                break
-            time.sleep(1)
-    finally:
-        for ps in started.values():
-            for p, _ in ps:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    if failed is None and any(p.returncode != 0 for ps in started.values() for p, _ in ps):
-        failed = "timeout"
-    if failed is not None:
-        logs = "\n".join(
-            f"--- {n} process {i} (exit {p.returncode}) ---\n{tail(log)}"
-            for n, ps in started.items()
-            if n == failed or failed == "timeout"
-            for i, (p, log) in enumerate(ps)
-        )
-        pytest.fail(f"run {failed!r} failed:\n{logs}")
+    started = {name: start(assets, str(base / name), *spec) for name, spec in RUNS.items()}
+    launch.wait_all(started, TIMEOUT_S)
     return {name: str(base / name) for name in RUNS}
 
 

@@ -286,16 +286,18 @@ class Checkpointer:
         out = self.manager.restore(int(step), args=ocp.args.Composite(data=DataStateRestore()))
         return out["data"]
 
-    def restore(self, step: int, like: Any) -> Restored:
+    def restore(self, step: int, like: Any, data: bool = True) -> Restored:
         """The checkpoint of `step` restored into the shapes and shardings of the train state
-        `like` (any mesh: each array is read straight into its target shards)."""
+        `like` (any mesh: each array is read straight into its target shards). `data`: also
+        this host's pipeline state (False: `data_state` is b"", e.g. a 1-process tool reading
+        a multi-host run's checkpoint, which has no file for a 1-process host)."""
         target = _abstract(saved_tree(like, self.with_ref))
         out = self.manager.restore(
             int(step),
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target),
-                data=DataStateRestore(),
                 meta=ocp.args.JsonRestore(),
+                **({"data": DataStateRestore()} if data else {}),
             ),
         )
         tree = out["state"]
@@ -305,7 +307,8 @@ class Checkpointer:
         )
         if "ref_params" in tree:
             state = dataclasses.replace(state, ref_params=tree["ref_params"])
-        return Restored(state=state, data_state=out["data"], meta=dict(out["meta"]))
+        data_state = out["data"] if data else b""
+        return Restored(state=state, data_state=data_state, meta=dict(out["meta"]))
 
     def wait(self) -> None:
         """Blocks until the last save is committed."""

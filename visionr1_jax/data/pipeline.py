@@ -58,6 +58,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import queue
@@ -82,6 +83,8 @@ ARRAY_KEYS = (
 )  # fmt: skip
 PIXEL_KEYS = {"float32": "pixel_values", "uint8": "pixel_patches"}
 _PROMPT_SENTINEL = "\x00PROMPT\x00"
+_PIPELINES = itertools.count()  # names each pipeline's bucket agreements (same on every host)
+_AGREE_TIMEOUT_MS = 3_600_000  # how long a host waits for the others' bucket choices
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -699,6 +702,8 @@ class InputPipeline:
             it = ThreadPrefetchIterDataset(it, prefetch_buffer_size=int(c.prefetch))
         self.shard_len = shard_len
         self.normalizer = self.encoder.normalizer
+        self._agree_key = f"visionr1_jax/buckets/{next(_PIPELINES)}"
+        self._agreed = 0  # batches whose buckets were agreed (`global_arrays`)
         self._dataset = it
         self._iterator = iter(it)
 
@@ -709,8 +714,12 @@ class InputPipeline:
         return next(self._iterator)
 
     def global_arrays(self, batch: HostBatch, mesh: Any, **kw: Any) -> dict[str, Any]:
-        """``global_arrays`` with this pipeline's pixel normaliser."""
-        return global_arrays(batch, mesh, normalizer=self.normalizer, **kw)
+        """``global_arrays`` with this pipeline's pixel normaliser. On several processes each
+        batch's buckets are agreed through the key-value store under this pipeline's keys (any
+        thread may call it: `DevicePrefetch` does); every host calls it once per batch."""
+        agree = (self._agree_key, self._agreed)
+        self._agreed += 1
+        return global_arrays(batch, mesh, normalizer=self.normalizer, agree=agree, **kw)
 
     def close(self) -> None:
         """Stops the prefetch threads."""
@@ -930,6 +939,7 @@ def global_arrays(
     mesh: Any,
     batch_axes: Sequence[str] = ("data", "fsdp"),
     normalizer: PixelNormalizer | None = None,
+    agree: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """The batch as global ``jax.Array``s with B = b·P rows, rows sharded over ``batch_axes``
     (those present in the mesh: the ``batch`` logical axis), other dims replicated.
@@ -943,7 +953,7 @@ def global_arrays(
     sharding = rows_sharding(mesh, batch_axes)
     arrays = batch.arrays
     if jax.process_count() > 1:
-        arrays = agree_on_buckets(batch)
+        arrays = agree_on_buckets(batch, agree)
     out = {}
     for key, local in arrays.items():
         shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
@@ -956,17 +966,25 @@ def global_arrays(
     return out
 
 
-def agree_on_buckets(batch: HostBatch) -> dict[str, np.ndarray]:
+def agree_on_buckets(
+    batch: HostBatch, agree: tuple[str, int] | None = None
+) -> dict[str, np.ndarray]:
     """Pads this host's arrays to the largest prompt length T, patch count S and ground-truth
-    width N chosen by any host for this step (one small all-gather), so that every host
-    contributes rows of the same shape to the global arrays. Prompts stay left-padded, patches
-    and boxes right-padded."""
-    from jax.experimental import multihost_utils
+    width N chosen by any host for this step, so that every host contributes rows of the same
+    shape to the global arrays. Prompts stay left-padded, patches and boxes right-padded.
 
+    The hosts exchange their choices through the key-value store under ``agree`` (a key
+    prefix and the batch's index: `_kv_allgather`, safe from any thread), or without it by an
+    all-gather (an XLA collective: call it from the thread that launches the programs)."""
     a = dict(batch.arrays)
     pixel_key = "pixel_patches" if "pixel_patches" in a else "pixel_values"
     mine = np.array([a["input_ids"].shape[1], a[pixel_key].shape[1], a["gt_mask"].shape[1]])
-    t, s, n = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3).max(0)
+    if agree is None:  # an XLA collective: only from the thread that runs the programs
+        from jax.experimental import multihost_utils
+
+        t, s, n = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3).max(0)
+    else:
+        t, s, n = _kv_allgather(*agree, mine).max(0)
     if n > mine[2]:  # N differs only without an upper selection bound (evaluation)
         extra = int(n - mine[2])
         for key in ("gt_boxes", "gt_classes", "gt_mask"):
@@ -978,6 +996,29 @@ def agree_on_buckets(batch: HostBatch) -> dict[str, np.ndarray]:
     if s > mine[1]:
         a[pixel_key] = np.pad(a[pixel_key], ((0, 0), (0, int(s - mine[1])), (0, 0)))
     return a
+
+
+def _kv_allgather(prefix: str, index: int, mine: np.ndarray) -> np.ndarray:
+    """Every process's small int vector ``mine`` (row p: process p's), exchanged through the
+    ``jax.distributed`` key-value store under ``prefix/index``: host-side RPCs, safe from any
+    thread. (Not an XLA collective: XLA:CPU runs a process's collective programs one at a
+    time in launch order and gloo pairs the processes' collectives by that order, so one
+    launched from a background thread while the main thread launches its own can meet a
+    different collective on another host: a hang, or gloo's "Received data size doesn't match
+    expected size" abort.)"""
+    import jax
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    me = jax.process_index()
+    client.key_value_set(f"{prefix}/{index}/{me}", json.dumps([int(v) for v in mine]))
+    rows = [
+        json.loads(client.blocking_key_value_get(f"{prefix}/{index}/{p}", _AGREE_TIMEOUT_MS))
+        for p in range(jax.process_count())
+    ]
+    if index:  # every host has set `index`, so every host has read `index - 1`: drop ours
+        client.key_value_delete(f"{prefix}/{index - 1}/{me}")
+    return np.asarray(rows, np.int64)
 
 
 @functools.cache
