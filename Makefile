@@ -14,10 +14,14 @@ $(STAMP): setup.py requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), each taking whole files (module fixtures stay shared):
+# the suite is mostly single-threaded XLA compilation, so 2 cores run it in about half the time.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The main job on the laptop config: a tiny checkpoint and synthetic_shapes made locally.
 DEMO_WORKDIR ?= runs/demo
