@@ -27,7 +27,8 @@ test: $(STAMP)
 DEMO_WORKDIR ?= runs/demo
 
 demo: $(STAMP)
-	rm -rf $(DEMO_WORKDIR)/metrics.jsonl $(DEMO_WORKDIR)/rollouts.jsonl $(DEMO_WORKDIR)/checkpoints
+	rm -rf $(DEMO_WORKDIR)/metrics.jsonl $(DEMO_WORKDIR)/rollouts.jsonl $(DEMO_WORKDIR)/checkpoints \
+		$(DEMO_WORKDIR)/tensorboard $(DEMO_WORKDIR)/renderings
 	$(BIN)/python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR)
 
 demo-rewards: $(STAMP)
