@@ -15,28 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_train_loop
 from flax import nnx
-from test_train_loop import loop_config
 
 from visionr1_jax import checkpoint, config_lib, train
-from visionr1_jax.data.builders import synthetic_shapes
-from visionr1_jax.models import hf_weights, tiny
+from visionr1_jax.models import hf_weights
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("init_ckpt") / "tiny")
-    return tiny.write_tiny_checkpoint(
-        path, "qwen2_5_vl_tiny", tokenizer="small", min_pixels=3136, max_pixels=112 * 112
-    )
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    config = synthetic_shapes.ShapesConfig(name="loop", num_train=16, num_validation=2)
-    d = str(tmp_path_factory.mktemp("init_data"))
-    synthetic_shapes.SyntheticShapes(config=config, data_dir=d).download_and_prepare()
-    return d
+ckpt, data_dir = test_train_loop.ckpt, test_train_loop.data_dir  # the loop tests' fixtures
+loop_config = test_train_loop.loop_config
 
 
 def leaves(tree) -> list[np.ndarray]:

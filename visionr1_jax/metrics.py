@@ -156,10 +156,6 @@ class TensorBoardWriter:
         for name, image in images.items():
             self._writer.add_image(name, np.asarray(image), int(step), dataformats="HWC")
 
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -185,14 +181,13 @@ class Writer:
         """Writes each uint8[H, W, 3] image; returns the PNG paths (empty off process 0)."""
         if jax.process_index() != 0:
             return []
-        from PIL import Image
+        from visionr1_jax import render
 
         directory = os.path.join(local_dir(self.workdir), "renderings", f"step_{int(step)}")
-        os.makedirs(directory, exist_ok=True)
         paths = []
         for name, image in images.items():
             path = os.path.join(directory, name.replace("/", "_") + ".png")
-            Image.fromarray(np.asarray(image, np.uint8)).save(path)
+            render.save_png(path, image)
             paths.append(path)
         if self.tb is not None:
             self.tb.images(step, images)

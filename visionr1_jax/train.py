@@ -813,6 +813,26 @@ def checkpoint_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     return path
 
 
+def load_model(
+    config: ml_collections.ConfigDict, path: str, mesh: jax.sharding.Mesh
+) -> qwen_vl.QwenVL:
+    """The Hugging Face checkpoint `path` as the run's model (`model.param_dtype`,
+    `model.dtype`, `model.remat_policy`, the data's image-patch bound) sharded over `mesh`
+    (call it under `jax.set_mesh(mesh)`)."""
+    from visionr1_jax import config_lib
+    from visionr1_jax.models import hf_weights
+
+    m = config.model
+    return hf_weights.from_pretrained(
+        path,
+        dtype=jnp.dtype(m.param_dtype),
+        compute_dtype=jnp.dtype(m.dtype),
+        mesh=mesh,
+        remat_policy=m.remat_policy,
+        max_image_patches=config_lib.max_image_patches(config),
+    )
+
+
 def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """The mesh of `config.mesh`. A fully specified mesh (no -1) smaller than the devices of a
     single process uses the first devices (a 1-device reference run on an 8-device host);
@@ -832,7 +852,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
     from visionr1_jax import checkpoint, config_lib, host, processing, rewards, sampler
     from visionr1_jax.data import pipeline
-    from visionr1_jax.models import hf_weights
 
     config_lib.validate(config)
     term = TermSignal()
@@ -847,14 +866,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     path = checkpoint_path(config, workdir)
     m = config.model
     with jax.set_mesh(mesh):
-        model = hf_weights.from_pretrained(
-            path,
-            dtype=jnp.dtype(m.param_dtype),
-            compute_dtype=jnp.dtype(m.dtype),
-            mesh=mesh,
-            remat_policy=m.remat_policy,
-            max_image_patches=config_lib.max_image_patches(config),
-        )
+        model = load_model(config, path, mesh)
         objective = config.get("objective", "grpo")
         beta = 0.0 if objective == "sft" else None
         key = jax.random.key(int(config.seed))

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from visionr1_jax import checkpoint, config_lib, processing, sharding, train
+from visionr1_jax import checkpoint, processing, sharding, train
 from visionr1_jax.models import hf_weights, qwen_vl
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -100,17 +100,9 @@ def restore_policy(workdir: str, step: int | None = None) -> Restored:
             raise ValueError(f"checkpoint {step} in {manager.directory} has no run config")
         config = ml_collections.ConfigDict(dict(meta["config"]))
         start = train.checkpoint_path(config, workdir)
-        m = config.model
         mesh = sharding.make_mesh((1, 1, 1), (1, 1, 1), devices=jax.devices("cpu")[:1])
         with jax.set_mesh(mesh):
-            model = hf_weights.from_pretrained(
-                start,
-                dtype=jnp.dtype(m.param_dtype),
-                compute_dtype=jnp.dtype(m.dtype),
-                mesh=mesh,
-                remat_policy=m.remat_policy,
-                max_image_patches=config_lib.max_image_patches(config),
-            )
+            model = train.load_model(config, start, mesh)
             graphdef, frozen, params = nnx.split(model, train.frozen_filter(config), ...)
             like = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
