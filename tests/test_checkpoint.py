@@ -8,9 +8,8 @@ the run's meta; resume from the newest complete checkpoint; SIGTERM saves and ex
   one, else right after the first one is committed) and started again with the same command
   resumes from the newest complete checkpoint; a SIGTERM then saves and exits 0; the resumed
   run's final parameters, metrics and rollouts are bit-identical to an uninterrupted run's;
-- the same for a 2-process `jax.distributed` run (2 x 4 CPU devices on localhost): both
-  processes SIGKILLed after the first commit, both restarted, both resume, a SIGTERM to both
-  stops both at the same step with one save.
+- the same for a 2-process `jax.distributed` run: tests/test_checkpoint_multiprocess.py (its
+  own file, so that pytest-xdist runs it beside this one).
 
 The `main` runs are subprocesses started by `launch` (tests/launch.py).
 """
@@ -37,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_config(ckpt: str = "", data_dir: str = "", **over) -> ml_collections.ConfigDict:
-    config = config_lib.load_config(os.path.join(ROOT, "configs", "demo_cpu.py"))
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "demo_cpu.py:experiment=False"))
     config.total_steps = 4
     config.progress = False
     config.log_rollouts = 4
@@ -260,49 +259,6 @@ def test_killed_run_resumes_bit_identical_and_sigterm_saves(assets, tmp_path):
     assert_same_runs(cut_dir, ref_dir, assets["checkpoint"])
     kept = launch.committed(cut_dir)
     assert len(kept) == 2 and kept[-1] == STEPS, kept  # keep = 2
-
-
-# 2 processes x 4 CPU devices on localhost, data and fsdp across the processes (as the
-# "procs" run of test_train_distributed.py); 4 prompts per host. Every start costs a full
-# compilation: jax's persistent cache is written by process 0 only, and process 1's cache
-# keys differ from process 0's (so it never hits), hence one restart and 3 steps.
-MULTI_STEPS = 3
-MULTI = {
-    "total_steps": MULTI_STEPS,
-    "log_rollouts": MULTI_STEPS,
-    "data.batch_size": 8,
-    "mesh.ici_parallelism": "(2,2,2)",
-}
-
-
-def test_killed_2_process_run_resumes_bit_identical(assets, tmp_path):
-    """A 2-process run loses both processes (SIGKILL, as a preempted pod loses every host)
-    right after its first checkpoint (step 2) is committed; the same command on both resumes
-    from it on both; a SIGTERM to both as soon as they say so stops both after the same step
-    (the last, 3) with one save, and both exit 0; the run ends bit-identical to an
-    uninterrupted 2-process run (launched alongside, so the compilations overlap)."""
-    ref_dir, cut_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
-    ref = start(assets, ref_dir, processes=2, devices=4, **MULTI)
-    cut = start(assets, cut_dir, processes=2, devices=4, **MULTI)
-    cut.wait_for(lambda: launch.committed(cut_dir))
-    cut.kill()
-    saved = launch.committed(cut_dir)
-    assert saved == [2], saved
-
-    again = start(assets, cut_dir, processes=2, devices=4, **MULTI)
-    again.wait_for(lambda: all("resuming from checkpoint step" in again.text(i) for i in (0, 1)))
-    again.send_signal(signal.SIGTERM)
-    assert again.wait() == [0, 0]
-    for i in (0, 1):
-        text = again.text(i)
-        assert "resuming from checkpoint step 2 " in text, again.tails()
-        assert "SIGTERM: stopped after step 3 (checkpoint saved)" in text, again.tails()
-    assert launch.committed(cut_dir) == [2, 3]
-    assert ref.wait() == [0, 0]
-
-    assert_same_runs(cut_dir, ref_dir, assets["checkpoint"], MULTI_STEPS)
-    data = glob.glob("process_*.json", root_dir=f"{cut_dir}/checkpoints/{MULTI_STEPS}/data")
-    assert sorted(data) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 # --------------------------------------------------------------------------------- bad steps
