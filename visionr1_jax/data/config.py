@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import ml_collections
 
 from visionr1_jax.data import templates
 
-DATASETS = ("synthetic_shapes", "vision_r1_data", "coco_detection", "odinw", "refcoco")
+DATASETS = (
+    "synthetic_shapes", "vision_r1_data", "coco_detection", "odinw", "refcoco", "coco_format",
+)  # fmt: skip
 POLICIES = ("skip", "error")
+FILE_KEYS = ("annotations", "images")  # the data.name='coco_format' keys (per split paths)
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -18,6 +22,14 @@ def data_config() -> ml_collections.ConfigDict:
     Keys:
       name, builder_config: tfds dataset and builder config (``synthetic_shapes``/``detection``).
       data_dir: where the built dataset lives (None: tfds default ``~/tensorflow_datasets``).
+      annotations, images: the files of ``name='coco_format'``, the user's own COCO-format
+        detection data, per split name: ``annotations.<split>`` a COCO instances JSON (its
+        ``categories`` name the classes; every one is listed in each prompt),
+        ``images.<split>`` the folder its ``file_name``s are relative to (unset: the JSON's own
+        folder). Keys ``train``/``validation``/``test`` exist for command-line overrides; a
+        config file may assign any dict, e.g. ``c.annotations = {"train": "/d/train.json",
+        "minival": "/d/val.json"}``. Built on first use (``builder_config`` must stay
+        ``detection``), see ``builders.user_coco``; unset (None) for every other dataset.
       split, eval_split: tfds split names (slicing like ``train[:90%]`` is allowed); an
         evaluation pipeline reads ``eval_split`` through ``eval_config``.
       batch_size: GLOBAL prompts per step B; each of P hosts loads B / P.
@@ -45,6 +57,11 @@ def data_config() -> ml_collections.ConfigDict:
     c.name = "synthetic_shapes"
     c.builder_config = "detection"
     c.data_dir = ml_collections.config_dict.placeholder(str)
+    for key in FILE_KEYS:
+        c[key] = ml_collections.ConfigDict(
+            {split: ml_collections.config_dict.placeholder(str)
+             for split in ("train", "validation", "test")}
+        )  # fmt: skip
     c.split = "train"
     c.eval_split = "validation"
     c.batch_size = 16
@@ -78,6 +95,7 @@ def validate_data_config(c: ml_collections.ConfigDict, *, num_processes: int = 1
     for key in ("split",):
         if not isinstance(c[key], str) or not c[key]:
             fail(key, "must be a non-empty split name")
+    _validate_files(c)
     if not isinstance(c.batch_size, int) or c.batch_size <= 0:
         fail("batch_size", "must be a positive int")
     if c.batch_size % num_processes:
@@ -122,6 +140,73 @@ def validate_data_config(c: ml_collections.ConfigDict, *, num_processes: int = 1
         fail("num_threads", "must be an int >= 0")
     if not isinstance(c.prefetch, int) or c.prefetch < 0:
         fail("prefetch", "must be an int >= 0")
+
+
+def split_files(c: ml_collections.ConfigDict, key: str) -> dict[str, str]:
+    """``data.<key>`` (``annotations`` or ``images``) as {split: path}, unset entries left out."""
+    value = c.get(key)
+    if value is None:
+        return {}
+    items = value.items() if hasattr(value, "items") else ()
+    return {str(split): path for split, path in items if path is not None}
+
+
+def split_bases(split: str) -> list[str]:
+    """The split names a tfds split expression reads: ``train[:90%]+validation`` ->
+    ``["train", "validation"]``."""
+    return [m.group(1) for m in (re.match(r"\s*(\w+)", p) for p in split.split("+")) if m]
+
+
+def _validate_files(c: ml_collections.ConfigDict) -> None:
+    """The ``coco_format`` keys: required there (existing files and folders, one annotation
+    file per split read), an error anywhere else (they would be silently ignored)."""
+    from etils import epath
+
+    for key in FILE_KEYS:
+        value = c.get(key)
+        if value is not None and not hasattr(value, "items"):
+            raise ValueError(f"data.{key}: must map split names to paths (got {value!r})")
+    annotations, images = split_files(c, "annotations"), split_files(c, "images")
+    if c.name != "coco_format":
+        for key, paths in (("annotations", annotations), ("images", images)):
+            if paths:
+                raise ValueError(
+                    f"data.{key}: has no effect with data.name={c.name!r} (only 'coco_format' "
+                    f"reads it); unset it or set data.name='coco_format' (got {paths!r})"
+                )
+        return
+    if not annotations:
+        raise ValueError(
+            "data.annotations: data.name='coco_format' needs a COCO instances JSON per split, "
+            "e.g. --config.data.annotations.train=/data/mine/train.json (got none)"
+        )
+    if c.builder_config != "detection":
+        raise ValueError(
+            "data.builder_config: coco_format builds 'detection' prompts (one per image, every "
+            f"category of the JSON listed) (got {c.builder_config!r})"
+        )
+    for split, path in annotations.items():
+        if not re.fullmatch(r"\w+", split):
+            raise ValueError(f"data.annotations: split name {split!r} must be a word (\\w+)")
+        if not isinstance(path, str) or not path or not epath.Path(path).is_file():
+            raise ValueError(f"data.annotations.{split}: no such file: {path!r}")
+    for split, path in images.items():
+        if split not in annotations:
+            raise ValueError(
+                f"data.images.{split}: split {split!r} has no data.annotations.{split} "
+                f"(annotated splits: {sorted(annotations)})"
+            )
+        if not isinstance(path, str) or not path or not epath.Path(path).is_dir():
+            raise ValueError(f"data.images.{split}: no such folder: {path!r}")
+    for key in ("split", "eval_split"):
+        value = c.get(key)
+        for base in split_bases(value) if isinstance(value, str) else ():
+            if base not in annotations:
+                raise ValueError(
+                    f"data.{key}: split {base!r} has no annotation file: set "
+                    f"data.annotations.{base} (annotated splits: {sorted(annotations)}; "
+                    f"got {value!r})"
+                )
 
 
 def _is_int(v: object) -> bool:

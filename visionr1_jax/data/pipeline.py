@@ -544,14 +544,20 @@ def open_source(
 ) -> Any:
     """The random-access tfds source of ``data.name/data.builder_config``.
 
-    ``synthetic_shapes`` needs no input files and is built on first use when
-    ``build_synthetic`` (single-process runs; multi-host runs build it beforehand with
-    ``python -m visionr1_jax.data.tfds_cli build``, as every other dataset).
+    The datasets made from the config alone are built on first use when ``build_synthetic``
+    (single-process runs): ``synthetic_shapes`` (from its seed) and ``coco_format`` (from the
+    files in ``data.annotations``/``data.images``, ``builders.user_coco``). Multi-host runs
+    build them beforehand (``python -m visionr1_jax.data.tfds_cli prepare --config=...``), and
+    every other dataset with ``python -m visionr1_jax.data.tfds_cli build``.
     """
     import tensorflow_datasets as tfds
 
     import visionr1_jax.data.builders  # noqa: F401  (registers the builders)
 
+    if c.name == "coco_format":
+        from visionr1_jax.data.builders import user_coco
+
+        return user_coco.open_source(c, split or c.split, build_missing=build_synthetic)
     name = f"{c.name}/{c.builder_config}"
     build = build_synthetic and c.name == "synthetic_shapes"
     try:
