@@ -17,7 +17,16 @@ import os
 import numpy as np
 import pytest
 
-from visionr1_jax import config_lib, host, metrics, processing, rewards, sampler, train
+from visionr1_jax import (
+    config_lib,
+    evaluate,
+    host,
+    metrics,
+    processing,
+    rewards,
+    sampler,
+    train,
+)
 from visionr1_jax.data import data_config
 from visionr1_jax.data.builders import synthetic_shapes
 from visionr1_jax.models import model_config, testing, tiny
@@ -247,6 +256,10 @@ def test_telemetry_in_metrics_jsonl_tensorboard_and_renderings(ckpt, data_dir, t
     c.metrics = metrics.metrics_config()
     c.metrics.render_every = 2
     c.metrics.render_count = 2
+    c.eval = evaluate.eval_config()  # greedy evaluation after steps 2 and 4 (the last)
+    c.eval.every = 2
+    c.eval.max_new_tokens = 8
+    c.eval.score = "logprob"
     train.run(c, str(tmp_path))
 
     written = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
@@ -268,6 +281,19 @@ def test_telemetry_in_metrics_jsonl_tensorboard_and_renderings(ckpt, data_dir, t
             assert m[f"threshold/{k}"] == float(np.float32(stage[k])), k
         length = m["completion/tokens"] / (c.data.batch_size * c.grpo.num_generations)
         assert abs(m["completion/length"] - length) <= 1e-6 * length  # one mean, two ways
+
+    # the evaluations: in the metrics rows of optimizer steps 1 and 3 (after 2 and 4 updates)
+    # and in eval/step_2.json, eval/step_4.json
+    for m in written:
+        evaluated = m["step"] in (1, 3)
+        assert ("eval/AP" in m) == evaluated and ("time/eval" in m) == evaluated, m["step"]
+        if evaluated:
+            record = json.loads((tmp_path / "eval" / f"step_{m['step'] + 1}.json").read_text())
+            assert record["step"] == m["step"] + 1
+            assert {f"eval/{k}": v for k, v in record["metrics"].items()} == {
+                k: v for k, v in m.items() if k.startswith("eval/")
+            }
+            assert record["metrics"]["num_examples"] == 8  # the fixture's validation split
 
     scalars, images = read_events(tmp_path / "tensorboard")
     for m in written:

@@ -159,6 +159,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         from visionr1_jax import metrics
 
         metrics.validate_config(config)
+    if "eval" in config:
+        from visionr1_jax import evaluate
+
+        evaluate.validate_config(config)
+    if "experiment" in config:
+        from visionr1_jax import experiment
+
+        experiment.validate_config(config)
     for key in ("seed", "total_steps"):
         if key in config:
             value = config[key]

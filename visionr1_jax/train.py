@@ -1275,8 +1275,35 @@ def evaluate_sft(r: Run) -> dict[str, float]:
     return {f"eval/{k}": float(v) for k, v in out.items()}
 
 
+def evaluate_now(config: ml_collections.ConfigDict, step: int) -> bool:
+    """Whether the loop evaluates after optimizer step `step` (`eval.every`, and the last)."""
+    every = int(config.eval.every) if "eval" in config else 0
+    return bool(every) and (step % every == 0 or step == int(config.total_steps))
+
+
+def evaluate_run(r: Run) -> dict[str, float]:
+    """`evaluate.evaluate` of the current policy (the `eval` section: greedy answers on the
+    evaluation split, the protocol's metrics), written to `<workdir>/eval/step_<N>.json`;
+    returns `eval/<metric>` for the metrics row, and `time/eval`."""
+    import time
+
+    from visionr1_jax import evaluate
+
+    t0 = time.perf_counter()
+    step = int(r.state.step)
+    out, answers = evaluate.evaluate(r.policy, r.processor, r.config, r.mesh, tag=f"step_{step}")
+    evaluate.write_results(r.workdir, f"step_{step}", out, answers, r.config, step)
+    return {**{f"eval/{k}": v for k, v in out.items()}, "time/eval": time.perf_counter() - t0}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-    """The training job: `train_loop(setup(config, workdir))`. Returns the metrics rows."""
+    """The training job: `train_loop(setup(config, workdir))`. Returns the metrics rows.
+    A config with an `experiment` section runs that experiment's stages instead
+    (`experiment.run`: `make demo`'s SFT → evaluation → GRPO vs more SFT → table)."""
+    if "experiment" in config:
+        from visionr1_jax import experiment
+
+        return experiment.run(config, workdir)
     return train_loop(setup(config, workdir))
 
 
@@ -1329,6 +1356,8 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
                 step_rows = grpo_iteration(r, device_batch)
             seconds = time.perf_counter() - t0
             step = int(r.state.step)
+            if evaluate_now(config, step):
+                step_rows[-1].update(evaluate_run(r))
             first = step - len(step_rows)
             data_counts = metrics_lib.sum_over_processes(r.pipe.metrics())
             compiles = sum(host.compile_counts().values())
