@@ -1,38 +1,53 @@
-"""Laptop demo run: tiny Qwen2.5-VL-architecture model, synthetic shapes, Vision-R1 reward.
+"""The paper's experiment in miniature, on a laptop (`make demo`): SFT → Vision-R1 vs more SFT.
 
-    python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=/tmp/visionr1_demo
+    python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=runs/demo
+    python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=runs/demo_s1 --config.seed=1
 
-`make demo` runs this: Vision-R1 GRPO on the tiny random checkpoint (β 0.04, k3, G 4,
-temperature 1, top-k 50; 4 prompts × 48 new tokens per step, 40 steps, AdamW lr 1e-4). Expect a
-progress bar, one JSON line per step in WORKDIR/metrics.jsonl (and TensorBoard events in
-WORKDIR/tensorboard: ``tensorboard --logdir WORKDIR``), the first rollouts in
-WORKDIR/rollouts.jsonl and, every 10 steps, completions drawn over their images in
-WORKDIR/renderings; about a minute of compilation, then well under a second per step on
-2 cores. Checkpoints go to WORKDIR/checkpoints (steps 20 and 40): run the same command again
-after a kill and it resumes (``make demo`` starts afresh: it clears them).
-From random weights the reward stays near 0 (answers do not parse yet): the demo shows
-the job runs end to end; an SFT warm start (``--config.objective=sft
---config.metrics.render_every=0``) teaches the format.
-Nothing is downloaded: the tiny checkpoint is written locally (``model.tiny``) and the
-``synthetic_shapes`` dataset is generated from its seed. Config args (``key=value,...``):
+Nothing is downloaded: a small Qwen2.5-VL-architecture checkpoint (`model.tiny`, random
+weights, seeded by `seed`) and the `synthetic_shapes/demo` dataset (one or two coloured shapes
+per 112 px image, 2,048 training and 64 evaluation images) are made locally. The run
+(`visionr1_jax.experiment`) trains and evaluates, each stage in WORKDIR/<stage>:
+
+1. `start`: the initial model, evaluated (greedy answers on the 64 evaluation images, COCO
+   metrics through pycocotools, every box scored 0.99 as in the paper);
+2. `sft`: supervised warm start (`experiment.sft_steps`), evaluated;
+3. `grpo`: Vision-R1 GRPO from the warm start (the `official` reward, β 0.04, k3, G 4,
+   temperature 1, top-k 50: SPEC §5; `total_steps` steps), evaluated;
+4. `sft_more`: more SFT from the warm start for the GRPO stage's wall-clock compute, evaluated;
+
+then prints the paper's Table 1 in miniature (WORKDIR/results.md, results.json) and draws
+the training curves and example predictions (WORKDIR/results.png). About 15 minutes on
+2 cores, progress bars throughout; every stage is resumable (run the same command after a kill:
+finished stages are skipped, the current one resumes from its checkpoint). Each training
+stage writes metrics.jsonl, TensorBoard events (``tensorboard --logdir WORKDIR``) and
+checkpoints; the GRPO stage renders completions over their images every 10 steps.
+
+Config args (``key=value,...``):
 
 * ``variant``: reward variant, ``official`` (default), ``paper`` or ``easyr1``
   (``configs/demo_cpu.py:variant=paper``);
 * ``schedule``: rule-refinement preset, default the variant's (``off`` for official/easyr1);
   ``configs/demo_cpu.py:schedule=official_adaptive`` is the released ``--adaptive`` switch;
-* ``switch_step``: its STEP (default 1500), e.g. ``...:schedule=official_adaptive,switch_step=200``
-  or ``...:variant=paper,switch_step=200``; rejected for a schedule without a switch.
+* ``switch_step``: its STEP (default 1500), e.g. ``...:schedule=official_adaptive,switch_step=20``
+  or ``...:variant=paper,switch_step=20``; rejected for a schedule without a switch;
+* ``experiment``: ``False`` runs one GRPO job alone instead
+  (``configs/demo_cpu.py:experiment=False``): the tiny model from random weights on
+  ``synthetic_shapes/detection``, 40 steps of 4 prompts x 48 new tokens, checkpoints at 20
+  and 40 in WORKDIR/checkpoints (the reward stays near 0: answers do not parse yet); with
+  ``--config.objective=sft --config.metrics.render_every=0`` one SFT job. The tests run it.
 """
 
 import ml_collections
 
-from visionr1_jax import checkpoint, config_lib, metrics, rewards, train
+from visionr1_jax import checkpoint, config_lib, evaluate, experiment, metrics, rewards, train
 from visionr1_jax.data import data_config
 from visionr1_jax.models import model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, variant="official", schedule=None, switch_step=None)
+    args = config_lib.parse_arg(
+        arg, variant="official", schedule=None, switch_step=None, experiment=True
+    )
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.objective = "grpo"
@@ -58,4 +73,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every = 20
     config.metrics = metrics.metrics_config()  # TensorBoard under WORKDIR/tensorboard
     config.metrics.render_every = 10  # PNGs of completions under WORKDIR/renderings
+    if not args.experiment:
+        return config
+
+    # The experiment: a model and data where a few minutes of CPU training localise.
+    config.total_steps = 60  # the GRPO stage
+    config.model.tiny = "qwen2_5_vl_demo"
+    config.data.builder_config = "demo"
+    config.data.batch_size = 8
+    config.data.max_prompt_len = 160
+    config.data.max_instances = 2
+    config.grpo.max_new_tokens = 96  # two boxes are ~80 tokens of the tiny tokenizer
+    config.optim.learning_rate = 3e-4
+    config.eval = evaluate.eval_config()
+    config.eval.max_new_tokens = 96
+    config.experiment = experiment.experiment_config()
+    config.experiment.sft_steps = 300
+    config.experiment.sft_learning_rate = 3e-3
+    config.experiment.sft_batch_size = 16
     return config

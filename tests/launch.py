@@ -48,7 +48,7 @@ _spec.loader.exec_module(_demo)
 def get_config():
     from visionr1_jax import checkpoint
 
-    config = _demo.get_config()
+    config = _demo.get_config("experiment=False")
     config.log_rollouts = 0
     config.checkpoint = checkpoint.checkpoint_config()
     return config

@@ -55,6 +55,28 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         ),
         tie_word_embeddings=False,
     ),
+    # The `make demo` experiment's model (configs/demo_cpu.py): qwen2_5_vl_tiny made wider and
+    # deeper so that it learns image-specific boxes of synthetic shapes within minutes on a CPU.
+    "qwen2_5_vl_demo": dict(
+        model_type="qwen2_5_vl",
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=[4, 6, 6],
+        ),
+        vision=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        tie_word_embeddings=False,
+    ),
     # Qwen2.5-VL, GQA ratio 4, head_dim 32, tied embeddings, full attention first.
     "qwen2_5_vl_gqa4": dict(
         model_type="qwen2_5_vl",

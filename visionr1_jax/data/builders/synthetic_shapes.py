@@ -163,6 +163,20 @@ class SyntheticShapes(base.RecordBuilder):
         ShapesConfig(
             name="grounding", task="grounding", description="one prompt per (image, category)"
         ),
+        # The `make demo` experiment (configs/demo_cpu.py): one or two large shapes on a plain
+        # background, so that a tiny model learns image-specific boxes within minutes on a CPU.
+        ShapesConfig(
+            name="demo",
+            task="detection",
+            max_shapes=2,
+            min_scale=0.25,
+            max_scale=0.6,
+            texture=False,
+            max_overlap=0.1,
+            num_train=2048,
+            num_validation=64,
+            description="the make demo experiment's data",
+        ),
     ]
 
     def _split_generators(self, dl_manager):

@@ -1,0 +1,364 @@
+"""The paper's experiment in miniature (`make demo`): base → +SFT → +Vision-R1 against
++SFT for the same compute, evaluated alike, printed as the paper's Table 1.
+
+`run(config, workdir)` (what `python -m visionr1_jax.main` runs when the config has an
+`experiment` section, `configs/demo_cpu.py`) runs these stages, each in its own directory
+under `workdir`, each resumable (a killed demo started again skips what is done and resumes
+the stage it was in from its last checkpoint):
+
+1. `start`: evaluate the initial checkpoint (`eval` section: greedy answers on the
+   evaluation split, COCO metrics).
+2. `sft`: supervised warm start from it (`experiment.sft_steps` at
+   `experiment.sft_learning_rate`), then evaluate.
+3. `grpo`: Vision-R1 GRPO from the warm start (`model.init_from`; the warm start is also the
+   reference model): the config itself (`total_steps`, `grpo`, `reward`, `optim`), then
+   evaluate.
+4. `sft_more`: more SFT from the warm start for the same wall-clock compute as stage 3: the
+   GRPO stage's seconds of training (its steps' `time/step`, the first step, which compiles,
+   counted at the median) divided by the warm start's median seconds per SFT step, written
+   to `plan.json` once so that a resumed demo keeps it; then evaluate.
+5. The table (rows start, +SFT, +SFT same compute, +Vision-R1; columns mAP, AP50, AP75, AR100,
+   mean matched IoU, parse rate), printed and written to `results.md` / `results.json`, and
+   `results.png`: the training curves and example predictions of each model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+ROWS = (
+    ("start", "start"),
+    ("sft", "+SFT"),
+    ("sft_more", "+SFT (same compute)"),
+    ("grpo", "+Vision-R1"),
+)
+COLUMNS = (
+    ("AP", "mAP"),
+    ("AP50", "AP50"),
+    ("AP75", "AP75"),
+    ("AR100", "AR100"),
+    ("matched_iou", "matched IoU"),
+    ("parse_rate", "parse rate"),
+)
+
+
+def experiment_config() -> ml_collections.ConfigDict:
+    """The `experiment` section.
+
+    Fields:
+      sft_steps: optimizer steps of the SFT warm start.
+      sft_learning_rate, sft_warmup_steps: its AdamW learning rate (linear decay to 0) and
+        warm-up; the same for the `sft_more` stage.
+      sft_batch_size: prompts per SFT step (None: `data.batch_size`, the GRPO stage's).
+      examples: evaluation images drawn per model in `results.png`.
+    """
+    c = ml_collections.ConfigDict()
+    c.sft_steps = 200
+    c.sft_learning_rate = 3e-3
+    c.sft_warmup_steps = 20
+    c.sft_batch_size = ml_collections.config_dict.placeholder(int)
+    c.examples = 4
+    return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the `experiment` section: positive step counts and rate, an `eval` section, the
+    GRPO objective (the config is the Vision-R1 stage's)."""
+    c = config.experiment
+    known = set(experiment_config().keys())
+    for key in c.keys():
+        if key not in known:
+            raise ValueError(f"experiment.{key} is not an experiment key; known: {sorted(known)}")
+    for key in ("sft_steps", "examples"):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"experiment.{key}={v!r} must be an int >= 1")
+    if isinstance(c.sft_warmup_steps, bool) or not isinstance(c.sft_warmup_steps, int):
+        raise ValueError(f"experiment.sft_warmup_steps={c.sft_warmup_steps!r} must be an int")
+    if not 0 <= c.sft_warmup_steps <= c.sft_steps:
+        raise ValueError(f"experiment.sft_warmup_steps={c.sft_warmup_steps} not in [0, sft_steps]")
+    b = c.sft_batch_size
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ValueError(f"experiment.sft_batch_size={b!r} must be None or an int >= 1")
+    if not float(c.sft_learning_rate) > 0:
+        raise ValueError(f"experiment.sft_learning_rate={c.sft_learning_rate!r} must be > 0")
+    if config.get("objective", "grpo") != "grpo":
+        raise ValueError(
+            f"objective={config.objective!r}: an `experiment` config is its GRPO stage's (the "
+            "SFT stages are derived from it)"
+        )
+    if "eval" not in config:
+        raise ValueError("an `experiment` needs an `eval` section (evaluate.eval_config())")
+
+
+# ----------------------------------------------------------------------------- stage configs
+
+
+def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+    del c["experiment"]
+    return c
+
+
+def sft_stage(config, steps: int, init_from: str = "") -> ml_collections.ConfigDict:
+    """The config of an SFT stage of `steps` steps (from `init_from`, a stage directory)."""
+    from visionr1_jax import sft
+
+    e = config.experiment
+    c = _unlocked(config)
+    c.objective = "sft"
+    c.total_steps = int(steps)
+    c.sft = sft.sft_config()
+    if e.sft_batch_size:
+        c.data.batch_size = int(e.sft_batch_size)
+    c.optim.learning_rate = float(e.sft_learning_rate)
+    c.optim.warmup_steps = min(int(e.sft_warmup_steps), int(steps))
+    c.metrics.render_every = 0
+    c.model.init_from = init_from
+    c.eval.every = 0
+    return c
+
+
+def grpo_stage(config, init_from: str) -> ml_collections.ConfigDict:
+    """The config of the Vision-R1 stage: the run config itself, from the warm start."""
+    c = _unlocked(config)
+    c.model.init_from = init_from
+    c.eval.every = 0
+    return c
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _log(text: str) -> None:
+    from absl import logging
+
+    logging.info("%s", text)
+    print(text, flush=True)
+
+
+def _final_step(workdir: str) -> int | None:
+    """The newest complete checkpoint step of the stage in `workdir` (None: none yet)."""
+    from visionr1_jax.tools import export
+
+    try:
+        return max(export.checkpoint_steps(workdir))
+    except FileNotFoundError:
+        return None
+
+
+def train_stage(name: str, config, workdir: str) -> None:
+    """Trains one stage to `config.total_steps` (resuming from its checkpoints), unless done."""
+    from visionr1_jax import train
+
+    if _final_step(workdir) == int(config.total_steps):
+        _log(f"[{name}] done ({config.total_steps} steps): skipped")
+        return
+    _log(f"[{name}] training {config.total_steps} steps ({config.objective}) in {workdir}")
+    train.run(config, workdir)
+
+
+def eval_stage(name: str, config, workdir: str, step: int | None) -> dict[str, float]:
+    """Evaluates the stage's checkpoint `step` (None: the initial model), unless done."""
+    from visionr1_jax import evaluate, metrics
+
+    tag = "base" if step is None else f"step_{step}"
+    path = os.path.join(metrics.local_dir(workdir), "eval", f"{tag}.json")
+    if os.path.exists(path):
+        _log(f"[{name}] evaluation {tag}: done, read from {path}")
+    else:
+        _log(f"[{name}] evaluating {tag}")
+        evaluate.run(config, workdir, checkpoint="base" if step is None else str(step))
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["metrics"]
+
+
+def training_seconds(rows: list[Mapping[str, Any]]) -> float:
+    """Seconds a stage trained: its steps' `time/step`, the first (which compiles) counted at
+    the median of the others (evaluation and checkpoint time excluded)."""
+    times = [float(m["time/step"]) for m in rows if "time/step" in m]
+    if len(times) < 2:
+        raise ValueError("a stage needs at least 2 steps to measure its compute")
+    return float(np.median(times[1:]) + np.sum(times[1:]))
+
+
+def same_compute_steps(grpo_rows, sft_rows) -> tuple[int, dict[str, float]]:
+    """SFT steps that take the GRPO stage's training seconds (`training_seconds`) at the warm
+    start's median seconds per SFT step (its first, compiling, step left out)."""
+    grpo_s = training_seconds(grpo_rows)
+    per_step = float(np.median([float(m["time/step"]) for m in sft_rows[1:]]))
+    steps = max(1, round(grpo_s / per_step))
+    return steps, {"grpo_seconds": grpo_s, "sft_seconds_per_step": per_step, "steps": steps}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+    """Runs the experiment (module docstring); returns {row: metrics}."""
+    from visionr1_jax import config_lib
+    from visionr1_jax import metrics as metrics_lib
+
+    validate_config(config)
+    d = {name: os.path.join(workdir, name) for name, _ in ROWS}
+    sft_cfg = sft_stage(config, config.experiment.sft_steps)
+    grpo_cfg = grpo_stage(config, init_from=d["sft"])
+    for c in (sft_cfg, grpo_cfg):
+        config_lib.validate(c)  # every stage's config, before anything compiles
+    results = {}
+
+    results["start"] = eval_stage("start", sft_cfg, d["start"], None)
+    train_stage("sft", sft_cfg, d["sft"])
+    results["sft"] = eval_stage("sft", sft_cfg, d["sft"], int(sft_cfg.total_steps))
+    train_stage("grpo", grpo_cfg, d["grpo"])
+    results["grpo"] = eval_stage("grpo", grpo_cfg, d["grpo"], int(grpo_cfg.total_steps))
+
+    plan_path = os.path.join(workdir, "plan.json")
+    if os.path.exists(plan_path):
+        with open(plan_path, encoding="utf-8") as f:
+            plan = json.load(f)
+    else:
+        read = lambda n: metrics_lib.read_jsonl(os.path.join(d[n], "metrics.jsonl"))
+        _, plan = same_compute_steps(read("grpo"), read("sft"))
+        with open(plan_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(plan, f, indent=1)
+        os.replace(plan_path + ".tmp", plan_path)
+    _log(
+        f"[sft_more] same compute as GRPO: {plan['grpo_seconds']:.1f} s / "
+        f"{plan['sft_seconds_per_step']:.3f} s per SFT step = {plan['steps']} steps"
+    )
+    more_cfg = sft_stage(config, plan["steps"], init_from=d["sft"])
+    train_stage("sft_more", more_cfg, d["sft_more"])
+    results["sft_more"] = eval_stage("sft_more", more_cfg, d["sft_more"], plan["steps"])
+
+    table = format_table(results, plan)
+    _log("\n" + table)
+    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"seed": int(config.seed), "plan": plan, "results": results}, f, indent=1)
+    png = plot(workdir, results, config)
+    _log(f"results: {workdir}/results.md, {workdir}/results.json, {png}")
+    return results
+
+
+def format_table(results: Mapping[str, Mapping[str, float]], plan: Mapping | None = None) -> str:
+    """The paper's Table 1 shape: one row per model, COCO metrics in percent."""
+    head = "| model | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for key, title in ROWS:
+        if key not in results:
+            continue
+        m = results[key]
+        cells = [f"{100 * m[k]:.1f}" if m.get(k, -1) >= 0 else "n/a" for k, _ in COLUMNS]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if plan:
+        lines.append(
+            f"\n+SFT (same compute): {plan['steps']} SFT steps = the GRPO stage's "
+            f"{plan['grpo_seconds']:.0f} s of training at {plan['sft_seconds_per_step']:.3f} s "
+            "per SFT step."
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- plot
+
+
+def _examples(workdir: str, config, tags: Mapping[str, str], count: int):
+    """Panels of the first `count` evaluation images per model: the image the model saw,
+    ground truth (green) and the model's boxes (red). tags: row → `<dir>/eval/<tag>` prefix."""
+    from visionr1_jax import evaluate, processing, render, train
+    from visionr1_jax.data import config as data_config_lib
+    from visionr1_jax.data import pipeline
+
+    path = train.checkpoint_path(config, os.path.join(workdir, "sft"))
+    processor = processing.load_processor(path)
+    images, targets = [], []
+    for hb in pipeline.InputPipeline(data_config_lib.eval_config(config.data), processor):
+        a = hb.arrays
+        pixels = a["pixel_patches"] if "pixel_patches" in a else a["pixel_values"]
+        valid = np.nonzero(a["valid"])[0]
+        images += [
+            render.images_from_pixel_values(pixels, a["image_grid_thw"], processor.image_processor)[
+                i
+            ]
+            for i in valid
+        ]
+        targets += hb.targets()
+        if len(images) >= count:
+            break
+    panels = {}
+    for row, prefix in tags.items():
+        with open(prefix + "_predictions.jsonl", encoding="utf-8") as f:
+            lines = [x for _, x in zip(range(count), f, strict=False)]
+        answers = [evaluate.Answer.from_json(json.loads(x)) for x in lines]
+        preds = [(a.boxes, a.labels) for a in answers]
+        panels[row] = render.render_examples(images[:count], targets[:count], preds)
+    return panels
+
+
+def plot(workdir: str, results, config) -> str:
+    """`results.png`: SFT loss, GRPO reward and matched IoU, the table's mAP / AP50 per model,
+    and example predictions of each model on the same evaluation images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from visionr1_jax import metrics as metrics_lib
+
+    read = lambda n: metrics_lib.read_jsonl(os.path.join(workdir, n, "metrics.jsonl"))
+    rows = [(k, t) for k, t in ROWS if k in results]
+    tags = {}
+    for key, _ in rows:
+        found = sorted(
+            f[: -len("_predictions.jsonl")]
+            for f in os.listdir(os.path.join(workdir, key, "eval"))
+            if f.endswith("_predictions.jsonl")
+        )
+        if found:
+            tags[key] = os.path.join(workdir, key, "eval", found[-1])
+    count = int(config.experiment.examples)
+    panels = _examples(workdir, config, tags, count)
+
+    fig = plt.figure(figsize=(4 * max(3, count), 4 + 2.6 * len(panels)))
+    grid = fig.add_gridspec(1 + len(panels), max(3, count))
+    ax = fig.add_subplot(grid[0, 0])
+    sft_rows, more_rows = read("sft"), read("sft_more")
+    ax.plot([m["step"] for m in sft_rows], [m["loss"] for m in sft_rows], label="SFT warm start")
+    n0 = len(sft_rows)
+    ax.plot([n0 + m["step"] for m in more_rows], [m["loss"] for m in more_rows],
+            label="+SFT (same compute)")  # fmt: skip
+    ax.set(xlabel="SFT step", ylabel="loss", title="SFT", yscale="log")
+    ax.legend()
+    ax = fig.add_subplot(grid[0, 1])
+    grpo_rows = read("grpo")
+    for key in ("reward/total", "matched_iou", "parse_rate"):
+        ax.plot([m["step"] for m in grpo_rows], [m.get(key, np.nan) for m in grpo_rows], label=key)
+    ax.set(xlabel="GRPO step", title="Vision-R1 (GRPO) rollouts")
+    ax.legend()
+    ax = fig.add_subplot(grid[0, 2])
+    x = np.arange(len(rows))
+    for j, (key, title) in enumerate((("AP", "mAP"), ("AP50", "AP50"), ("matched_iou", "IoU"))):
+        ax.bar(x + (j - 1) * 0.27, [100 * results[k].get(key, 0) for k, _ in rows], 0.27,
+               label=title)  # fmt: skip
+    ax.set_xticks(x, [t for _, t in rows], rotation=15, fontsize=8)
+    ax.set(title="evaluation (%)")
+    ax.legend()
+    for r, (key, title) in enumerate((k, t) for k, t in rows if k in panels):
+        for j, panel in enumerate(panels[key]):
+            ax = fig.add_subplot(grid[1 + r, j])
+            ax.imshow(panel)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(title)
+    fig.tight_layout()
+    out = os.path.join(workdir, "results.png")
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
