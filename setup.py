@@ -32,10 +32,19 @@ setup(
         "absl-py>=2.1",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # torch is pinned to the CPU build that lies on local disk; never let pip pick another.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "ruff"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "torch==2.13.0",
+            "ruff",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
         "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate", "datasets"],
     },
 )

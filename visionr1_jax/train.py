@@ -1049,7 +1049,9 @@ def score_rows(
     total, aux = run.reward_fn(pred, gt, jnp.asarray(step, jnp.int32))
     f32 = lambda x: np.broadcast_to(np.asarray(x, np.float32), total.shape).copy()
     out = {"reward/total": np.where(valid, f32(total), 0.0).astype(np.float32)}
-    for name in ("format", "recall", "precision", "iou_accuracy"):  # the family's terms
+    family_terms = ("format", "recall", "precision", "iou_accuracy",  # vision_r1, visual_rft
+                    "f1", "classification", "location", "penalty")  # perception_r1  # fmt: skip
+    for name in family_terms:  # the family's terms
         if name in aux:
             out[f"reward/{name}"] = f32(aux[name])
     out["parse_rate"] = f32(parsed.format_official)

@@ -14,6 +14,14 @@ paper      IoU        predictions M      sum      beginner → advanced at STEP
 easyr1     GIoU       predictions M      mean     ``off``
 =========  =========  =================  =======  ==============================
 
+Families (``family``, ``rewards.vision_r1``): ``vision_r1`` (default; the table above),
+``visual_rft`` and ``perception_r1`` (SPEC §9 peers, for ablations), e.g.
+``default_config("official", family="perception_r1")``. A peer family reads ``format_check``,
+``combine``, the parsing keys and its own (``visual_rft``: ``visual_rft_iou``;
+``perception_r1``: ``matcher``, ``perception_r1_iou``, ``perception_r1_penalty``), not the
+variant's overlap, divisor or schedule. A family's own key set away from its default under
+another family would have no effect, and is rejected.
+
 The schedule is chosen by name, independently of the variant: ``schedule="official_adaptive"``
 is the released code's ``--adaptive`` switch (at ``switch_step``, 1500 by default), e.g.
 ``default_config("official", schedule="official_adaptive")`` or, from a run config,
@@ -68,12 +76,19 @@ _CHOICES = {
 
 SCHEDULES = (*schedule_lib.PRESETS, "custom")
 _DEFAULT_SWITCH_STEP = 1500  # the released code's hard-coded switch (SPEC §4)
+# Keys read by one family only: key -> (family, default). Elsewhere they must keep the default.
+FAMILY_KEYS = {
+    "visual_rft_iou": ("visual_rft", 0.5),
+    "perception_r1_iou": ("perception_r1", 0.5),  # HungarianMatcher(threshold=0.5)
+    "perception_r1_penalty": ("perception_r1", False),  # DO_PENAIlty="False" (detection script)
+}
 
 
 def default_config(
     variant: str = "official",
     switch_step: int | str | None = None,
     schedule: str | None = None,
+    family: str = "vision_r1",
 ) -> ml_collections.ConfigDict:
     """The reward config of a named variant.
 
@@ -85,7 +100,11 @@ def default_config(
       schedule: rule-refinement preset (``rewards.schedule.preset``): ``off``, ``official_adaptive``
         (the released ``--adaptive`` code) or ``paper``; None: the variant's default (table in
         the module docstring).
+      family: reward family (``vision_r1``, ``visual_rft``, ``perception_r1``; module
+        docstring).
     """
+    if family not in REWARD_FAMILIES:
+        raise ValueError(f"reward.family={family!r} must be one of {list(REWARD_FAMILIES)}")
     if variant not in VARIANTS:
         raise ValueError(f"reward.variant={variant!r} must be one of {sorted(VARIANTS)}")
     v = VARIANTS[variant]
@@ -105,7 +124,7 @@ def default_config(
     elif switch_step is None:
         switch_step = _DEFAULT_SWITCH_STEP
     c = ml_collections.ConfigDict()
-    c.family = "vision_r1"
+    c.family = family
     c.variant = variant
     c.overlap = v["overlap"]
     c.precision_divisor = v["precision_divisor"]
@@ -115,7 +134,8 @@ def default_config(
     c.frame = "qwen25_abs"
     c.max_boxes = 64
     c.max_coord = 1e5
-    c.visual_rft_iou = 0.5
+    for key, (_, default) in FAMILY_KEYS.items():
+        c[key] = default
     c.schedule = name
     c.switch_step = ml_collections.config_dict.placeholder(int)  # None, or an int override
     c.switch_step = switch_step
@@ -173,9 +193,21 @@ def validate_config(config, name: str = "reward") -> None:
     max_coord = config.get("max_coord")
     if not isinstance(max_coord, int | float) or not 1.0 <= float(max_coord) <= 1e7:
         raise ValueError(f"{name}.max_coord={max_coord!r} must be a number in [1, 1e7]")
-    iou = config.get("visual_rft_iou")
-    if not isinstance(iou, int | float) or not 0.0 <= float(iou) < 1.0:
-        raise ValueError(f"{name}.visual_rft_iou={iou!r} must be in [0, 1)")
+    for key in ("visual_rft_iou", "perception_r1_iou"):
+        iou = config.get(key, FAMILY_KEYS[key][1])
+        if isinstance(iou, bool) or not isinstance(iou, int | float) or not 0.0 <= iou < 1.0:
+            raise ValueError(f"{name}.{key}={iou!r} must be in [0, 1)")
+    penalty = config.get("perception_r1_penalty", False)
+    if not isinstance(penalty, bool):
+        raise ValueError(f"{name}.perception_r1_penalty={penalty!r} must be True or False")
+    family = config.get("family")
+    for key, (owner, default) in FAMILY_KEYS.items():
+        value = config.get(key, default)
+        if family != owner and value != default:
+            raise ValueError(
+                f"{name}.{key}={value!r} has no effect: only {name}.family={owner!r} reads it "
+                f"({name}.family={family!r}); leave it at {default!r} or set the family"
+            )
     _validate_schedule(config, name)
 
 
@@ -246,9 +278,10 @@ def score(
       config: a reward config (``default_config(...)``); defaults to ``official``.
 
     Returns:
-      numpy arrays ``[C]``: ``format``, ``recall``, ``precision``, ``total`` (Vision-R1
-      family), the counts and overlap statistics of ``vision_r1_reward``'s aux, and
-      ``num_dropped`` (boxes beyond ``max_boxes``); scalar thresholds under ``threshold/*``.
+      numpy arrays ``[C]``: the family's aux (Vision-R1: ``format``, ``recall``,
+      ``precision``, ``total``, the counts and overlap statistics of ``vision_r1_reward``,
+      scalar thresholds under ``threshold/*``; peers: see ``visual_rft_reward`` and
+      ``perception_r1_reward``), and ``num_dropped`` (boxes beyond ``max_boxes``).
     """
     config = default_config() if config is None else config
     fn = make_reward_fn(config)
