@@ -23,13 +23,15 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
-# The main job on the laptop config: a tiny checkpoint and synthetic_shapes made locally.
+# The paper's experiment in miniature on the laptop config: a small checkpoint and
+# synthetic_shapes made locally; SFT, then Vision-R1 vs more SFT, evaluated (README). Started
+# again after a kill it resumes (finished stages are skipped); `rm -rf runs/demo` starts afresh.
+# Another seed: make demo DEMO_WORKDIR=runs/demo_s1 DEMO_ARGS=--config.seed=1
 DEMO_WORKDIR ?= runs/demo
+DEMO_ARGS ?=
 
 demo: $(STAMP)
-	rm -rf $(DEMO_WORKDIR)/metrics.jsonl $(DEMO_WORKDIR)/rollouts.jsonl $(DEMO_WORKDIR)/checkpoints \
-		$(DEMO_WORKDIR)/tensorboard $(DEMO_WORKDIR)/renderings
-	$(BIN)/python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR)
+	$(BIN)/python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR) $(DEMO_ARGS)
 
 demo-rewards: $(STAMP)
 	$(BIN)/python -m visionr1_jax.rewards.demo

@@ -4,8 +4,9 @@
     python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=runs/demo_s1 --config.seed=1
 
 Nothing is downloaded: a small Qwen2.5-VL-architecture checkpoint (`model.tiny`, random
-weights, seeded by `seed`) and the `synthetic_shapes/demo` dataset (one or two coloured shapes
-per 112 px image, 2,048 training and 64 evaluation images) are made locally. The run
+weights, seeded by `seed`) and the `synthetic_shapes/localize` dataset (one coloured circle
+per 112 px image, 35-75% of its side; 2,048 training and 64 evaluation images) are made
+locally. The run
 (`visionr1_jax.experiment`) trains and evaluates, each stage in WORKDIR/<stage>:
 
 1. `start`: the initial model, evaluated (greedy answers on the 64 evaluation images, COCO
@@ -79,16 +80,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The experiment: a model and data where a few minutes of CPU training localise.
     config.total_steps = 60  # the GRPO stage
     config.model.tiny = "qwen2_5_vl_demo"
-    config.data.builder_config = "demo"
+    config.data.builder_config = "localize"
     config.data.batch_size = 8
     config.data.max_prompt_len = 160
-    config.data.max_instances = 2
-    config.grpo.max_new_tokens = 96  # two boxes are ~80 tokens of the tiny tokenizer
-    config.optim.learning_rate = 3e-4
+    config.data.max_instances = 1
+    config.grpo.max_new_tokens = 48  # a one-box answer is ~42 tokens of the tiny tokenizer
+    config.optim.learning_rate = 5e-4
     config.eval = evaluate.eval_config()
-    config.eval.max_new_tokens = 96
+    config.eval.max_new_tokens = 48
     config.experiment = experiment.experiment_config()
-    config.experiment.sft_steps = 300
+    config.experiment.sft_steps = 200
     config.experiment.sft_learning_rate = 3e-3
     config.experiment.sft_batch_size = 16
     return config

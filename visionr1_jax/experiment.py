@@ -138,9 +138,6 @@ def grpo_stage(config, init_from: str) -> ml_collections.ConfigDict:
 
 
 def _log(text: str) -> None:
-    from absl import logging
-
-    logging.info("%s", text)
     print(text, flush=True)
 
 
@@ -198,12 +195,36 @@ def same_compute_steps(grpo_rows, sft_rows) -> tuple[int, dict[str, float]]:
     return steps, {"grpo_seconds": grpo_s, "sft_seconds_per_step": per_step, "steps": steps}
 
 
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Records the config in `<workdir>/experiment_config.json` on the first run; a later run
+    must have the same one (it resumes the stages done with it), else ValueError: results of
+    two configs would be mixed in one table."""
+    path = os.path.join(workdir, "experiment_config.json")
+    mine = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            theirs = json.load(f)
+        if theirs != mine:
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"{workdir} holds an experiment run with another config (sections differing: "
+                f"{changed}); resume it with the same config, or use another --workdir "
+                "(or delete that one to start afresh)"
+            )
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(mine, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
     """Runs the experiment (module docstring); returns {row: metrics}."""
     from visionr1_jax import config_lib
     from visionr1_jax import metrics as metrics_lib
 
     validate_config(config)
+    check_workdir(config, workdir)
     d = {name: os.path.join(workdir, name) for name, _ in ROWS}
     sft_cfg = sft_stage(config, config.experiment.sft_steps)
     grpo_cfg = grpo_stage(config, init_from=d["sft"])

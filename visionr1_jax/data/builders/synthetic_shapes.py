@@ -48,6 +48,7 @@ class ShapesConfig(base.RecordBuilderConfig):
     task: ``detection`` or ``grounding``.
     num_train, num_validation: images per split.
     seed: the dataset seed.
+    shapes: the shape classes drawn (and listed in the prompt); label ids stay ``SHAPES``'.
     """
 
     image_size: int = 112
@@ -61,6 +62,7 @@ class ShapesConfig(base.RecordBuilderConfig):
     num_train: int = 4096
     num_validation: int = 256
     seed: int = 0
+    shapes: tuple[str, ...] = SHAPES
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,7 +140,7 @@ def render(config: ShapesConfig, split: str, index: int) -> tuple[bytes, np.ndar
                 break
         else:
             continue  # no room left for this shape
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        shape = config.shapes[int(rng.integers(len(config.shapes)))]
         color = color_names[int(rng.integers(len(color_names)))]
         fill = COLORS[color]
         if shape == "circle":
@@ -163,16 +165,17 @@ class SyntheticShapes(base.RecordBuilder):
         ShapesConfig(
             name="grounding", task="grounding", description="one prompt per (image, category)"
         ),
-        # The `make demo` experiment (configs/demo_cpu.py): one or two large shapes on a plain
-        # background, so that a tiny model learns image-specific boxes within minutes on a CPU.
+        # The `make demo` experiment (configs/demo_cpu.py): one large circle per image on a
+        # plain background, so that a tiny model's localisation moves within minutes on a CPU.
         ShapesConfig(
-            name="demo",
+            name="localize",
             task="detection",
-            max_shapes=2,
-            min_scale=0.25,
-            max_scale=0.6,
+            min_shapes=1,
+            max_shapes=1,
+            min_scale=0.35,
+            max_scale=0.75,
             texture=False,
-            max_overlap=0.1,
+            shapes=("circle",),
             num_train=2048,
             num_validation=64,
             description="the make demo experiment's data",
@@ -189,7 +192,7 @@ class SyntheticShapes(base.RecordBuilder):
 
     def _generate_examples(self, split: str, num: int):
         c = self.builder_config
-        label_map = {name: i + 1 for i, name in enumerate(SHAPES)}
+        label_map = {name: SHAPES.index(name) + 1 for name in c.shapes}
         for index in range(num):
             png, boxes, names, colors = render(c, split, index)
             common = dict(
@@ -199,7 +202,7 @@ class SyntheticShapes(base.RecordBuilder):
             if c.task == "detection":
                 rid = f"{split}/{index}"
                 yield rid, records.make_record(
-                    record_id=rid, task="detection", categories=SHAPES, boxes=boxes,
+                    record_id=rid, task="detection", categories=list(c.shapes), boxes=boxes,
                     labels=names, meta={"index": index, "colors": colors}, **common,
                 )  # fmt: skip
             else:
