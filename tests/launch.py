@@ -35,8 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_cpu.py")
 
 # `main` locks the config: `--config.<key>=value` can only set keys it has. The wrapper makes
-# sure of `log_rollouts` and of a `checkpoint` section with the defaults (saves only at the
-# end and on SIGTERM unless `checkpoint.every` is given), whatever the demo's are.
+# sure of `log_rollouts`, of a `checkpoint` section with the defaults (saves only at the end
+# and on SIGTERM unless `checkpoint.every` is given) and of an `eval` section (none runs unless
+# `eval.every` is given), whatever the demo's are.
 CONFIG_WRAPPER = """
 import importlib.util
 
@@ -46,11 +47,12 @@ _spec.loader.exec_module(_demo)
 
 
 def get_config():
-    from visionr1_jax import checkpoint
+    from visionr1_jax import checkpoint, evaluate
 
     config = _demo.get_config("experiment=False")
     config.log_rollouts = 0
     config.checkpoint = checkpoint.checkpoint_config()
+    config.eval = evaluate.eval_config()  # every = 0: no evaluation unless overridden
     return config
 """
 

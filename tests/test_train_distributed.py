@@ -1,7 +1,8 @@
 """The GRPO loop of `python -m visionr1_jax.main` does not depend on how it is laid out: on a
 (2, 2, 2) mesh of 8 CPU devices, and as a 2-process `jax.distributed` run (2 x 4 CPU devices
 on localhost), it reproduces the 1-device run's first rollouts token for token and their
-rewards (issue 10, acceptance 4).
+rewards (issue 10, acceptance 4), and its end-of-run evaluation (issue 12: greedy answers
+decoded where the rows live, gathered to process 0) gives the same answers and metrics.
 
 Every run is a real `main` subprocess (the device count is fixed before jax is imported) on the
 same tiny checkpoint and the same `synthetic_shapes` records; all are launched at once so the
@@ -16,6 +17,7 @@ global batch is the 1-process batch, row for row.
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import launch
@@ -39,6 +41,8 @@ OVERRIDES = {
     "grpo.max_new_tokens": 8,
     "optim.learning_rate": 1e-3,  # the update moves step 2's sampling distribution (kl > 0)
     "data.builder_config": "loop",
+    "eval.every": STEPS,  # a greedy evaluation at the end, gathered from every host
+    "eval.max_new_tokens": 8,
 }
 # name: (processes, devices per process, ici mesh, prompts per step B)
 RUNS = {
@@ -148,3 +152,26 @@ def test_one_metrics_line_per_step_from_process_0(runs, name):
     assert [f for f in files if f.endswith(".jsonl")] == ["metrics.jsonl", "rollouts.jsonl"]
     assert [m["step"] for m in read_jsonl(os.path.join(runs[name], "metrics.jsonl"))] == [0, 1]
     assert len(rollouts(runs[name])) == STEPS
+
+
+@pytest.mark.parametrize("name", ["mesh", "procs"])
+def test_evaluation_equals_the_1_device_run(runs, name):
+    """The evaluation after the last step: the same greedy answers, in the same order, with
+    the same boxes and scores, and the same metrics, whether the rows were decoded on one
+    device, over 8, or by 2 processes (host 0 gathering host 1's answers)."""
+
+    def read(run):
+        directory = os.path.join(runs[run], "eval")
+        record = json.loads(open(os.path.join(directory, f"step_{STEPS}.json")).read())
+        lines = open(os.path.join(directory, f"step_{STEPS}_predictions.jsonl")).readlines()
+        return record["metrics"], [json.loads(x) for x in lines]
+
+    want_metrics, want = read("one")
+    got_metrics, got = read(name)
+    assert want_metrics["num_examples"] == len(want) == 2  # the validation split
+    assert [a["record_id"] for a in got] == [a["record_id"] for a in want]
+    assert [a["completion"] for a in got] == [a["completion"] for a in want]
+    assert [a["scores"] for a in got] == [a["scores"] for a in want]
+    assert got_metrics == want_metrics
+    rows = read_jsonl(os.path.join(runs[name], "metrics.jsonl"))
+    assert rows[-1]["eval/num_examples"] == 2 and "eval/AP" not in rows[0]
