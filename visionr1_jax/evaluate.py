@@ -717,21 +717,32 @@ def evaluate(model, processor, config, mesh, *, tag: str = "eval") -> tuple[dict
 
     import jax
 
+    from visionr1_jax import metrics as metrics_lib
     from visionr1_jax.data import config as data_config_lib
     from visionr1_jax.data import pipeline
 
     c = config.eval if "eval" in config else eval_config()
     inner = pipeline.InputPipeline(data_config_lib.eval_config(config.data), processor)
     pipe = pipeline.DevicePrefetch(inner, mesh)
+    total = min(c.batches or inner.num_batches, inner.num_batches)
+    bar = metrics_lib.Progress(total, enabled=config.get("progress", True), desc=tag)
     try:
         batches = itertools.islice(pipe, c.batches) if c.batches else pipe
         with jax.set_mesh(mesh):
-            mine = predict(model, processor, batches, config,
+            mine = predict(model, processor, _counted(batches, bar), config,
                            max_new_tokens=int(c.max_new_tokens), score=c.score)  # fmt: skip
     finally:
+        bar.close()
         pipe.close()
     answers = gather_answers(mine, tag)
     return compute_metrics(answers, config), answers
+
+
+def _counted(batches, bar):
+    """`batches`, advancing the progress bar after each one is used."""
+    for batch in batches:
+        yield batch
+        bar.update(1, {})
 
 
 def write_results(workdir: str, tag: str, metrics: Mapping, answers, config, step) -> str:
