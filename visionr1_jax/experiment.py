@@ -16,7 +16,8 @@ the stage it was in from its last checkpoint):
 4. `sft_more`: more SFT from the warm start for the same wall-clock compute as stage 3: the
    GRPO stage's seconds of training (its steps' `time/step`, the first step, which compiles,
    counted at the median) divided by the warm start's median seconds per SFT step, written
-   to `plan.json` once so that a resumed demo keeps it; then evaluate.
+   to `plan.json` once so that a resumed demo keeps it; at the GRPO stage's learning rate
+   (`experiment.sft_more_learning_rate`), with the warm start's batch size; then evaluate.
 5. The table (rows start, +SFT, +SFT same compute, +Vision-R1; columns mAP, AP50, AP75, AR100,
    mean matched IoU, parse rate), printed and written to `results.md` / `results.json`, and
    `results.png`: the training curves and example predictions of each model.
@@ -55,7 +56,9 @@ def experiment_config() -> ml_collections.ConfigDict:
     Fields:
       sft_steps: optimizer steps of the SFT warm start.
       sft_learning_rate, sft_warmup_steps: its AdamW learning rate (linear decay to 0) and
-        warm-up; the same for the `sft_more` stage.
+        warm-up.
+      sft_more_learning_rate: the `sft_more` stage's learning rate (None: the GRPO stage's
+        `optim.learning_rate`), no warm-up, linear decay.
       sft_batch_size: prompts per SFT step (None: `data.batch_size`, the GRPO stage's).
       examples: evaluation images drawn per model in `results.png`.
     """
@@ -63,6 +66,7 @@ def experiment_config() -> ml_collections.ConfigDict:
     c.sft_steps = 200
     c.sft_learning_rate = 3e-3
     c.sft_warmup_steps = 20
+    c.sft_more_learning_rate = ml_collections.config_dict.placeholder(float)
     c.sft_batch_size = ml_collections.config_dict.placeholder(int)
     c.examples = 4
     return c
@@ -87,6 +91,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     b = c.sft_batch_size
     if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
         raise ValueError(f"experiment.sft_batch_size={b!r} must be None or an int >= 1")
+    more = c.sft_more_learning_rate
+    if more is not None and not float(more) > 0:
+        raise ValueError(f"experiment.sft_more_learning_rate={more!r} must be None or > 0")
     if not float(c.sft_learning_rate) > 0:
         raise ValueError(f"experiment.sft_learning_rate={c.sft_learning_rate!r} must be > 0")
     if config.get("objective", "grpo") != "grpo":
@@ -108,7 +115,10 @@ def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def sft_stage(config, steps: int, init_from: str = "") -> ml_collections.ConfigDict:
-    """The config of an SFT stage of `steps` steps (from `init_from`, a stage directory)."""
+    """The config of an SFT stage of `steps` steps: the warm start (from the initial model), or
+    with `init_from` (a stage directory) the continuation, at `experiment.sft_more_learning_rate`
+    (None: the GRPO stage's `optim.learning_rate`, so that both continuations move from the
+    warm start with the same optimizer settings) without warm-up."""
     from visionr1_jax import sft
 
     e = config.experiment
@@ -118,8 +128,13 @@ def sft_stage(config, steps: int, init_from: str = "") -> ml_collections.ConfigD
     c.sft = sft.sft_config()
     if e.sft_batch_size:
         c.data.batch_size = int(e.sft_batch_size)
-    c.optim.learning_rate = float(e.sft_learning_rate)
-    c.optim.warmup_steps = min(int(e.sft_warmup_steps), int(steps))
+    if init_from:
+        more = e.sft_more_learning_rate
+        c.optim.learning_rate = float(config.optim.learning_rate if more is None else more)
+        c.optim.warmup_steps = 0
+    else:
+        c.optim.learning_rate = float(e.sft_learning_rate)
+        c.optim.warmup_steps = min(int(e.sft_warmup_steps), int(steps))
     c.metrics.render_every = 0
     c.model.init_from = init_from
     c.eval.every = 0
