@@ -154,6 +154,14 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def checkpoints_dir(workdir: str) -> epath.Path:
+    """`<workdir>/checkpoints`, the run's orbax directory (absolute unless remote: orbax's
+    array store wants absolute local paths)."""
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)
+    return epath.Path(workdir) / "checkpoints"
+
+
 def load_params(workdir: str, step: int | None, like: Any) -> tuple[Any, int]:
     """Another run's trainable parameters (`model.init_from`): the `params` of its checkpoint
     `step` (None: the newest complete one) read straight into the shapes and shardings of
@@ -164,9 +172,7 @@ def load_params(workdir: str, step: int | None, like: Any) -> tuple[Any, int]:
       ValueError: the saved parameters do not have `like`'s structure or shapes (another
         architecture).
     """
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)
-    directory = epath.Path(workdir) / "checkpoints"
+    directory = checkpoints_dir(workdir)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     manager = ocp.CheckpointManager(
         directory, options=options, item_handlers={"state": ocp.PyTreeCheckpointHandler()}
@@ -238,9 +244,7 @@ class Checkpointer:
         self.c = config.get("checkpoint") or checkpoint_config()
         self.with_ref = bool((config.get("model") or {}).get("init_from"))
         validate_config(config)
-        if "://" not in workdir:  # orbax's array store wants absolute local paths
-            workdir = os.path.abspath(workdir)
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = checkpoints_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.c.keep,
             keep_period=self.c.keep_period,

@@ -28,13 +28,11 @@ Qwen2-VL run) and `processing.load_processor(out)` read. Only the run's director
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
 from visionr1_jax import checkpoint, processing, sharding, train
@@ -45,9 +43,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def _manager(workdir: str) -> ocp.CheckpointManager:
     """A read-only manager of `<workdir>/checkpoints` (FileNotFoundError when it holds none)."""
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)
-    directory = epath.Path(workdir) / "checkpoints"
+    directory = checkpoint.checkpoints_dir(workdir)
     if directory.exists():
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
