@@ -5,11 +5,11 @@
 
 Nothing is downloaded: a small Qwen2.5-VL-architecture checkpoint (`model.tiny`, random
 weights, seeded by `seed`) and the `synthetic_shapes/localize` dataset (one coloured circle
-per 112 px image, 35-75% of its side; 2,048 training and 64 evaluation images) are made
+per 112 px image, 35-75% of its side; 2,048 training and 256 evaluation images) are made
 locally. The run
 (`visionr1_jax.experiment`) trains and evaluates, each stage in WORKDIR/<stage>:
 
-1. `start`: the initial model, evaluated (greedy answers on the 64 evaluation images, COCO
+1. `start`: the initial model, evaluated (greedy answers on the 256 evaluation images, COCO
    metrics through pycocotools, every box scored 0.99 as in the paper);
 2. `sft`: supervised warm start (`experiment.sft_steps`), evaluated;
 3. `grpo`: Vision-R1 GRPO from the warm start (the `official` reward, β 0.04, k3, G 4,

@@ -177,7 +177,7 @@ class SyntheticShapes(base.RecordBuilder):
             texture=False,
             shapes=("circle",),
             num_train=2048,
-            num_validation=64,
+            num_validation=256,
             description="the make demo experiment's data",
         ),
     ]
