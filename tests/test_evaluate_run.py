@@ -260,3 +260,24 @@ def test_evaluate_run_greedy_answers_files_and_sharding(assets, tmp_path, capsys
     lines8 = (tmp_path / "sharded" / "eval" / "base_predictions.jsonl").read_text().splitlines()
     assert [json.loads(x)["completion"] for x in lines8] == texts
     assert got8 == got
+
+
+def test_command_line_writes_the_json_and_prints_the_table(assets, tmp_path):
+    """`python -m visionr1_jax.evaluate` as a user runs it (flags, config overrides)."""
+    import subprocess
+    import sys
+
+    ckpt, data_dir = assets
+    cmd = [
+        sys.executable, "-m", "visionr1_jax.evaluate",
+        f"--config={ROOT}/configs/demo_cpu.py:experiment=False", f"--workdir={tmp_path}",
+        "--checkpoint=base", f"--config.model.checkpoint={ckpt}",
+        "--config.data.builder_config=evalrun", f"--config.data.data_dir={data_dir}",
+        "--config.mesh.ici_parallelism=(1,1,1)", f"--config.grpo.max_new_tokens={MAX_NEW}",
+    ]  # fmt: skip
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "eval" / "base.json").read_text())
+    assert record["metrics"]["num_examples"] == 6 and record["protocol"] == "detection"
+    assert "| AP |" in out.stdout and "detection evaluation of base" in out.stdout

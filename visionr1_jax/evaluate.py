@@ -865,9 +865,9 @@ def main(argv) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from visionr1_jax import main as main_lib
+    from visionr1_jax import host
 
-    main_lib.initialize_distributed(
+    host.initialize_distributed(
         _FLAGS["coordinator_address"].value,
         _FLAGS["num_processes"].value,
         _FLAGS["process_id"].value,

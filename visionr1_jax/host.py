@@ -105,3 +105,20 @@ def watch_compiles(*, release_memory: bool = False) -> None:
 def compile_counts() -> dict[str, int]:
     """XLA backend compilations per program name (`jit(<function>)`) since `watch_compiles`."""
     return dict(_compiles)
+
+
+def initialize_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """`jax.distributed.initialize` for multi-process launches: explicit when a coordinator
+    is given, automatic on a multi-host Cloud TPU slice; nothing for a single process."""
+    import os
+
+    import jax
+
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()

@@ -11,8 +11,6 @@ peers by itself; elsewhere (a local multi-process test) pass `--coordinator_addr
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,28 +24,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def initialize_distributed(
-    coordinator_address: str | None, num_processes: int | None, process_id: int | None
-) -> None:
-    """`jax.distributed.initialize` for multi-process launches: explicit when a coordinator
-    is given, automatic on a multi-host Cloud TPU slice; nothing for a single process."""
-    import jax
-
-    if coordinator_address:
-        if num_processes is None or process_id is None:
-            raise ValueError("--coordinator_address needs --num_processes and --process_id")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from visionr1_jax import config_lib, train
+    from visionr1_jax import config_lib, host, train
 
     config = config_lib.validate(_CONFIG.value)
-    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    host.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.run(config, _WORKDIR.value)
 
 
