@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from visionr1_jax import config_lib, evaluate, processing, sampler
+from visionr1_jax import config_lib, evaluate, processing, sampler, sft
 from visionr1_jax.data import config as data_config_lib
 from visionr1_jax.data import pipeline
 from visionr1_jax.data.builders import synthetic_shapes
@@ -252,15 +252,10 @@ def test_command_line_answers_are_the_samplers_greedy_answers(assets, tmp_path):
     from visionr1_jax.models import hf_weights
 
     model = hf_weights.from_pretrained(ckpt)
+    normalize = sft._normalizer(processor)  # the pipeline's uint8 patches → pixel_values
     texts, ids = [], []
     for hb in pipeline.InputPipeline(data_config_lib.eval_config(c.data), processor):
         batch = {k: hb.arrays[k] for k in ("input_ids", "attention_mask", "image_grid_thw")}
-        normalize = pipeline.PixelNormalizer(
-            mean=tuple(processor.image_processor.image_mean),
-            std=tuple(processor.image_processor.image_std),
-            rescale=float(processor.image_processor.rescale_factor),
-            temporal=int(processor.image_processor.temporal_patch_size),
-        )
         batch["pixel_values"] = np.asarray(normalize(jax.numpy.asarray(hb.arrays["pixel_patches"])))
         out = sampler.generate(model, batch, rng=jax.random.key(1), max_new_tokens=MAX_NEW,
                                temperature=0.0, cache_dtype=np.float32)  # fmt: skip

@@ -55,6 +55,7 @@ import contextlib
 import dataclasses
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -478,7 +479,7 @@ class Answer:
         )
 
 
-_BBOX_RE = None
+_BBOX_RE = re.compile(rb'"bbox_2d"\s*:\s*\[([^\]]*)\]')  # an item's box list, in bytes
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -530,11 +531,7 @@ def box_scores(
     Returns:
       f32[M] scores.
     """
-    import re
 
-    global _BBOX_RE
-    if _BBOX_RE is None:
-        _BBOX_RE = re.compile(rb'"bbox_2d"\s*:\s*\[([^\]]*)\]')
     pieces = _token_bytes(tokenizer, ids)
     ends = np.cumsum([len(p) for p in pieces])
     starts = ends - np.asarray([len(p) for p in pieces])
