@@ -7,6 +7,7 @@ run. XLA:CPU code generation is unoptimised (see below) unless XLA_FLAGS chooses
 """
 
 import os
+import pathlib
 import re
 
 NUM_DEVICES = 8
@@ -30,6 +31,17 @@ if _OPT_FLAG not in os.environ["XLA_FLAGS"]:
     # benchmarks keep the default level. Set the flag in XLA_FLAGS to choose another.
     os.environ["XLA_FLAGS"] += f" {_OPT_FLAG}=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole suite: both pytest workers and every run
+# the tests start as a subprocess (they inherit the environment) load a program another test
+# already compiled instead of compiling it again (many files build the same tiny-model
+# programs). jax keys an entry on the program, the XLA flags and the jax version, so a warm
+# cache from an earlier `make test` changes no result; programs compiling in under 0.2 s are
+# not worth a file. Tests that count compilations count cache hits too (`host.COMPILE_EVENTS`).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla_cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -31,6 +31,10 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 1 << 30  # 1 GiB: larger blocks than this are still mapped and unmapped
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
+# A program loaded from the persistent compilation cache (JAX_COMPILATION_CACHE_DIR) instead of
+# compiled: jax._src.compiler records this event, without the program's name, on each hit.
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
+COMPILE_EVENTS = (_COMPILE_EVENT, CACHE_HIT_EVENT)
 _listening = False
 _release = False
 _compiles: collections.Counter[str] = collections.Counter()
@@ -82,15 +86,16 @@ def release_freed_memory() -> bool:
 
 
 def _on_duration(event: str, _duration: float, fun_name: str = "", **_kw: Any) -> None:
-    if event == _COMPILE_EVENT:
-        _compiles[fun_name] += 1
+    if event in COMPILE_EVENTS:
+        _compiles[fun_name or "(persistent cache)"] += 1
         if _release:
             release_freed_memory()
 
 
 def watch_compiles(*, release_memory: bool = False) -> None:
     """Counts this process's XLA backend compilations per function from now on
-    (`compile_counts`), through a `jax.monitoring` listener registered once. With
+    (`compile_counts`; a program loaded from the persistent compilation cache counts as one,
+    under "(persistent cache)"), through a `jax.monitoring` listener registered once. With
     `release_memory` (glibc only), `release_freed_memory()` also runs after each compilation,
     in the compiling thread, before the new program first runs."""
     global _listening, _release
