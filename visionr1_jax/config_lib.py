@@ -85,6 +85,27 @@ def _validate_model(c) -> None:
         raise ValueError(f"model.init_step={step} has no effect without model.init_from")
     if c.get("tokenizer") not in ("small", "qwen"):
         raise ValueError(f"model.tokenizer={c.get('tokenizer')!r} must be 'small' or 'qwen'")
+    lora = c.get("lora")
+    if lora is not None:
+        from visionr1_jax.models import qwen_vl
+
+        rank = lora.get("rank", 0)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"model.lora.rank={rank!r} must be an integer >= 0 (0 = off)")
+        targets = tuple(lora.get("targets") or ())
+        unknown = [t for t in targets if t not in qwen_vl.LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"model.lora.targets {unknown} not in {qwen_vl.LORA_TARGETS}")
+        alpha = lora.get("alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+            raise ValueError(f"model.lora.alpha={alpha!r} must be a number > 0")
+        if rank and not targets:
+            raise ValueError(f"model.lora.rank={rank} has no effect with no lora.targets")
+        if rank and c.get("freeze_vision_tower"):
+            raise ValueError(
+                "model.freeze_vision_tower has no effect with model.lora.rank > 0 (only the "
+                "adapters train)"
+            )
 
 
 def data_max_patches(data: ml_collections.ConfigDict, patch_size: int = 14, merge: int = 2) -> int:

@@ -231,7 +231,7 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
     rules = cfg.logical_axis_rules
-    b, t = ids.shape
+    b = ids.shape[0]
     g, big_l = st.num_generations, st.completion_len
     r = b * g
     cache_dtype = jnp.dtype(st.cache_dtype)
@@ -239,14 +239,7 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     mask = sharding.constrain(mask, ("batch", "length"), rules)
 
     # 1. Encode the images and prefill the prompts, once per prompt.
-    per_row = pixels.ndim == 3
-    pos, delta = model.rope_index(ids, grid, mask, per_row)
-    emb = model.encode_images(pixels, grid) if pixels.size else None
-    x = model.embed(ids, emb, grid, mask)
-    prompt_kv = _constrain_cache(qwen_vl.init_cache(cfg, b, t, cache_dtype), rules)
-    h, prompt_kv = model.decode(x, pos, mask, prompt_kv, jnp.int32(0))
-    last = jnp.max(jnp.where(mask.astype(bool), jnp.arange(t)[None], 0), axis=1)  # [B]
-    logits = model.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [B, V]
+    logits, prompt_kv, delta = prefill(model, ids, mask, pixels, grid, cache_dtype)
 
     # 2. Share the prefix with the G completions of each group (row b * G + g): the prompt
     # KV cache stays [B, T] and is read once per group; completions get their own [B*G, L].
@@ -307,6 +300,36 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
         entropy=sharding.constrain(jnp.where(out_mask, ents, 0.0), names, rules),
         num_generations=g,
     )
+
+
+def prefill(
+    model: qwen_vl.QwenVL,
+    ids: jax.Array,
+    mask: jax.Array,
+    pixels: jax.Array,
+    grid: jax.Array,
+    cache_dtype: Any = jnp.bfloat16,
+) -> tuple[jax.Array, qwen_vl.Cache, jax.Array]:
+    """Encodes the images and runs the B prompts through the decoder once (the rollout's
+    first phase; `tools.aot` compiles it alone to cost it).
+
+    Args: as `_rollout` (ids, mask i32[B, T]; pixels and grid packed or per row, or empty).
+    Returns:
+      logits f32[B, V] at each prompt's last valid token, the prompt KV cache (per layer
+      {"k", "v": [B, T, KV, hd]} in `cache_dtype`) and the M-RoPE position delta i32[B, 1].
+    """
+    cfg = model.cfg
+    b, t = ids.shape
+    per_row = pixels.ndim == 3
+    pos, delta = model.rope_index(ids, grid, mask, per_row)
+    emb = model.encode_images(pixels, grid) if pixels.size else None
+    x = model.embed(ids, emb, grid, mask)
+    cache = qwen_vl.init_cache(cfg, b, t, jnp.dtype(cache_dtype))
+    prompt_kv = _constrain_cache(cache, cfg.logical_axis_rules)
+    h, prompt_kv = model.decode(x, pos, mask, prompt_kv, jnp.int32(0))
+    last = jnp.max(jnp.where(mask.astype(bool), jnp.arange(t)[None], 0), axis=1)  # [B]
+    logits = model.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [B, V]
+    return logits, prompt_kv, delta
 
 
 def decode_step(
@@ -637,6 +660,45 @@ def generate(
       `Rollout` with tokens i32[B*G, L], mask bool[B*G, L], logprobs f32[B*G, L] where L is
       the completion bucket of `max_new_tokens`.
     """
+    graphdef, args, st = _prepare(
+        model, batch, rng=rng, num_generations=num_generations, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, cache_dtype=cache_dtype, prompt_buckets=prompt_buckets,
+        patch_buckets=patch_buckets, image_buckets=image_buckets,
+        completion_buckets=completion_buckets, suppress_token_ids=suppress_token_ids,
+    )  # fmt: skip
+    return _program(graphdef, args, st)(*args)
+
+
+def lower(model: qwen_vl.QwenVL, batch: Mapping[str, Any], **kwargs: Any) -> Any:
+    """The rollout program `generate(model, batch, **kwargs)` would run, lowered and not
+    compiled (`jax.stages.Lowered`); `model` and `batch` may hold `jax.ShapeDtypeStruct`s at
+    bucket sizes (`tools.aot` compiles it for a TPU topology without devices)."""
+    graphdef, args, st = _prepare(model, batch, **kwargs)
+    return _JITTED.lower(graphdef, *args, st)
+
+
+def _prepare(
+    model: qwen_vl.QwenVL,
+    batch: Mapping[str, Any],
+    *,
+    rng: jax.Array,
+    num_generations: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    cache_dtype: Any = jnp.bfloat16,
+    prompt_buckets: Sequence[int] | None = PROMPT_BUCKETS,
+    patch_buckets: Sequence[int] | None = PATCH_BUCKETS,
+    image_buckets: Sequence[int] | None = IMAGE_BUCKETS,
+    completion_buckets: Sequence[int] | None = COMPLETION_BUCKETS,
+    suppress_token_ids: Sequence[int] | None = None,
+) -> tuple[nnx.GraphDef, tuple[Any, ...], _Static]:
+    """`generate`'s checks and padding: the program's graph definition, arguments and static
+    options."""
     eos_default, pad_default = default_token_ids(model)
     if eos_token_id is None:
         eos_ids = eos_default
@@ -697,7 +759,7 @@ def generate(
         np.float32(top_p),
         np.asarray(eos_ids or (-1,), np.int32),
     )
-    return _program(graphdef, args, st)(*args)
+    return graphdef, args, st
 
 
 def _as_int32(x):

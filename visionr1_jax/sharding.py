@@ -32,6 +32,8 @@ DEFAULT_LOGICAL_AXIS_RULES: LogicalRules = (
     ("act_kv_heads", None),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # The packed patches of one image sequence (block-local attention reads across them); a
+    # per-row batch's tower runs on each device's own rows (`QwenVL.encode_images`).
     ("vision_tokens", None),
     # Parameters of the language model.
     ("vocab", "tensor"),
@@ -134,6 +136,22 @@ def _divisible(spec: PartitionSpec, shape: Sequence[int], mesh_shape) -> Partiti
         size = int(np.prod([mesh_shape[a] for a in axes_t]))
         fixed.append(axes if dim % size == 0 else None)
     return PartitionSpec(*fixed)
+
+
+def batch_axes(
+    size: int, rules: LogicalRules = DEFAULT_LOGICAL_AXIS_RULES
+) -> tuple[str, ...] | None:
+    """The mesh axes of the logical `batch` axis under the current mesh, when they divide
+    `size` rows: `jax.vmap(..., spmd_axis_name=batch_axes(B))` keeps a per-row computation's
+    rows sharded (the constraints inside it name no batch axis, which vmap would otherwise
+    replicate). None without a mesh or when the axes do not divide `size`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    axes = _divisible(logical_to_spec(("batch",), rules), (size,), mesh.shape)[0]
+    if axes is None:
+        return None
+    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def constrain(

@@ -29,6 +29,7 @@ g of prompt b, as `sampler.generate` lays them out), log p(token_i | prompt_b, t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -237,6 +238,12 @@ def grpo_config() -> ml_collections.ConfigDict:
     μ, updates per rollout (1: the ratio is exp(logp − stop_gradient(logp)) ≡ 1, so ε has no
     effect); `max_new_tokens` (512) and the sampling settings `temperature` (1.0; the train
     step's log-probs divide the logits by it too), `top_k` (50, 0 = off) and `top_p` (1.0).
+    `rollout_copy`: sample from a copy of the trained weight matrices in `model.dtype`, made
+    once per rollout with their shardings (the decoding loop then reads half the bytes of
+    float32 master weights at every step; the same tokens, since every layer casts its weights
+    to `model.dtype` anyway; 1-D parameters stay as they are). None (default): when
+    `model.dtype` is narrower than `model.param_dtype`; True there is the same, and an error
+    where it would copy nothing; False: sample from the master weights.
 
     The sampling settings are the `GenerationConfig` defaults that the reference's `generate`
     call inherited; whether Qwen's `generation_config.json` was merged into that call at the
@@ -255,6 +262,7 @@ def grpo_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.top_k = 50
     c.top_p = 1.0
+    c.rollout_copy = ml_collections.config_dict.placeholder(bool)
     return c
 
 
@@ -288,6 +296,56 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _narrower(model: ml_collections.ConfigDict) -> bool:
+    return jnp.dtype(model.dtype).itemsize < jnp.dtype(model.param_dtype).itemsize
+
+
+def rollout_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The dtype of the weight copy the rollout samples from (`grpo.rollout_copy`), or None:
+    the master weights."""
+    copy = (config.get("grpo") or {}).get("rollout_copy")
+    model = config.get("model")
+    if model is None or copy is False or not _narrower(model):
+        return None
+    return jnp.dtype(model.dtype)
+
+
+def _cast_matrices(params: Any, dtype: Any) -> Any:
+    """Floating parameters of rank >= 2 (weight matrices, embeddings) in `dtype`; the rest
+    (norm scales, biases) unchanged."""
+    cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(cast, params)
+
+
+def make_rollout_copy(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
+    """Jitted `(params, frozen) -> (params, frozen)` copy in `rollout_dtype(config)` with each
+    array's sharding (the sampler's program is keyed on them), or None when the rollout reads
+    the master weights. Frozen weights are copied too (under LoRA they are the base model,
+    which every decoding step reads)."""
+    dtype = rollout_dtype(config)
+    if dtype is None:
+        return None
+    cast = functools.partial(_cast_matrices, dtype=dtype)  # one function: jit's cache hits
+
+    def copy(tree: Any) -> Any:
+        return jax.jit(cast, out_shardings=shardings_of(tree))(tree)
+
+    return copy
+
+
+def rollout_shapes_of(config: ml_collections.ConfigDict, params: Any) -> Any:
+    """The abstract (`ShapeDtypeStruct`) parameters the rollout samples from: the
+    `make_rollout_copy` of `params` (a tree of arrays or of abstract values), or `params`
+    themselves."""
+    dtype = rollout_dtype(config)
+
+    def one(x):
+        cast = dtype is not None and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+        return jax.ShapeDtypeStruct(x.shape, dtype if cast else x.dtype, sharding=x.sharding)
+
+    return jax.tree.map(one, params)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -347,6 +405,16 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             fail("grpo.top_k", c.top_k, "must be an int >= 0 (0 = off)")
         if not _is_number(c.top_p) or not 0 < c.top_p <= 1:
             fail("grpo.top_p", c.top_p, "must be in (0, 1]")
+        copy = c.get("rollout_copy")
+        if copy is not None and not isinstance(copy, bool):
+            fail("grpo.rollout_copy", copy, "must be True, False or None")
+        if copy and "model" in config and not _narrower(config.model):
+            fail(
+                "grpo.rollout_copy",
+                copy,
+                f"has no effect: model.dtype={config.model.dtype!r} is not narrower than "
+                f"model.param_dtype={config.model.param_dtype!r}",
+            )
     if "optim" in config:
         o = config.optim
         if not _is_number(o.learning_rate) or o.learning_rate <= 0:
@@ -437,7 +505,9 @@ class TrainState:
       rng: the run's PRNG key (per-step keys are `fold_in(rng, step)`; the update itself
         draws none and carries it unchanged).
       ref_params: the frozen reference, a copy of the start `params` with their shardings;
-        None when β = 0 (no reference tree is held and no reference forward runs).
+        under `model.lora` the adapters zeroed (the reference is the base model, whose weights
+        `frozen` already holds: no second copy); None when β = 0 (no reference tree is held
+        and no reference forward runs).
     """
 
     params: nnx.State
@@ -449,9 +519,12 @@ class TrainState:
 
 
 def frozen_filter(config: ml_collections.ConfigDict) -> Any:
-    """The nnx filter of parameters that are not trained: the vision tower (`visual`) when
-    `config.model.freeze_vision_tower` is set, else nothing."""
+    """The nnx filter of parameters that are not trained: every parameter but the adapters
+    under `model.lora` (rank > 0); the vision tower (`visual`) when
+    `config.model.freeze_vision_tower` is set; else nothing."""
     model_cfg = config.get("model") or {}
+    if lora_options(config):
+        return nnx.All(nnx.Param, nnx.Not(qwen_vl.LoRAParam))
     if model_cfg.get("freeze_vision_tower", False):
         return nnx.All(nnx.Param, nnx.PathContains("visual"))
     return nnx.Nothing
@@ -497,7 +570,9 @@ def init_train_state(
         opt_state = optimizer.init(params)
     else:
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(params)
-    ref = jax.tree.map(jnp.copy, params) if beta != 0 else None
+    # LoRA: adapters off (zero: the adapted layers add exactly 0) is the base model.
+    start = jnp.zeros_like if lora_options(config) else jnp.copy
+    ref = jax.tree.map(start, params) if beta != 0 else None
     return graphdef, TrainState(params, frozen, opt_state, step, rng, ref)
 
 
@@ -759,6 +834,8 @@ class Run:
         stops the run after its first iteration, saved).
       renderings: step -> {name: uint8[H, W, 3]} rendered completions (`render_rollout`,
         every `metrics.render_every` steps) not yet written by the loop.
+      rollout_copy: `make_rollout_copy(config)`: the weights the rollout samples from, made
+        from the state's parameters once per rollout (None: the master weights).
     """
 
     config: ml_collections.ConfigDict
@@ -778,11 +855,20 @@ class Run:
     resumed_from: int | None = None
     term: Any = None
     renderings: dict[int, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    rollout_copy: Callable[[Any], Any] | None = None
 
     @property
     def policy(self) -> qwen_vl.QwenVL:
         """The current policy as a module (shares the state's arrays)."""
         return nnx.merge(self.graphdef, self.state.params, self.state.frozen)
+
+    def sampling_policy(self) -> qwen_vl.QwenVL:
+        """The policy the rollout samples from: `policy`, with its weight matrices copied to
+        `model.dtype` first when `rollout_copy` is set (same tokens, fewer bytes per step)."""
+        if self.rollout_copy is None:
+            return self.policy
+        params, frozen = self.rollout_copy((self.state.params, self.state.frozen))
+        return nnx.merge(self.graphdef, params, frozen)
 
 
 def checkpoint_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -830,6 +916,20 @@ def load_model(
         mesh=mesh,
         remat_policy=m.remat_policy,
         max_image_patches=config_lib.max_image_patches(config),
+        **lora_options(config),
+    )
+
+
+def lora_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`model.lora` as `hf_weights.from_pretrained` keywords (empty when off or absent)."""
+    lora = (config.get("model") or {}).get("lora")
+    if not lora or not lora.get("rank"):
+        return {}
+    return dict(
+        lora_rank=int(lora.rank),
+        lora_alpha=float(lora.alpha),
+        lora_targets=tuple(lora.targets),
+        lora_seed=int(lora.get("seed", 0)),
     )
 
 
@@ -926,6 +1026,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         checkpointer=ckpt,
         resumed_from=resume,
         term=term,
+        rollout_copy=make_rollout_copy(config) if objective == "grpo" else None,
     )
 
 
@@ -1167,7 +1268,7 @@ def grpo_iteration(run: Run, device_batch: Any) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     with jax.set_mesh(run.mesh):
         rollout = sampler.generate(
-            run.policy,
+            run.sampling_policy(),
             arrays,
             rng=jax.random.fold_in(run.state.rng, step),
             num_generations=g,

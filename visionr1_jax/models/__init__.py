@@ -5,6 +5,7 @@ logits = model(input_ids, pixel_values, image_grid_thw, attention_mask)  # f32[B
 visionr1_jax.models.save_pretrained(model, out_dir)
 """
 
+from visionr1_jax.models import qwen_vl
 from visionr1_jax.models.hf_weights import from_pretrained, save_pretrained
 from visionr1_jax.models.qwen_vl import QwenVL, QwenVLConfig
 
@@ -26,7 +27,11 @@ def model_config():
     state; policy and reference share it), `init_from` (another run's workdir, local or gs://:
     its trainable parameters at `init_step`, None = its newest checkpoint, replace the start
     checkpoint's and become the reference; the architecture and the frozen parameters still
-    come from `checkpoint`; empty = off).
+    come from `checkpoint`; empty = off), `lora` (low-rank adapters on the decoder's
+    projections: `rank` (0 = off), `alpha`, `targets` (of `qwen_vl.LORA_TARGETS`), `seed` of
+    the A matrices; with rank > 0 only the adapters train and have optimizer state, the base
+    weights stay as loaded, and the reference is the base model: the adapters off, no second
+    copy of the weights).
     """
     import ml_collections
 
@@ -42,4 +47,7 @@ def model_config():
     c.freeze_vision_tower = False
     c.init_from = ""
     c.init_step = ml_collections.config_dict.placeholder(int)
+    c.lora = ml_collections.ConfigDict(
+        {"rank": 0, "alpha": 16.0, "targets": qwen_vl.LORA_TARGETS, "seed": 0}
+    )
     return c

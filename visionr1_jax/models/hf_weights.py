@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 from collections.abc import Callable
 
 import jax
@@ -27,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from visionr1_jax import sharding
-from visionr1_jax.models.qwen_vl import QwenVL, QwenVLConfig
+from visionr1_jax.models.qwen_vl import Dense, LoRAParam, QwenVL, QwenVLConfig
 
 _DTYPES = {
     "F32": np.dtype(np.float32),
@@ -142,6 +143,10 @@ def from_pretrained(
     remat_policy: str = "none",
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES,
     max_image_patches: int | str | None = "auto",
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: tuple[str, ...] = (),
+    lora_seed: int = 0,
 ) -> QwenVL:
     """Loads a local HF checkpoint directory into a `QwenVL`.
 
@@ -157,6 +162,8 @@ def from_pretrained(
       max_image_patches: static bound on patches per image for block-local vision attention;
         "auto" reads the processor's `max_pixels` from `preprocessor_config.json`, None means
         dense attention over all packed patches.
+      lora_rank, lora_alpha, lora_targets: low-rank adapters (`QwenVLConfig`); they are not
+        in the checkpoint and start as `Dense` initialises them (A from `lora_seed`, B zero).
     """
     if max_image_patches == "auto":
         max_image_patches = _max_patches_from_processor(path)
@@ -168,6 +175,9 @@ def from_pretrained(
         logical_axis_rules=rules,
         max_image_patches=max_image_patches,
         hf_generation_config=read_generation_config(path),
+        lora_rank=int(lora_rank),
+        lora_alpha=float(lora_alpha),
+        lora_targets=tuple(lora_targets),
     )
     files = SafetensorsDir(path)
     abstract = abstract_model(cfg)
@@ -176,6 +186,11 @@ def from_pretrained(
     values = {}
     for pth, var in flat:
         shape = tuple(var.get_value().shape)
+        if isinstance(var, LoRAParam):
+            names = var.get_metadata().get("logical_axes")
+            sh = None if mesh is None else sharding.named_sharding(mesh, names, rules, shape)
+            values[pth] = jax.device_put(_initial_adapter(pth, shape, dtype, lora_seed), sh)
+            continue
         key = hf_key(pth)
         found = next((k for k in _alternatives(key) if k in files), None)
         if found is None:
@@ -237,6 +252,17 @@ def _sharded_array(tensor, transform, is_linear, shape, np_dtype, sh) -> jax.Arr
     return jax.make_array_from_callback(shape, sh, read)
 
 
+def _initial_adapter(path: tuple, shape: tuple[int, ...], dtype, seed: int) -> jax.Array:
+    """A fresh adapter as `Dense` initialises one: `lora_b` zeros; `lora_a` [in, r] uniform
+    within ±1/sqrt(in), drawn from `seed` and the parameter's path (made on the host: small
+    next to the base weights)."""
+    if path[-1] == "lora_b":
+        return jnp.zeros(shape, dtype)
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, path)).encode()))
+    bound = shape[0] ** -0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
 # ----------------------------------------------------------------------------- save
 
 
@@ -252,9 +278,12 @@ def save_pretrained(model: QwenVL, path: str, *, dtype=None) -> None:
     cfg = model.cfg
     os.makedirs(path, exist_ok=True)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    merged = merged_lora_kernels(model)
     tensors = {}
     for pth, var in flat:
-        arr = var[...]
+        if isinstance(var, LoRAParam):
+            continue  # merged into its kernel below
+        arr = merged.get(pth, var[...])
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -276,6 +305,22 @@ def save_pretrained(model: QwenVL, path: str, *, dtype=None) -> None:
         if cfg.hf_generation_config is not None:
             with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
                 json.dump(cfg.hf_generation_config, f, indent=2)
+
+
+def merged_lora_kernels(model: QwenVL) -> dict[tuple, jax.Array]:
+    """Each adapted `Dense` kernel with its adapter merged in, `W + (alpha / r) A B` (float32,
+    cast back to the kernel's dtype), by the kernel's state path; empty without adapters."""
+    out = {}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Dense) and module.lora_a is not None:
+            w = module.kernel[...]
+            delta = jnp.matmul(
+                module.lora_a[...].astype(jnp.float32), module.lora_b[...].astype(jnp.float32)
+            )
+            out[(*path, "kernel")] = (w.astype(jnp.float32) + module.lora_scale * delta).astype(
+                w.dtype
+            )
+    return out
 
 
 def write_safetensors(fname: str, tensors: dict[str, np.ndarray]) -> None:

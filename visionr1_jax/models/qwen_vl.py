@@ -107,6 +107,12 @@ class QwenVLConfig:
     # None: dense attention over the packed sequence. An image above the bound yields NaN.
     max_image_patches: int | None = None
     logical_axis_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES
+    # Low-rank adapters (LoRA) on the decoder's projections named in `lora_targets` (of
+    # `LORA_TARGETS`): y = x W + (alpha / rank) (x A) B, A [in, rank], B [rank, out] (zeros at
+    # the start: the adapted model starts as the base model). rank 0: none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     # The checkpoint's generation_config.json (stop and pad ids), when it has one.
     hf_generation_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
@@ -206,18 +212,44 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, init: str = "normal") -> nnx.Par
     return nnx.Param(value, logical_axes=tuple(names))
 
 
-class Dense(nnx.Module):
-    """y = x @ kernel (+ bias). kernel [in, out] (transposed w.r.t. torch's `Linear.weight`)."""
+class LoRAParam(nnx.Param):
+    """A low-rank adapter's weights: with `QwenVLConfig.lora_rank` > 0 the only trained
+    parameters (`train.frozen_filter`); the base weights stay as loaded."""
 
-    def __init__(self, din, dout, names, *, bias, cfg: QwenVLConfig, rngs: nnx.Rngs):
+
+# The decoder projections that can carry adapters (`QwenVLConfig.lora_targets`).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias). kernel [in, out] (transposed w.r.t. torch's `Linear.weight`).
+
+    With `lora` (and `cfg.lora_rank` r > 0) it also holds adapters `lora_a` [in, r] (PEFT's
+    initialisation: uniform within ±1/sqrt(in)) and `lora_b` [r, out] (zeros) and adds
+    `(alpha / r) (x A) B`."""
+
+    def __init__(self, din, dout, names, *, bias, cfg: QwenVLConfig, rngs: nnx.Rngs, lora=False):
         self.kernel = _param(rngs, (din, dout), names, cfg.param_dtype)
         self.bias = _param(rngs, (dout,), names[1:], cfg.param_dtype, "zeros") if bias else None
         self.dtype = cfg.dtype
+        if lora and cfg.lora_rank > 0:
+            r, bound = cfg.lora_rank, din**-0.5
+            a = jax.random.uniform(rngs.params(), (din, r), jnp.float32, -bound, bound)
+            self.lora_a = LoRAParam(a.astype(cfg.param_dtype), logical_axes=(names[0], None))
+            zeros = jnp.zeros((r, dout), cfg.param_dtype)
+            self.lora_b = LoRAParam(zeros, logical_axes=(None, names[1]))
+            self.lora_scale = float(cfg.lora_alpha) / r
+        else:
+            self.lora_a = self.lora_b = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.matmul(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            low = jnp.matmul(x, self.lora_a[...].astype(self.dtype))
+            y = y + jnp.matmul(low, self.lora_b[...].astype(self.dtype)) * self.lora_scale
         return y
 
 
@@ -572,15 +604,12 @@ class VisionTower(nnx.Module):
 class TextAttention(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Dense(
-            d, cfg.num_heads * hd, ("embed", "heads"), bias=True, cfg=cfg, rngs=rngs
-        )
+        lora = lambda name: {"lora": name in cfg.lora_targets, "cfg": cfg, "rngs": rngs}
+        self.q_proj = Dense(d, cfg.num_heads * hd, ("embed", "heads"), bias=True, **lora("q_proj"))
         kvn = ("embed", "kv_heads")
-        self.k_proj = Dense(d, cfg.num_kv_heads * hd, kvn, bias=True, cfg=cfg, rngs=rngs)
-        self.v_proj = Dense(d, cfg.num_kv_heads * hd, kvn, bias=True, cfg=cfg, rngs=rngs)
-        self.o_proj = Dense(
-            cfg.num_heads * hd, d, ("heads", "embed"), bias=False, cfg=cfg, rngs=rngs
-        )
+        self.k_proj = Dense(d, cfg.num_kv_heads * hd, kvn, bias=True, **lora("k_proj"))
+        self.v_proj = Dense(d, cfg.num_kv_heads * hd, kvn, bias=True, **lora("v_proj"))
+        self.o_proj = Dense(cfg.num_heads * hd, d, ("heads", "embed"), bias=False, **lora("o_proj"))
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, key_valid, cache=None, cache_index=None):
@@ -624,9 +653,10 @@ class TextAttention(nnx.Module):
 class TextMLP(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Dense(d, f, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
-        self.up_proj = Dense(d, f, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
-        self.down_proj = Dense(f, d, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
+        lora = lambda name: {"lora": name in cfg.lora_targets, "cfg": cfg, "rngs": rngs}
+        self.gate_proj = Dense(d, f, ("embed", "mlp"), bias=False, **lora("gate_proj"))
+        self.up_proj = Dense(d, f, ("embed", "mlp"), bias=False, **lora("up_proj"))
+        self.down_proj = Dense(f, d, ("mlp", "embed"), bias=False, **lora("down_proj"))
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -724,7 +754,12 @@ class QwenVL(nnx.Module):
         """
         if pixel_values.ndim == 3:
             grid = jnp.asarray(image_grid_thw, jnp.int32)[:, None, :]  # [B, 1, 3]
-            return jax.vmap(self.visual)(pixel_values, grid)
+            # Rows sharded like the batch: each device runs the tower on its own rows only
+            # (vmap would replicate the batch dimension of the constraints inside the tower).
+            rules = self.cfg.logical_axis_rules
+            axes = sharding.batch_axes(pixel_values.shape[0], rules)
+            pixel_values = sharding.constrain(pixel_values, ("batch", None, None), rules)
+            return jax.vmap(self.visual, spmd_axis_name=axes)(pixel_values, grid)
         return self.visual(pixel_values, image_grid_thw)
 
     def embed(
