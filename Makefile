@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-rewards lint format bench clean
+.PHONY: test demo demo-rewards lint format bench aot clean
 
 $(STAMP): setup.py requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,11 +14,33 @@ $(STAMP): setup.py requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# The TPU venv (requirements-tpu.txt: jax[tpu] with libtpu, the set a Cloud TPU VM installs).
+# On a machine without TPUs it compiles for TPU topologies (`make aot`, tests/test_aot.py).
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed
+
+$(TPU_STAMP): setup.py requirements-tpu.txt
+	test -x $(TPU_VENV)/bin/python || $(PY) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/pip install --quiet --upgrade pip
+	$(TPU_VENV)/bin/pip install --quiet --no-compile -r requirements-tpu.txt
+	$(TPU_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(TPU_STAMP)
+
+# Compiles CONFIG's rollout and train step for TOPOLOGY without TPUs and prints per-device
+# memory, FLOPs and a roofline step time (visionr1_jax/tools/aot.py; exit 1: does not fit).
+#   make aot CONFIG=configs/tpu_v4_64.py TOPOLOGY=v4:4x4x2 AOT_ARGS=--json=v4_64.json
+CONFIG ?= configs/tpu_v4_64.py
+TOPOLOGY ?= v4:4x4x2
+AOT_ARGS ?=
+
+aot: $(TPU_STAMP)
+	$(TPU_VENV)/bin/python -m visionr1_jax.tools.aot --config=$(CONFIG) --topology=$(TOPOLOGY) $(AOT_ARGS)
+
 # Two pytest workers (pytest-xdist), each taking whole files (module fixtures stay shared):
 # the suite is mostly single-threaded XLA compilation, so 2 cores run it in about half the time.
 TEST_WORKERS ?= 2
 
-test: $(STAMP)
+test: $(STAMP) $(TPU_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
@@ -58,4 +80,4 @@ bench: $(BENCH_STAMP)
 	set -e; for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TPU_VENV) .pytest_cache

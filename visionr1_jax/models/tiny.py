@@ -182,6 +182,19 @@ def small_tokenizer(vocab_size: int = 384):
     )
 
 
+def hf_config_dict(name: str, tokenizer: str = "small", vocab_size: int | None = None) -> dict:
+    """The `config.json` contents `write_tiny_checkpoint(path, name, tokenizer=...)` writes,
+    without torch or weights (`tools.aot` builds the tiny configs' shapes from it)."""
+    if tokenizer == "qwen":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+        vocab_size = vocab_size or 151936
+    else:
+        tok = small_tokenizer()
+    return _hf_config(name, tok, vocab_size).to_dict()
+
+
 def _hf_config(name: str, tokenizer, vocab_size: int | None):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 

@@ -1,0 +1,523 @@
+"""Compiles a run's programs for a Cloud TPU topology without TPUs, and says whether they fit.
+
+    make aot CONFIG=configs/tpu_v4_64.py TOPOLOGY=v4:4x4x2
+    .venv-tpu/bin/python -m visionr1_jax.tools.aot --config=configs/tpu_v4_64.py \\
+        --topology=v4:4x4x2 [--json=out.json] [--config.grpo.num_generations=8]
+
+Runs in the TPU venv (`requirements-tpu.txt`: libtpu compiles for any TPU topology on a CPU
+machine). From the config alone (shapes, no weights, no data) it builds the abstract run state
+on a mesh of the topology's devices (`config.mesh`) and compiles, as the run would:
+
+- `rollout`: the sampler's whole program (prefill, then decoding with the full KV cache of
+  `grpo.max_new_tokens`) for `data.batch_size` prompts x G, from the policy copy the loop
+  samples from (`grpo.rollout_copy`);
+- `prefill` and `decode_step`: its two phases alone, for their cost (XLA's cost analysis
+  counts a loop body once, so the rollout's cost is prefill + L x one decoding step);
+- `reference`: the reference log-probs of the B x G completions (beta > 0);
+- `train_step`: the jitted update (`train.make_train_step`, state donated).
+
+For each it prints per-device memory (`memory_analysis`: arguments, outputs, aliased,
+temporaries, generated code and their peak = arguments + outputs - aliased + temporaries +
+code), FLOPs and bytes accessed (`cost_analysis`, per device), and a roofline time: the larger
+of FLOPs / peak FLOP/s and bytes / HBM bandwidth of the chip (`CHIPS`). The step estimate is
+rollout (prefill + max_new_tokens decoding steps) + reference + mu train steps; MFU is the
+model's FLOPs (`model_flops`, 2 per parameter per token forward, 6 for a trained token, plus
+attention) over that time at the slice's peak. The available HBM per device is the compiler's
+own figure (it refuses larger programs). Exit status 1 when a program does not fit the HBM
+less `--headroom` (default 10%), 0 otherwise.
+
+v4 slices run in megacore mode (one device per chip, two TensorCores), as Cloud TPU runs them;
+`--chip_config=default` exposes each TensorCore instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+# Shape-only work: never claim a real accelerator, and keep libtpu from probing for one.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from visionr1_jax import config_lib, sampler, sharding, train
+from visionr1_jax.models import hf_weights, presets, qwen_vl, tiny
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Published per-chip peaks: dense bf16 FLOP/s and HBM bandwidth (bytes/s)."""
+
+    flops: float
+    hbm_bandwidth: float
+    cores: int  # TensorCores per chip
+
+
+# Cloud TPU system architecture pages (v4: 275 TFLOP/s, 1,228 GB/s; v5e: 197, 819; v5p: 459,
+# 2,765; v6e: 918, 1,640), keyed by jax's `device_kind`.
+CHIPS = {
+    "TPU v4": Chip(275e12, 1228e9, 2),
+    "TPU v5 lite": Chip(197e12, 819e9, 1),
+    "TPU v5": Chip(459e12, 2765e9, 2),
+    "TPU v6 lite": Chip(918e12, 1640e9, 1),
+}
+PROGRAMS = ("rollout", "prefill", "decode_step", "reference", "train_step")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v4:4x4x2.")
+_CHIP_CONFIG = flags.DEFINE_string(
+    "chip_config", None, "libtpu chip config: megacore (v4 default) or default."
+)
+_ARCH = flags.DEFINE_string(
+    "architecture",
+    None,
+    f"One of {sorted(presets.ARCHITECTURES)} when model.checkpoint's config.json cannot be read "
+    "and its name is not a release's.",
+)
+_PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile ({PROGRAMS}).")
+_HEADROOM = flags.DEFINE_float("headroom", 0.1, "HBM fraction that must stay free.")
+_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
+flags.mark_flags_as_required(["config", "topology"])
+
+
+# ------------------------------------------------------------------------------- topology
+
+
+def topology_devices(name: str, chip_config: str | None = None) -> list[Any]:
+    """The abstract devices of TPU topology `name` (`v5e:2x2`, `v4:4x4x2`, ...); v4 in
+    megacore mode unless `chip_config` says otherwise."""
+    from jax.experimental import topologies
+
+    kind = name.split(":")[0]
+    kw: dict[str, Any] = {}
+    chip_config = chip_config or ("megacore" if kind == "v4" else None)
+    if chip_config and chip_config != "default":
+        kw["chip_config_name"] = chip_config
+        dims = [int(d) for d in name.split(":")[1].split("x")]
+        # one host per 2x2x1 chips (4 chips a host), as a Cloud TPU VM slice
+        kw["chips_per_host_bounds"] = tuple(min(d, b) for d, b in zip(dims, (2, 2, 1), strict=True))
+        kw["num_slices"] = 1
+    return list(topologies.get_topology_desc(name, "tpu", **kw).devices)
+
+
+def available_hbm(devices: list[Any]) -> int:
+    """Bytes of HBM a program may use per device, as the TPU compiler states it: it is read
+    from the error of a program that cannot fit ("exceeds available HBM (15.75G)")."""
+    mesh = jax.sharding.Mesh(np.array(devices[:1]), ("x",))
+    big = jax.ShapeDtypeStruct((1 << 17, 1 << 20), jnp.float32, sharding=_replicated(mesh))
+    try:
+        jax.jit(lambda a: a * 2).lower(big).compile()
+    except Exception as e:  # the compiler's message is what we want
+        found = re.search(r"available HBM \(([\d.]+)([KMGT])\)", str(e))
+        if found:
+            return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+        raise
+    raise RuntimeError("a 512 GiB program compiled: not a TPU topology?")
+
+
+def _replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def run_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> jax.sharding.Mesh:
+    """`config.mesh` over the topology's devices (every device, as on the slice)."""
+    ici = list(config.mesh.ici_parallelism)
+    dcn = list(config.mesh.dcn_parallelism)
+    try:
+        return sharding.make_mesh(ici, dcn, devices=devices)
+    except (ValueError, AssertionError, NotImplementedError):
+        if -1 in ici:
+            ici[ici.index(-1)] = len(devices) // -int(np.prod(ici))
+        shape = tuple(i * d for i, d in zip(ici, dcn, strict=True))
+        types = (jax.sharding.AxisType.Auto,) * len(shape)
+        arr = np.array(devices).reshape(shape)
+        return jax.sharding.Mesh(arr, sharding.MESH_AXES, axis_types=types)
+
+
+# ---------------------------------------------------------------------------- abstract run
+
+
+def architecture(config: ml_collections.ConfigDict, name: str | None = None) -> dict[str, Any]:
+    """The checkpoint's `config.json` as a dict: `name` (a `presets.ARCHITECTURES` key) when
+    given; else the tiny config when `model.checkpoint` is empty; else the checkpoint's own
+    file when readable; else the release its directory is named after."""
+    m = config.model
+    if name:
+        if name not in presets.ARCHITECTURES:
+            raise ValueError(f"--architecture={name!r}: one of {sorted(presets.ARCHITECTURES)}")
+        return presets.ARCHITECTURES[name]
+    if not m.checkpoint:
+        return tiny.hf_config_dict(m.tiny, m.tokenizer)
+    try:
+        from etils import epath
+
+        return json.loads((epath.Path(str(m.checkpoint)) / "config.json").read_text())
+    except Exception:  # unreadable here (no credentials, no copy): by name
+        release = presets.from_checkpoint_name(str(m.checkpoint))
+        if release is None:
+            raise ValueError(
+                f"cannot read {m.checkpoint}/config.json and its name is no release's; pass "
+                f"--architecture (one of {sorted(presets.ARCHITECTURES)})"
+            ) from None
+        return presets.ARCHITECTURES[release]
+
+
+def abstract_model(
+    config: ml_collections.ConfigDict, hf_config: Mapping[str, Any], mesh: jax.sharding.Mesh
+) -> qwen_vl.QwenVL:
+    """The run's model with `jax.ShapeDtypeStruct` parameters carrying the shardings
+    `hf_weights.from_pretrained` gives the real ones on `mesh` (nothing allocated)."""
+    m = config.model
+    cfg = qwen_vl.QwenVLConfig.from_hf_dict(
+        dict(hf_config),
+        param_dtype=jnp.dtype(m.param_dtype),
+        dtype=jnp.dtype(m.dtype),
+        remat_policy=m.remat_policy,
+        max_image_patches=config_lib.max_image_patches(config),
+    )
+    graphdef, state = nnx.split(hf_weights.abstract_model(cfg))
+    rules = cfg.logical_axis_rules
+
+    def place(var):
+        x = var.get_value()
+        sh = sharding.named_sharding(mesh, var.get_metadata().get("logical_axes"), rules, x.shape)
+        var.set_value(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh))
+
+    for _, var in nnx.to_flat_state(state):
+        place(var)
+    return nnx.merge(graphdef, state)
+
+
+def abstract_batch(
+    config: ml_collections.ConfigDict, cfg: qwen_vl.QwenVLConfig, mesh: jax.sharding.Mesh
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The input pipeline's global batch at its largest buckets (`pipeline` docstring): B =
+    `data.batch_size` rows sharded like the pipeline's, T the longest prompt bucket, S the
+    largest patch bucket, N = `data.max_instances`, pixels as `global_arrays` hands them on."""
+    from visionr1_jax.data import pipeline
+
+    d = config.data
+    b = int(d.batch_size)
+    t = max(tuple(d.length_buckets) or (int(d.max_prompt_len),))
+    s = max(tuple(d.patch_buckets) or (int(config_lib.data_max_patches(d)),))
+    n = int(d.max_instances or 32)
+    rows = pipeline.rows_sharding(mesh)
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+    return {
+        "input_ids": sds((b, t), jnp.int32),
+        "attention_mask": sds((b, t), jnp.int32),
+        "pixel_values": sds((b, s, cfg.patch_dim), jnp.float32),
+        "image_grid_thw": sds((b, 3), jnp.int32),
+        "gt_boxes": sds((b, n, 4), jnp.float32),
+        "gt_classes": sds((b, n), jnp.int32),
+        "gt_mask": sds((b, n), jnp.bool_),
+        "image_size": sds((b, 2), jnp.int32),
+        "input_size": sds((b, 2), jnp.int32),
+        "valid": sds((b,), jnp.bool_),
+    }
+
+
+def _abstract(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Concrete leaves (the state's step counter and key) as replicated abstract values."""
+
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct) or x is None:
+            return x
+        return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=_replicated(mesh))
+
+    return jax.tree.map(one, tree)
+
+
+# ------------------------------------------------------------------------------ programs
+
+
+def lowered_programs(
+    config: ml_collections.ConfigDict, hf_config: Mapping[str, Any], mesh: jax.sharding.Mesh
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+    """Thunks lowering each of `PROGRAMS` for the run on `mesh`, and the facts the estimate
+    needs (parameter counts, tokens)."""
+    c = config.grpo
+    g = int(c.num_generations)
+    objective = config.get("objective", "grpo")
+    beta = 0.0 if objective == "sft" else float(c.beta)
+    # Outside `jax.set_mesh`: eager operations (the state's step counter) stay on the CPU.
+    model = abstract_model(config, hf_config, mesh)
+    cfg = model.cfg
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=_replicated(mesh))
+    graphdef, state = train.init_train_state(model, config, key, beta=beta, abstract=True)
+    state = _abstract(state, mesh)
+    batch = abstract_batch(config, cfg, mesh)
+    b, t = batch["input_ids"].shape
+    big_l = sampler.completion_width(int(c.max_new_tokens))
+    rollout_params, rollout_frozen = train.rollout_shapes_of(config, (state.params, state.frozen))
+
+    def rollout_model():
+        return nnx.merge(graphdef, rollout_params, rollout_frozen)
+
+    sample_kwargs = dict(
+        rng=key, num_generations=g, max_new_tokens=int(c.max_new_tokens),
+        temperature=float(c.temperature), top_k=int(c.top_k), top_p=float(c.top_p),
+    )  # fmt: skip
+    sampler_batch = dict(batch)
+    ts = sampler.bucket(t, sampler.PROMPT_BUCKETS)
+    if ts != t:
+        sh = batch["input_ids"].sharding
+        for k in ("input_ids", "attention_mask"):
+            sampler_batch[k] = jax.ShapeDtypeStruct((b, ts), jnp.int32, sharding=sh)
+
+    def rollout():
+        return sampler.lower(rollout_model(), sampler_batch, **sample_kwargs)
+
+    def prefill():
+        gd, st = nnx.split(rollout_model())
+        ids, mask = sampler_batch["input_ids"], sampler_batch["attention_mask"]
+        pixels, grid = sampler_batch["pixel_values"], sampler_batch["image_grid_thw"]
+        fn = lambda st, *a: sampler.prefill(nnx.merge(gd, st), *a)
+        return jax.jit(fn).lower(st, ids, mask, pixels, grid)
+
+    def decode_step():
+        """One decoding step of the B x G rows attending to the full prompt and completion
+        caches (the last step of a `max_new_tokens` rollout), logits included."""
+        gd, st = nnx.split(rollout_model())
+        r = b * g
+        rows = train.rows_sharding(mesh)
+        sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+        cache = lambda n, length: [
+            {k: sds((n, length, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16) for k in "kv"}
+            for _ in range(cfg.num_layers)
+        ]
+
+        def step(st, tok, pos, prompt_kv, valid, gen_kv):
+            m = nnx.merge(gd, st)
+            idx = jnp.int32(big_l - 1)
+            h, gen_kv = sampler.decode_step(m, tok, pos, prompt_kv, valid, gen_kv, idx)
+            return m.logits(h), gen_kv
+
+        pos = jax.ShapeDtypeStruct((3, r, 1), jnp.int32, sharding=_replicated(mesh))
+        return jax.jit(step, donate_argnums=5).lower(
+            st, sds((r,), jnp.int32), pos, cache(b, ts), sds((b, ts), jnp.bool_), cache(r, big_l)
+        )
+
+    with jax.set_mesh(mesh):
+        args = train.rollout_shapes(config, mesh, batch)
+
+    def reference():
+        fn = train.make_logprob_fn(graphdef, config)
+        ref = state.ref_params if state.ref_params is not None else state.params
+        return fn.lower(ref, state.frozen, batch, args[1], args[2])
+
+    def train_step():
+        step = train.make_train_step(
+            graphdef, config, objective=objective, state_sharding=train.shardings_of(state)
+        )
+        return step.lower(state, *args)
+
+    programs = {
+        "rollout": rollout,
+        "prefill": prefill,
+        "decode_step": decode_step,
+        "reference": reference,
+        "train_step": train_step,
+    }
+    if beta == 0:
+        programs.pop("reference")
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    facts = dict(
+        params=count(state.params) + count(state.frozen),
+        trained=count(state.params),
+        vision=count(nnx.state(model.visual)),
+        embedding=cfg.vocab_size * cfg.hidden_size,
+        batch=b, prompt_len=t, patches=int(batch["pixel_values"].shape[1]),
+        generations=g, completion_len=big_l, max_new_tokens=int(c.max_new_tokens),
+        num_iterations=int(c.num_iterations),
+        layers=cfg.num_layers, hidden=cfg.hidden_size,
+    )  # fmt: skip
+    return programs, facts
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def analyse(compiled: Any) -> dict[str, float]:
+    """Per-device memory (bytes) and cost of a compiled program."""
+    mem = compiled.memory_analysis()
+    out = {
+        k: float(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["peak"] += out["generated_code"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    out["flops"] = float(cost.get("flops", 0.0))
+    out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+    return out
+
+
+def model_flops(facts: Mapping[str, Any]) -> dict[str, float]:
+    """FLOPs of one GRPO step over the whole slice, from the architecture: 2 per weight per
+    token forward, 3x that for a trained token (forward + both backward matmuls), attention
+    (2 x 2 x layers x hidden x context per token and pass) and the vision tower's patches
+    (forward only in the rollout and the reference; trained in the update unless frozen)."""
+    b, g, t, big_l = (
+        facts["batch"],
+        facts["generations"],
+        facts["prompt_len"],
+        facts["max_new_tokens"],
+    )
+    text = facts["params"] - facts["vision"] - facts["embedding"]  # matmul weights + head
+    attn = lambda context: 4 * facts["layers"] * facts["hidden"] * context
+    vision = 2 * facts["vision"] * facts["patches"] * b
+    rollout = 2 * text * b * t + attn(t / 2) * b * t + vision
+    rollout += (2 * text + attn(t + big_l / 2)) * b * g * big_l
+    scored = b * (t + g * big_l)  # prompt + completions, teacher-forced
+    forward = 2 * text * scored + attn((t + big_l) / 2) * scored + vision
+    trained_vision = facts["trained"] > facts["params"] - facts["vision"]
+    train_ = 3 * forward if trained_vision else 3 * (forward - vision) + vision
+    return dict(rollout=rollout, reference=forward, train_step=train_)
+
+
+def estimate(
+    results: Mapping[str, Mapping[str, float]],
+    facts: Mapping[str, Any],
+    chip: Chip,
+    per_chip_devices: int,
+    n_devices: int,
+) -> dict[str, float]:
+    """Roofline seconds per program and per GRPO step, and the step's MFU."""
+    flops = chip.flops / per_chip_devices
+    bandwidth = chip.hbm_bandwidth / per_chip_devices
+    model = model_flops(facts)
+    seconds = {}
+    for name, r in results.items():
+        if "flops" not in r or name == "rollout":  # its loop body is counted once: below
+            continue
+        xla = r["flops"]
+        modelled = model.get(name, 0.0) / n_devices
+        seconds[name] = max(max(xla, modelled) / flops, r["bytes_accessed"] / bandwidth)
+    out = {f"seconds/{k}": v for k, v in seconds.items()}
+    if "prefill" in seconds and "decode_step" in seconds:
+        out["seconds/rollout"] = (
+            seconds["prefill"] + facts["max_new_tokens"] * seconds["decode_step"]
+        )
+    step = out.get("seconds/rollout", 0.0) + out.get("seconds/reference", 0.0)
+    step += facts["num_iterations"] * out.get("seconds/train_step", 0.0)
+    out["seconds/step"] = step
+    total = model["rollout"] + model["reference"] + facts["num_iterations"] * model["train_step"]
+    out["model_flops/step"] = total
+    out["mfu"] = total / (step * flops * n_devices) if step else 0.0
+    return out
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.2f} MiB"
+
+
+def report(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    *,
+    chip_config: str | None = None,
+    architecture_name: str | None = None,
+    programs: tuple[str, ...] = PROGRAMS,
+    headroom: float = 0.1,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Compiles `programs` of run `config` for `topology` and returns the report (see the
+    module docstring); `report["fits"]` is False when one does not fit."""
+    config_lib.validate(config)
+    unknown = sorted(set(programs) - set(PROGRAMS))
+    if unknown:
+        raise ValueError(f"unknown programs {unknown}; known: {PROGRAMS}")
+    devices = topology_devices(topology, chip_config)
+    kind = devices[0].device_kind
+    chip = CHIPS.get(kind)
+    if chip is None:
+        raise ValueError(f"no peak figures for {kind!r}; known: {sorted(CHIPS)}")
+    per_chip = chip.cores // max(int(getattr(devices[0], "num_cores", 1) or 1), 1)
+    hbm = available_hbm(devices)
+    budget = (1.0 - headroom) * hbm
+    mesh = run_mesh(config, devices)
+    hf_config = architecture(config, architecture_name)
+    thunks, facts = lowered_programs(config, hf_config, mesh)
+    log(
+        f"{topology}: {len(devices)} devices ({kind}, {chip.cores // per_chip} core(s) each), "
+        f"{hbm / GiB:.2f} GiB HBM per device; mesh {dict(mesh.shape)}; "
+        f"{facts['params'] / 1e9:.2f}B parameters ({facts['trained'] / 1e9:.2f}B trained); "
+        f"B={facts['batch']} G={facts['generations']} T={facts['prompt_len']} "
+        f"S={facts['patches']} L={facts['completion_len']}"
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for name in programs:
+        if name not in thunks:
+            continue
+        with jax.set_mesh(mesh):
+            try:
+                compiled = thunks[name]().compile()
+            except Exception as e:  # the compiler refuses programs that do not fit
+                found = re.search(r"Ran out of memory[^\n]*", str(e))
+                if found is None:
+                    raise
+                results[name] = {"fits": False, "error": found.group(0)}
+                log(f"  {name:<12} DOES NOT FIT: {found.group(0)}")
+                continue
+        r = analyse(compiled)
+        r["fits"] = r["peak"] <= budget
+        results[name] = r
+        log(
+            f"  {name:<12} peak {_size(r['peak'])} ({100 * r['peak'] / hbm:5.1f}%) = args "
+            f"{_size(r['argument'])} + out {_size(r['output'])} - alias {_size(r['alias'])} "
+            f"+ temp {_size(r['temp'])} + code {_size(r['generated_code'])}; "
+            f"{r['flops']:.3g} FLOP, {_size(r['bytes_accessed'])} accessed"
+            + ("" if r["fits"] else f"  DOES NOT FIT with {headroom:.0%} headroom")
+        )
+    est = estimate(results, facts, chip, per_chip, len(devices))
+    for k, v in est.items():
+        if k.startswith("seconds/"):
+            log(f"  roofline {k[8:]:<12} {v:.4g} s")
+    log(f"  step model FLOPs {est['model_flops/step'] / 1e15:.2f} PFLOP; MFU at the roofline "
+        f"{100 * est['mfu']:.1f}%")  # fmt: skip
+    fits = all(r["fits"] for r in results.values())
+    log(f"  {'fits' if fits else 'DOES NOT FIT'} ({headroom:.0%} headroom)")
+    return dict(
+        topology=topology, devices=len(devices), device_kind=kind, hbm_bytes=hbm,
+        mesh=dict(mesh.shape), facts=facts, programs=results, estimate=est, fits=fits,
+    )  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    out = report(
+        _CONFIG.value,
+        _TOPOLOGY.value,
+        chip_config=_CHIP_CONFIG.value,
+        architecture_name=_ARCH.value,
+        programs=tuple(_PROGRAMS.value),
+        headroom=_HEADROOM.value,
+    )
+    if _JSON.value:
+        with open(_JSON.value, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1, default=float)
+    sys.exit(0 if out["fits"] else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)
