@@ -244,6 +244,10 @@ def grpo_config() -> ml_collections.ConfigDict:
     to `model.dtype` anyway; 1-D parameters stay as they are). None (default): when
     `model.dtype` is narrower than `model.param_dtype`; True there is the same, and an error
     where it would copy nothing; False: sample from the master weights.
+    `reference_memory`: where the reference's parameters live between their uses, `device`
+    (HBM, sharded like the policy) or `host` (pinned host memory with the same sharding,
+    brought to the devices inside each program that reads them: once per rollout; frees their
+    HBM for the rest of the step, at the cost of a host-to-device copy per use).
 
     The sampling settings are the `GenerationConfig` defaults that the reference's `generate`
     call inherited; whether Qwen's `generation_config.json` was merged into that call at the
@@ -263,6 +267,7 @@ def grpo_config() -> ml_collections.ConfigDict:
     c.top_k = 50
     c.top_p = 1.0
     c.rollout_copy = ml_collections.config_dict.placeholder(bool)
+    c.reference_memory = "device"
     return c
 
 
@@ -277,8 +282,9 @@ def optim_config() -> ml_collections.ConfigDict:
     over them in the train step; must divide the batch), `max_bad_steps` (3: a step whose
     loss or gradients hold a NaN or Inf is skipped, parameters and optimizer state left as
     they were, and counted; that many in a row stop the run with an error, its last
-    checkpoint intact; None = never stop). Adam's β1 0.9, β2 0.999, ε 1e-8 are HF's defaults
-    and fixed.
+    checkpoint intact; None = never stop), `mu_dtype` (None: Adam's first moment in the
+    parameters' dtype; "bfloat16": stored in bfloat16, 2 bytes per trained parameter saved,
+    optax's `mu_dtype`). Adam's β1 0.9, β2 0.999, ε 1e-8 are HF's defaults and fixed.
     """
     c = ml_collections.ConfigDict()
     c.learning_rate = 1e-6
@@ -287,6 +293,7 @@ def optim_config() -> ml_collections.ConfigDict:
     c.grad_clip = 1.0
     c.accumulation_steps = 1
     c.max_bad_steps = 3
+    c.mu_dtype = ml_collections.config_dict.placeholder(str)
     return c
 
 
@@ -296,6 +303,21 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+REFERENCE_MEMORY = ("device", "host")
+
+
+def reference_on_host(config: ml_collections.ConfigDict) -> bool:
+    """`grpo.reference_memory == "host"`: the reference parameters live in pinned host
+    memory."""
+    return (config.get("grpo") or {}).get("reference_memory", "device") == "host"
+
+
+def _on_device(tree: Any) -> Any:
+    """Inside a jitted program: `tree`'s arrays in device memory (a no-op for those already
+    there), same shardings."""
+    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
 
 
 def _narrower(model: ml_collections.ConfigDict) -> bool:
@@ -405,6 +427,16 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             fail("grpo.top_k", c.top_k, "must be an int >= 0 (0 = off)")
         if not _is_number(c.top_p) or not 0 < c.top_p <= 1:
             fail("grpo.top_p", c.top_p, "must be in (0, 1]")
+        memory = c.get("reference_memory", "device")
+        if memory not in REFERENCE_MEMORY:
+            fail("grpo.reference_memory", memory, f"must be one of {list(REFERENCE_MEMORY)}")
+        if memory == "host" and (c.beta == 0 or lora_options(config)):
+            fail(
+                "grpo.reference_memory",
+                memory,
+                "has no effect: no reference parameters are held (beta = 0, or LoRA: the "
+                "reference is the base model)",
+            )
         copy = c.get("rollout_copy")
         if copy is not None and not isinstance(copy, bool):
             fail("grpo.rollout_copy", copy, "must be True, False or None")
@@ -431,6 +463,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         batch = (config.get("data") or {}).get("batch_size")
         if _is_int(batch) and batch % acc:
             fail("optim.accumulation_steps", acc, f"must divide data.batch_size={batch}")
+        mu_dtype = o.get("mu_dtype")
+        if mu_dtype not in (None, "bfloat16"):
+            fail("optim.mu_dtype", mu_dtype, "must be None (the parameters' dtype) or 'bfloat16'")
+        if mu_dtype and (config.get("model") or {}).get("param_dtype") == mu_dtype:
+            fail("optim.mu_dtype", mu_dtype, "has no effect: the parameters are already bfloat16")
         bad = o.get("max_bad_steps", 3)
         if bad is not None and (not _is_int(bad) or bad < 1):
             fail("optim.max_bad_steps", bad, "must be an int >= 1 or None")
@@ -479,6 +516,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         eps=1e-8,
         weight_decay=float(o.weight_decay),
         mask=_decay_mask,
+        mu_dtype=o.get("mu_dtype"),
     )
     if o.grad_clip is None:
         return adamw
@@ -561,10 +599,12 @@ def init_train_state(
     optimizer = make_optimizer(config)
     opt_sharding = _opt_shardings(optimizer, params)
     step = jnp.zeros((), jnp.int32)
+    host = reference_on_host(config) and beta != 0
+    ref_sharding = lambda p: p.sharding.with_memory_kind("pinned_host") if host else p.sharding
     if abstract:
         sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
         opt_state = jax.tree.map(sds, jax.eval_shape(optimizer.init, params), opt_sharding)
-        ref = jax.tree.map(lambda p: sds(p, p.sharding), params) if beta != 0 else None
+        ref = jax.tree.map(lambda p: sds(p, ref_sharding(p)), params) if beta != 0 else None
         return graphdef, TrainState(params, frozen, opt_state, step, rng, ref)
     if opt_sharding is None:
         opt_state = optimizer.init(params)
@@ -573,6 +613,8 @@ def init_train_state(
     # LoRA: adapters off (zero: the adapted layers add exactly 0) is the base model.
     start = jnp.zeros_like if lora_options(config) else jnp.copy
     ref = jax.tree.map(start, params) if beta != 0 else None
+    if host:  # `grpo.reference_memory = "host"`: kept in pinned host memory between uses
+        ref = jax.tree.map(lambda r, p: jax.device_put(r, ref_sharding(p)), ref, params)
     return graphdef, TrainState(params, frozen, opt_state, step, rng, ref)
 
 
@@ -614,9 +656,10 @@ def make_logprob_fn(
     (the policy before the rollout's first update) and the reference's once per rollout."""
     temperature = float(config.grpo.temperature) if "grpo" in config else 1.0
     chunk = (config.get("model") or {}).get("logprob_chunk")
+    host = reference_on_host(config)
 
     def logps(params, frozen, batch, tokens, mask):
-        model = nnx.merge(graphdef, params, frozen)
+        model = nnx.merge(graphdef, _on_device(params) if host else params, frozen)
         g = tokens.shape[0] // batch["input_ids"].shape[0]
         return completion_logprobs(
             model, batch, tokens, mask, num_generations=g, temperature=temperature,
@@ -729,9 +772,8 @@ def make_train_step(
             if state.ref_params is None:
                 raise ValueError("grpo.beta > 0 needs ref_params or ref_logps")
             emb = shared_features(state, batch)
-            ref_logps = jax.lax.stop_gradient(
-                logps_of(state.ref_params, state.frozen, batch, tokens, mask, emb)
-            )
+            ref = _on_device(state.ref_params) if reference_on_host(config) else state.ref_params
+            ref_logps = jax.lax.stop_gradient(logps_of(ref, state.frozen, batch, tokens, mask, emb))
 
         # 2. policy loss and gradient
         def loss_fn(params):
@@ -1509,6 +1551,10 @@ def train_loop(r: Run) -> list[dict[str, Any]]:
         r.pipe.close()
         if r.checkpointer is not None:
             r.checkpointer.close()  # waits for the last save to commit
+    if int(r.state.step) >= total:
+        from absl import logging
+
+        logging.info("run finished: %d steps", int(r.state.step))  # scripts/tpu_pod.sh reads it
     return rows
 
 

@@ -18,7 +18,8 @@ on a mesh of the topology's devices (`config.mesh`) and compiles, as the run wou
 
 For each it prints per-device memory (`memory_analysis`: arguments, outputs, aliased,
 temporaries, generated code and their peak = arguments + outputs - aliased + temporaries +
-code), FLOPs and bytes accessed (`cost_analysis`, per device), and a roofline time: the larger
+code, all in HBM; arguments in host memory, `grpo.reference_memory = "host"`, apart), FLOPs
+and bytes accessed (`cost_analysis`, per device), and a roofline time: the larger
 of FLOPs / peak FLOP/s and bytes / HBM bandwidth of the chip (`CHIPS`). The step estimate is
 rollout (prefill + max_new_tokens decoding steps) + reference + mu train steps; MFU is the
 model's FLOPs (`model_flops`, 2 per parameter per token forward, 6 for a trained token, plus
@@ -347,7 +348,7 @@ def lowered_programs(
         batch=b, prompt_len=t, patches=int(batch["pixel_values"].shape[1]),
         generations=g, completion_len=big_l, max_new_tokens=int(c.max_new_tokens),
         num_iterations=int(c.num_iterations),
-        layers=cfg.num_layers, hidden=cfg.hidden_size,
+        layers=cfg.num_layers, hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings),
     )  # fmt: skip
     return programs, facts
 
@@ -360,7 +361,7 @@ def analyse(compiled: Any) -> dict[str, float]:
     mem = compiled.memory_analysis()
     out = {
         k: float(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
-        for k in ("argument", "output", "alias", "temp", "generated_code")
+        for k in ("argument", "output", "alias", "temp", "generated_code", "host_argument")
     }
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     out["peak"] += out["generated_code"]
@@ -382,7 +383,8 @@ def model_flops(facts: Mapping[str, Any]) -> dict[str, float]:
         facts["prompt_len"],
         facts["max_new_tokens"],
     )
-    text = facts["params"] - facts["vision"] - facts["embedding"]  # matmul weights + head
+    # the decoder's matmul weights and the output head (a tied head is the embedding table)
+    text = facts["params"] - facts["vision"] - (0 if facts["tied"] else facts["embedding"])
     attn = lambda context: 4 * facts["layers"] * facts["hidden"] * context
     vision = 2 * facts["vision"] * facts["patches"] * b
     rollout = 2 * text * b * t + attn(t / 2) * b * t + vision
@@ -486,6 +488,7 @@ def report(
             f"{_size(r['argument'])} + out {_size(r['output'])} - alias {_size(r['alias'])} "
             f"+ temp {_size(r['temp'])} + code {_size(r['generated_code'])}; "
             f"{r['flops']:.3g} FLOP, {_size(r['bytes_accessed'])} accessed"
+            + (f"; host memory args {_size(r['host_argument'])}" if r["host_argument"] else "")
             + ("" if r["fits"] else f"  DOES NOT FIT with {headroom:.0%} headroom")
         )
     est = estimate(results, facts, chip, per_chip, len(devices))

@@ -1,0 +1,32 @@
+"""Vision-R1 on Qwen2.5-VL-7B-Instruct with LoRA on one 8-chip slice (v4-8 or v5e-8).
+
+    python -m visionr1_jax.main --config=configs/tpu_8_7b_lora.py --workdir=gs://BUCKET/run \\
+        --config.model.checkpoint=gs://BUCKET/Qwen2.5-VL-7B-Instruct \\
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+    make aot CONFIG=configs/tpu_8_7b_lora.py TOPOLOGY=v5e:2x4     # or v4:2x2x1
+
+The recipe of `configs/tpu_v4_64.py` (SPEC §5) with low-rank adapters (rank 64, alpha 128) on
+every attention and MLP projection of the decoder: only the adapters (~160M parameters) train
+and have optimizer state, the base weights stay as loaded, and the reference model is the base
+(the adapters off): no second copy of the 8.3B weights. Every parameter FSDP-sharded over the
+slice's chips (`mesh.ici_parallelism = (1, -1, 1)`); the learning rate is LoRA's usual 1e-5
+(full fine-tuning's 1e-6 hardly moves low-rank adapters). The merged model exports with
+`python -m visionr1_jax.tools.export`. Memory per chip and the roofline step time: SCALING.md.
+"""
+
+import os
+
+import ml_collections
+
+from visionr1_jax import config_lib
+
+_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = config_lib.load_config(_BASE + (f":{arg}" if arg else ""))
+    config.model.lora.rank = 64
+    config.model.lora.alpha = 128.0
+    config.optim.learning_rate = 1e-5
+    config.mesh = config_lib.mesh_config(ici=(1, -1, 1))
+    return config

@@ -1,0 +1,27 @@
+"""Vision-R1 on Qwen2.5-VL-7B-Instruct over a Cloud TPU v5e-64 slice (64 chips of 16 GiB, 16 hosts).
+
+    python -m visionr1_jax.main --config=configs/tpu_v5e_64.py --workdir=gs://BUCKET/run \\
+        --config.model.checkpoint=gs://BUCKET/Qwen2.5-VL-7B-Instruct \\
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+    make aot CONFIG=configs/tpu_v5e_64.py TOPOLOGY=v5e:8x8     # the compiler's check, no TPU
+
+The recipe of `configs/tpu_v4_64.py` (SPEC §5: 16 prompts x G 4, 512 new tokens, β 0.04, AdamW
+1e-6, 3,000 steps); the parameters FSDP-sharded over 16 chips x tensor-parallel over 4 (the 16
+prompts take one row per FSDP group: a 64-way batch axis would leave 48 chips without a row).
+Memory per chip and the roofline step time: SCALING.md (`tools/aot.py`). Config args as
+`tpu_v4_64.py`'s.
+"""
+
+import os
+
+import ml_collections
+
+from visionr1_jax import config_lib
+
+_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = config_lib.load_config(_BASE + (f":{arg}" if arg else ""))
+    config.mesh = config_lib.mesh_config(ici=(1, 16, 4))
+    return config

@@ -1,0 +1,27 @@
+"""Vision-R1 on Qwen2.5-VL-3B-Instruct on a single Cloud TPU v5e-8 (8 chips of 16 GiB, one host).
+
+    python -m visionr1_jax.main --config=configs/tpu_v5e_8_3b.py --workdir=gs://BUCKET/run \\
+        --config.model.checkpoint=gs://BUCKET/Qwen2.5-VL-3B-Instruct \\
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+    make aot CONFIG=configs/tpu_v5e_8_3b.py TOPOLOGY=v5e:2x4     # the compiler's check
+
+The recipe of `configs/tpu_v4_64.py` (SPEC §5: 16 prompts x G 4, 512 new tokens, β 0.04,
+AdamW 1e-6, 3,000 steps) for the 3B model, every parameter FSDP-sharded over the slice's
+chips. Memory per chip and the roofline step time: SCALING.md (`tools/aot.py`). Config args
+as `tpu_v4_64.py`'s.
+"""
+
+import os
+
+import ml_collections
+
+from visionr1_jax import config_lib
+
+_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = config_lib.load_config(_BASE + (f":{arg}" if arg else ""))
+    config.model.checkpoint = "gs://YOUR_BUCKET/Qwen2.5-VL-3B-Instruct"
+    config.mesh = config_lib.mesh_config(ici=(1, 8, 1))
+    return config

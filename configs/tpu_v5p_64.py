@@ -1,0 +1,25 @@
+"""Vision-R1 on Qwen2.5-VL-7B-Instruct over a Cloud TPU v5p-64 slice (32 chips of 95 GiB, 8 hosts).
+
+    python -m visionr1_jax.main --config=configs/tpu_v5p_64.py --workdir=gs://BUCKET/run \\
+        --config.model.checkpoint=gs://BUCKET/Qwen2.5-VL-7B-Instruct \\
+        --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+    make aot CONFIG=configs/tpu_v5p_64.py TOPOLOGY=v5p:4x4x2     # the compiler's check
+
+The recipe of `configs/tpu_v4_64.py` (SPEC §5) on v5p's 32 chips (megacore: one device per
+chip), parameters FSDP-sharded over 16 chips x tensor-parallel over 2. Memory per chip and the
+roofline step time: SCALING.md (`tools/aot.py`). Config args as `tpu_v4_64.py`'s.
+"""
+
+import os
+
+import ml_collections
+
+from visionr1_jax import config_lib
+
+_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = config_lib.load_config(_BASE + (f":{arg}" if arg else ""))
+    config.mesh = config_lib.mesh_config(ici=(1, 16, 2))
+    return config

@@ -1,0 +1,167 @@
+"""Memory levers of issue 13 that change no result beyond rounding.
+
+The rollout's weight copy (`grpo.rollout_copy`): the loop samples from a copy of the weight
+matrices in the compute dtype, made once per rollout, instead of reading the float32 master
+weights at every decoding step.
+
+- the copy holds every rank >= 2 floating parameter in bfloat16 and the rest (norm scales,
+  biases) unchanged, each with its sharding (8 simulated devices, FSDP x tensor);
+- sampling from it gives the master weights' tokens and log-probs exactly: every layer casts
+  its weights to the compute dtype anyway;
+- `rollout_copy=True` where there is nothing to narrow is rejected; None copies only then.
+
+The reference in host memory (`grpo.reference_memory = "host"`): its parameters live in pinned
+host memory with the policy's shardings and are brought to the devices inside the programs
+that read them; the train step and the reference log-probs are bit-identical to the
+device-placed reference's, and the reference stays on the host across steps.
+
+Adam's first moment in bfloat16 (`optim.mu_dtype`): the moment is stored in bfloat16, the
+second moment and the parameters stay float32, and the first update differs from the float32
+one by bfloat16 rounding only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from visionr1_jax import config_lib, sampler, sharding, train
+from visionr1_jax.models import from_pretrained, model_config, testing
+
+
+def _config(dtype: str, copy: bool | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.total_steps = 1
+    c.model = model_config()
+    c.model.dtype = dtype
+    c.grpo = train.grpo_config()
+    c.grpo.rollout_copy = copy
+    return c
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return testing.tiny_checkpoint(tmp_path_factory, "qwen2_5_vl_tiny")
+
+
+def test_copy_is_bf16_matrices_with_their_shardings_and_samples_the_same(ckpt):
+    config = _config("bfloat16")
+    assert train.rollout_dtype(config) == jnp.bfloat16
+    mesh = sharding.make_mesh((1, 4, 2))
+    with jax.set_mesh(mesh):
+        model = from_pretrained(ckpt, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=mesh)
+        graphdef, frozen, params = nnx.split(model, nnx.Nothing, ...)
+        copy_params, copy_frozen = train.make_rollout_copy(config)((params, frozen))
+        for (path, x), y in zip(
+            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(copy_params), strict=True
+        ):
+            want = jnp.bfloat16 if x.ndim >= 2 else jnp.float32
+            assert y.dtype == want, (jax.tree_util.keystr(path), y.dtype)
+            assert y.sharding == x.sharding, jax.tree_util.keystr(path)
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(x.astype(want)))
+        batch = testing.prompt_batch(ckpt)
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        batch = {k: np.asarray(batch[k]) for k in keys}
+        runs = []
+        for p, f in ((params, frozen), (copy_params, copy_frozen)):
+            out = sampler.generate(
+                nnx.merge(graphdef, p, f), batch, rng=jax.random.key(3), num_generations=2,
+                max_new_tokens=12, temperature=1.0, top_k=20,
+            )  # fmt: skip
+            runs.append(jax.device_get((out.tokens, out.mask, out.logprobs)))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0][1].sum() > 0
+
+
+def test_rollout_copy_settings():
+    assert train.rollout_dtype(_config("float32")) is None  # nothing to narrow: no copy
+    assert train.rollout_dtype(_config("bfloat16", copy=False)) is None
+    assert train.make_rollout_copy(_config("float32")) is None
+    config_lib.validate(_config("bfloat16", copy=True))
+    with pytest.raises(ValueError, match=r"grpo\.rollout_copy=True has no effect"):
+        config_lib.validate(_config("float32", copy=True))
+
+
+def test_bf16_first_moment_is_stored_narrow_and_rounds_the_update_only(ckpt):
+    batch = testing.prompt_batch(ckpt)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+    batch = {k: np.asarray(batch[k]) for k in keys}
+    g, length, lr = 2, 6, 1e-3
+    rows = batch["input_ids"].shape[0] * g
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 100, (rows, length)).astype(np.int32)  # small-vocab text ids
+    mask = np.ones((rows, length), bool)
+    adv = np.where(np.arange(rows) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    moved = {}
+    for mu_dtype in (None, "bfloat16"):
+        config = _config("float32")
+        config.total_steps = 10
+        config.grpo.num_generations = g
+        config.grpo.beta = 0.0
+        config.optim = train.optim_config()
+        config.optim.learning_rate = lr
+        config.optim.mu_dtype = mu_dtype
+        config_lib.validate(config)
+        model = from_pretrained(ckpt, dtype=jnp.float32)
+        graphdef, state = train.init_train_state(model, config, jax.random.key(0))
+        adam = state.opt_state[1][0]  # clip_by_global_norm, then adamw's ScaleByAdamState
+        want = jnp.bfloat16 if mu_dtype else jnp.float32
+        assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(want)}
+        assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+        start = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+        state, _ = train.make_train_step(graphdef, config)(state, batch, tokens, mask, adv)
+        end = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+        moved[mu_dtype] = [e - s for s, e in zip(start, end, strict=True)]
+    # Step 1 of Adam moves each weight by lr * m/(sqrt(v) + eps) with m = (1 - b1) g: storing m
+    # in bfloat16 changes it by at most its unit roundoff 2^-9, so the move by lr * 2^-9 at most
+    # (plus float32 rounding of the parameters, ~2^-24 of their scale <= 1).
+    for a, b in zip(moved[None], moved["bfloat16"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=lr * 2.0**-9 + 2.0**-23)
+    assert max(np.abs(x).max() for x in moved["bfloat16"]) > 0.5 * lr
+
+
+def test_reference_in_host_memory_changes_no_result(ckpt):
+    batch = testing.prompt_batch(ckpt)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+    batch = {k: np.asarray(batch[k]) for k in keys}
+    g, length = 2, 6
+    rows = batch["input_ids"].shape[0] * g
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 100, (rows, length)).astype(np.int32)
+    mask = np.ones((rows, length), bool)
+    adv = np.where(np.arange(rows) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    out = {}
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    for memory in ("device", "host"):
+        config = _config("float32")
+        config.total_steps = 10
+        config.grpo.num_generations = g
+        config.grpo.reference_memory = memory
+        config.optim = train.optim_config()
+        config.optim.learning_rate = 1e-3
+        config_lib.validate(config)
+        with jax.set_mesh(mesh):
+            model = from_pretrained(ckpt, dtype=jnp.float32, mesh=mesh)
+            graphdef, state = train.init_train_state(model, config, jax.random.key(0))
+            kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.ref_params)}
+            assert kinds == {"pinned_host" if memory == "host" else "device"}
+            ref = train.make_logprob_fn(graphdef, config)(
+                state.ref_params, state.frozen, batch, tokens, mask
+            )
+            step = train.make_train_step(graphdef, config, state_sharding=train.shardings_of(state))
+            for _ in range(2):
+                state, metrics = step(state, batch, tokens, mask, adv)
+            kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.ref_params)}
+            assert kinds == {"pinned_host" if memory == "host" else "device"}
+            out[memory] = jax.device_get((ref, metrics, state.params))
+    for a, b in zip(jax.tree.leaves(out["device"]), jax.tree.leaves(out["host"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert out["host"][1]["kl"] > 0  # the reference was read: the policy moved away from it
+    with pytest.raises(ValueError, match="reference_memory"):
+        config.grpo.beta = 0.0
+        config_lib.validate(config)
