@@ -39,11 +39,12 @@ aot: $(TPU_STAMP)
 # Two pytest workers (pytest-xdist), each taking whole files (module fixtures stay shared):
 # the suite is mostly single-threaded XLA compilation, so 2 cores run it in about half the time.
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 
 test: $(STAMP) $(TPU_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # The paper's experiment in miniature on the laptop config: a small checkpoint and
 # synthetic_shapes made locally; SFT, then Vision-R1 vs more SFT, evaluated (README). Started
