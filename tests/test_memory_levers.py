@@ -87,81 +87,91 @@ def test_rollout_copy_settings():
         config_lib.validate(_config("float32", copy=True))
 
 
-def test_bf16_first_moment_is_stored_narrow_and_rounds_the_update_only(ckpt):
-    batch = testing.prompt_batch(ckpt)
-    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-    batch = {k: np.asarray(batch[k]) for k in keys}
-    g, length, lr = 2, 6, 1e-3
-    rows = batch["input_ids"].shape[0] * g
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 100, (rows, length)).astype(np.int32)  # small-vocab text ids
-    mask = np.ones((rows, length), bool)
-    adv = np.where(np.arange(rows) % 2 == 0, 1.0, -1.0).astype(np.float32)
-    moved = {}
-    for mu_dtype in (None, "bfloat16"):
-        config = _config("float32")
-        config.total_steps = 10
-        config.grpo.num_generations = g
-        config.grpo.beta = 0.0
-        config.optim = train.optim_config()
-        config.optim.learning_rate = lr
-        config.optim.mu_dtype = mu_dtype
-        config_lib.validate(config)
-        model = from_pretrained(ckpt, dtype=jnp.float32)
-        graphdef, state = train.init_train_state(model, config, jax.random.key(0))
-        adam = state.opt_state[1][0]  # clip_by_global_norm, then adamw's ScaleByAdamState
-        want = jnp.bfloat16 if mu_dtype else jnp.float32
-        assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(want)}
-        assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
-        start = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-        state, _ = train.make_train_step(graphdef, config)(state, batch, tokens, mask, adv)
-        end = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-        moved[mu_dtype] = [e - s for s, e in zip(start, end, strict=True)]
-    # Step 1 of Adam moves each weight by lr * m/(sqrt(v) + eps) with m = (1 - b1) g: storing m
-    # in bfloat16 changes it by at most its unit roundoff 2^-9, so the move by lr * 2^-9 at most
-    # (plus float32 rounding of the parameters, ~2^-24 of their scale <= 1).
-    for a, b in zip(moved[None], moved["bfloat16"], strict=True):
-        np.testing.assert_allclose(b, a, rtol=0, atol=lr * 2.0**-9 + 2.0**-23)
-    assert max(np.abs(x).max() for x in moved["bfloat16"]) > 0.5 * lr
+LR = 1e-3
 
 
-def test_reference_in_host_memory_changes_no_result(ckpt):
+@pytest.fixture(scope="module")
+def two_steps(ckpt):
+    """Two GRPO train steps (β 0.04, the reference inside the step) from the checkpoint in
+    three settings: `base`, `mu_bf16` (`optim.mu_dtype = "bfloat16"`) and `host_ref`
+    (`grpo.reference_memory = "host"`); per setting the state's dtypes and memory kinds, the
+    reference log-probs, and the parameters and metrics after each step."""
     batch = testing.prompt_batch(ckpt)
     keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
     batch = {k: np.asarray(batch[k]) for k in keys}
     g, length = 2, 6
     rows = batch["input_ids"].shape[0] * g
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(0, 100, (rows, length)).astype(np.int32)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 100, (rows, length)).astype(np.int32)  # small-vocab text ids
     mask = np.ones((rows, length), bool)
     adv = np.where(np.arange(rows) % 2 == 0, 1.0, -1.0).astype(np.float32)
-    out = {}
+    settings = {"base": {}, "mu_bf16": {"optim.mu_dtype": "bfloat16"},
+                "host_ref": {"grpo.reference_memory": "host"}}  # fmt: skip
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    for memory in ("device", "host"):
+    out = {}
+    for name, overrides in settings.items():
         config = _config("float32")
         config.total_steps = 10
         config.grpo.num_generations = g
-        config.grpo.reference_memory = memory
         config.optim = train.optim_config()
-        config.optim.learning_rate = 1e-3
+        config.optim.learning_rate = LR
+        for key, value in overrides.items():
+            section, field = key.split(".")
+            config[section][field] = value
         config_lib.validate(config)
         with jax.set_mesh(mesh):
             model = from_pretrained(ckpt, dtype=jnp.float32, mesh=mesh)
             graphdef, state = train.init_train_state(model, config, jax.random.key(0))
-            kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.ref_params)}
-            assert kinds == {"pinned_host" if memory == "host" else "device"}
-            ref = train.make_logprob_fn(graphdef, config)(
-                state.ref_params, state.frozen, batch, tokens, mask
-            )
+            adam = state.opt_state[1][0]  # clip_by_global_norm, then adamw's ScaleByAdamState
+            r = {
+                "mu": {x.dtype for x in jax.tree.leaves(adam.mu)},
+                "nu": {x.dtype for x in jax.tree.leaves(adam.nu)},
+                "ref_kinds": [{x.sharding.memory_kind for x in jax.tree.leaves(state.ref_params)}],
+                "params": [jax.device_get(state.params)],
+                "ref_logps": jax.device_get(train.make_logprob_fn(graphdef, config)(
+                    state.ref_params, state.frozen, batch, tokens, mask)),
+                "metrics": [],
+            }  # fmt: skip
             step = train.make_train_step(graphdef, config, state_sharding=train.shardings_of(state))
             for _ in range(2):
                 state, metrics = step(state, batch, tokens, mask, adv)
-            kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.ref_params)}
-            assert kinds == {"pinned_host" if memory == "host" else "device"}
-            out[memory] = jax.device_get((ref, metrics, state.params))
-    for a, b in zip(jax.tree.leaves(out["device"]), jax.tree.leaves(out["host"]), strict=True):
+                r["params"].append(jax.device_get(state.params))
+                r["metrics"].append(jax.device_get(metrics))
+                r["ref_kinds"].append(
+                    {x.sharding.memory_kind for x in jax.tree.leaves(state.ref_params)}
+                )
+        out[name] = r
+    return out
+
+
+def test_bf16_first_moment_is_stored_narrow_and_rounds_the_update_only(two_steps):
+    base, narrow = two_steps["base"], two_steps["mu_bf16"]
+    assert base["mu"] == {jnp.dtype(jnp.float32)} and narrow["mu"] == {jnp.dtype(jnp.bfloat16)}
+    assert narrow["nu"] == {jnp.dtype(jnp.float32)}
+    moved = {
+        name: [b - a for a, b in zip(jax.tree.leaves(r["params"][0]),
+                                     jax.tree.leaves(r["params"][1]), strict=True)]
+        for name, r in (("base", base), ("narrow", narrow))
+    }  # fmt: skip
+    # Step 1 of Adam moves each weight by lr * m/(sqrt(v) + eps) with m = (1 - b1) g: storing m
+    # in bfloat16 changes it by at most its unit roundoff 2^-9, so the move by lr * 2^-9 at most
+    # (plus float32 rounding of the parameters, ~2^-24 of their scale <= 1).
+    for a, b in zip(moved["base"], moved["narrow"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=LR * 2.0**-9 + 2.0**-23)
+    assert max(np.abs(x).max() for x in moved["narrow"]) > 0.5 * LR
+
+
+def test_reference_in_host_memory_changes_no_result(two_steps):
+    base, host = two_steps["base"], two_steps["host_ref"]
+    assert all(kinds == {"device"} for kinds in base["ref_kinds"])
+    assert all(kinds == {"pinned_host"} for kinds in host["ref_kinds"])  # before and after
+    want = (base["ref_logps"], base["metrics"], base["params"])
+    got = (host["ref_logps"], host["metrics"], host["params"])
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert out["host"][1]["kl"] > 0  # the reference was read: the policy moved away from it
+    assert host["metrics"][1]["kl"] > 0  # the reference was read: the policy moved away from it
+    config = _config("float32")
+    config.grpo.beta = 0.0
+    config.grpo.reference_memory = "host"
     with pytest.raises(ValueError, match="reference_memory"):
-        config.grpo.beta = 0.0
         config_lib.validate(config)

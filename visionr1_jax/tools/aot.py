@@ -39,6 +39,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -470,6 +471,7 @@ def report(
     for name in programs:
         if name not in thunks:
             continue
+        t0 = time.perf_counter()
         with jax.set_mesh(mesh):
             try:
                 compiled = thunks[name]().compile()
@@ -481,6 +483,7 @@ def report(
                 log(f"  {name:<12} DOES NOT FIT: {found.group(0)}")
                 continue
         r = analyse(compiled)
+        r["compile_seconds"] = time.perf_counter() - t0
         r["fits"] = r["peak"] <= budget
         results[name] = r
         log(
@@ -490,6 +493,7 @@ def report(
             f"{r['flops']:.3g} FLOP, {_size(r['bytes_accessed'])} accessed"
             + (f"; host memory args {_size(r['host_argument'])}" if r["host_argument"] else "")
             + ("" if r["fits"] else f"  DOES NOT FIT with {headroom:.0%} headroom")
+            + f" [{r['compile_seconds']:.0f} s]"
         )
     est = estimate(results, facts, chip, per_chip, len(devices))
     for k, v in est.items():
