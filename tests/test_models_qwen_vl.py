@@ -200,6 +200,37 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path_factory):
         testing.assert_logits_close(np.asarray(logits)[:, 0], full[:, t + i])  # float32 parity
 
 
+def test_per_row_images_under_remat_keep_values_and_gradients(tmp_path_factory):
+    """The input pipeline's per-row images (`pixel_values [B, S, F]`, the tower vmapped over
+    rows) under a remat policy: the same embeddings and gradients as without remat (the
+    layers' `nnx.remat` runs inside the vmap; it once failed with a trace-level error)."""
+    from flax import nnx
+
+    path = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl_tiny")
+    rng = np.random.default_rng(0)
+    base = from_pretrained(path, max_image_patches=64)
+    pixels = jnp.asarray(rng.normal(size=(2, 64, base.cfg.patch_dim)), jnp.float32)
+    grid = jnp.asarray([[1, 8, 8], [1, 4, 8]], jnp.int32)  # row 1: 32 patches + padding
+
+    def loss(m):
+        emb = m.encode_images(pixels, grid)  # [2, 16, D]
+        return jnp.sum(emb[0] ** 2) + jnp.sum(emb[1, :8] ** 2), emb
+
+    grad = nnx.jit(lambda m: nnx.value_and_grad(loss, has_aux=True)(m))
+    (_, e0), g0 = grad(base)
+    (v1, e1), g1 = grad(from_pretrained(path, max_image_patches=64, remat_policy="full"))
+    scale = float(np.abs(np.asarray(e0)).max())
+    # Two evaluations of the same network: the logits' relative rounding bound (testing.py).
+    np.testing.assert_allclose(np.asarray(e1), np.asarray(e0), atol=testing.LOGIT_RTOL * scale)
+    g_scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g0))
+    assert g_scale > 0 and np.isfinite(float(v1))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        # The backward pass doubles the forward's depth of rounded reductions.
+        np.testing.assert_allclose(
+            np.asarray(b), np.asarray(a), atol=2 * testing.LOGIT_RTOL * g_scale
+        )
+
+
 def test_remat_policies_keep_values_and_gradients(tmp_path_factory):
     from flax import nnx
 

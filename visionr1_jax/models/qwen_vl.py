@@ -759,7 +759,11 @@ class QwenVL(nnx.Module):
             rules = self.cfg.logical_axis_rules
             axes = sharding.batch_axes(pixel_values.shape[0], rules)
             pixel_values = sharding.constrain(pixel_values, ("batch", None, None), rules)
-            return jax.vmap(self.visual, spmd_axis_name=axes)(pixel_values, grid)
+            # The tower is rebuilt inside the vmapped function from its (closed-over) state, so
+            # that its layers' `nnx.remat` runs at the vmap's trace level.
+            graphdef, state = nnx.split(self.visual)
+            tower = lambda px, g: nnx.merge(graphdef, state, copy=True)(px, g)
+            return jax.vmap(tower, spmd_axis_name=axes)(pixel_values, grid)
         return self.visual(pixel_values, image_grid_thw)
 
     def embed(

@@ -46,6 +46,7 @@ from typing import Any
 # Shape-only work: never claim a real accelerator, and keep libtpu from probing for one.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compilations side by side
 
 import jax
 import jax.numpy as jnp
@@ -157,8 +158,9 @@ def run_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> jax.shard
 
 def architecture(config: ml_collections.ConfigDict, name: str | None = None) -> dict[str, Any]:
     """The checkpoint's `config.json` as a dict: `name` (a `presets.ARCHITECTURES` key) when
-    given; else the tiny config when `model.checkpoint` is empty; else the checkpoint's own
-    file when readable; else the release its directory is named after."""
+    given; else the tiny config when `model.checkpoint` is empty; else the release the
+    checkpoint's directory is named after (`.../Qwen2.5-VL-7B-Instruct`); else the
+    checkpoint's own file."""
     m = config.model
     if name:
         if name not in presets.ARCHITECTURES:
@@ -166,18 +168,18 @@ def architecture(config: ml_collections.ConfigDict, name: str | None = None) -> 
         return presets.ARCHITECTURES[name]
     if not m.checkpoint:
         return tiny.hf_config_dict(m.tiny, m.tokenizer)
+    release = presets.from_checkpoint_name(str(m.checkpoint))
+    if release is not None:
+        return presets.ARCHITECTURES[release]
     try:
         from etils import epath
 
         return json.loads((epath.Path(str(m.checkpoint)) / "config.json").read_text())
-    except Exception:  # unreadable here (no credentials, no copy): by name
-        release = presets.from_checkpoint_name(str(m.checkpoint))
-        if release is None:
-            raise ValueError(
-                f"cannot read {m.checkpoint}/config.json and its name is no release's; pass "
-                f"--architecture (one of {sorted(presets.ARCHITECTURES)})"
-            ) from None
-        return presets.ARCHITECTURES[release]
+    except Exception as e:  # unreadable here (no credentials, no copy)
+        raise ValueError(
+            f"cannot read {m.checkpoint}/config.json ({type(e).__name__}); pass --architecture "
+            f"(one of {sorted(presets.ARCHITECTURES)})"
+        ) from None
 
 
 def abstract_model(
