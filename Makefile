@@ -46,7 +46,8 @@ PYTEST_ARGS ?=
 test: $(STAMP) $(TPU_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		$(PYTEST_ARGS) tests
 
 # The paper's experiment in miniature on the laptop config: a small checkpoint and
 # synthetic_shapes made locally; SFT, then Vision-R1 vs more SFT, evaluated (README). Started

@@ -3,7 +3,7 @@
 XLA_FLAGS must be set before jax creates its CPU backend, which is why it lives here. Flags
 already in the environment are kept and the device count is appended to them (replacing any
 count they give: the sharded tests build meshes of exactly 8 devices), so those tests always
-run. XLA:CPU code generation is unoptimised (see below) unless XLA_FLAGS chooses a level.
+run. XLA:CPU compiles with the fast-compilation flags below unless XLA_FLAGS sets them.
 """
 
 import os
@@ -22,14 +22,27 @@ def with_device_count(flags: str, n: int = NUM_DEVICES) -> str:
     return flags[: found.start()] + f"{_COUNT_FLAG}={n}" + flags[found.end() :]
 
 
-_OPT_FLAG = "--xla_backend_optimization_level"
-os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""))
-if _OPT_FLAG not in os.environ["XLA_FLAGS"]:
-    # Unoptimised XLA:CPU code generation (LLVM -O0; XLA's own HLO passes still run): the tests
-    # check what the programs compute, and most of their time is compilation, which takes
-    # about 2/3 as long this way (measured: tests/test_train_step.py 97 s -> 70 s). Runs and
-    # benchmarks keep the default level. Set the flag in XLA_FLAGS to choose another.
-    os.environ["XLA_FLAGS"] += f" {_OPT_FLAG}=0"
+# Fast XLA:CPU compilation (each flag kept as XLA_FLAGS gives it, when it does): the tests
+# check what the programs compute, and most of their time is compilation. LLVM -O0 (XLA's own
+# HLO passes still run) takes about 2/3 of the time (measured: tests/test_train_step.py 97 s ->
+# 70 s); the classic elemental emitters instead of the MLIR fusion emitters halve the rest
+# (measured: a 2-step tiny GRPO run compiles in 8.9 s instead of 17.7 s, 28 s of CPU instead
+# of 45). Runs and benchmarks keep XLA's defaults. Subprocess runs get the same flags.
+FAST_COMPILE_FLAGS = {
+    "--xla_backend_optimization_level": "0",
+    "--xla_cpu_use_fusion_emitters": "false",
+}
+
+
+def with_fast_compile(flags: str) -> str:
+    """`flags` (an XLA_FLAGS value) with each of `FAST_COMPILE_FLAGS` it does not set."""
+    for name, value in FAST_COMPILE_FLAGS.items():
+        if name not in flags:
+            flags = f"{flags} {name}={value}"
+    return flags.strip()
+
+
+os.environ["XLA_FLAGS"] = with_fast_compile(with_device_count(os.environ.get("XLA_FLAGS", "")))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole suite: both pytest workers and every run
 # the tests start as a subprocess (they inherit the environment) load a program another test
@@ -47,21 +60,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-# The files that take longest (seconds of one worker on 2 cores, `pytest --durations`), run
-# first: `make test`'s workers take whole files in collection order, so a long file started
-# last would run on alone at the end (longest-first keeps both workers busy to the end).
+# The files that take longest (CPU seconds of one fresh `make test` on 2 cores, with the runs
+# they start), run first: `make test`'s workers take whole files in collection order
+# (`--no-loadscope-reorder`: pytest-xdist would otherwise order files by their number of
+# tests), so a long file started last would run on alone at the end.
 SLOW_FIRST = (
-    "test_checkpoint_multiprocess.py",  # ~290 s
-    "test_checkpoint.py",  # ~300 s
-    "test_sampler.py",  # ~300 s
-    "test_train_distributed.py",  # ~220 s
-    "test_experiment.py",  # ~210 s
-    "test_models_qwen_vl.py",  # ~175 s
-    "test_sft.py",  # ~165 s
-    "test_rewards_reference.py",  # ~135 s
-    "test_memory_levers.py",
+    "test_checkpoint_multiprocess.py",  # ~430 s
+    "test_train_distributed.py",  # ~370 s
+    "test_checkpoint.py",  # ~270 s
+    "test_sampler.py",  # ~270 s
+    "test_sft.py",  # ~160 s
+    "test_models_qwen_vl.py",  # ~160 s
+    "test_experiment.py",  # ~150 s
+    "test_memory_levers.py",  # ~130 s
+    "test_aot.py",  # ~110 s
+    "test_rewards_matching.py",  # ~110 s
+    "test_train_step.py",  # ~100 s
+    "test_rewards_reference.py",  # ~90 s
+    "test_train_loop.py",  # ~90 s
+    "test_train_logprobs.py",
     "test_export.py",
-    "test_aot.py",
     "test_lora.py",
 )
 

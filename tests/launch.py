@@ -7,7 +7,7 @@ joined by `jax.distributed` on localhost, each with its own count of simulated C
     launch.committed(workdir)                          # the committed checkpoint steps
 
 Every process writes its stdout and stderr to its own log in the workdir (a restarted run
-gets new ones). All runs use unoptimised XLA:CPU code generation (LLVM -O0), so every run of
+gets new ones). All runs compile with the tests' fast XLA:CPU flags (conftest), so every run of
 a test computes bit for bit the same; `cache` shares jax's persistent compilation cache
 between runs, so a restarted run loads its programs instead of compiling them (as a user's
 restarted job can). Only process 0 of a multi-process run gains from it: jax writes the cache
@@ -97,11 +97,11 @@ def command(
 
 
 def environment(devices: int, cache: str | None = None) -> dict[str, str]:
-    """The processes' environment: `devices` CPU devices each, unoptimised XLA:CPU code
-    generation (~2/3 of the compile time, measured; every run alike), and jax's persistent
+    """The processes' environment: `devices` CPU devices each, the fast-compilation XLA:CPU
+    flags (`conftest.FAST_COMPILE_FLAGS`; every run alike), and jax's persistent
     compilation cache in `cache` (every program written, however fast it compiled)."""
     flags = conftest.with_device_count(os.environ.get("XLA_FLAGS", ""), devices)
-    flags += " --xla_backend_optimization_level=0"
+    flags = conftest.with_fast_compile(flags)
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=ROOT)
     if cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")

@@ -75,6 +75,11 @@ def test_train_step_holds_the_sharded_state(full):
     # it on each device at most (a dimension the mesh does not divide stays replicated).
     state = 16 * facts["trained"]
     assert state / 4 <= r["argument"] <= state + 2**20
+    # The tool's account of the state per device from the shardings (SCALING.md's FSDP
+    # table) is what the compiler holds as arguments, less the batch (well under 1 MiB here).
+    sb = facts["state_bytes"]
+    held = sb["params"] + sb["optimizer"] + sb["reference"] + sb["frozen"]
+    assert held <= r["argument"] <= held + 2**20, (sb, r["argument"])
     assert r["alias"] >= 0.9 * r["argument"] - 2**20  # the state is donated: updated in place
 
 
@@ -98,3 +103,56 @@ def test_bf16_rollout_copy_reads_fewer_bytes_and_a_program_that_does_not_fit_exi
     text = f["params"] - f["vision"]
     assert copy_bytes < master_bytes
     assert master_bytes - copy_bytes >= 0.5 * (2 * text) / 4, (copy_bytes, master_bytes)
+
+
+def test_lora_run_state_trains_the_adapters_only():
+    """With `model.lora.rank` > 0 the tool's abstract run trains what `main` trains: the
+    low-rank adapters, r x (in + out) per targeted projection of every decoder layer
+    (regression: the abstract model was built without adapters, so the trained tree was empty
+    and the optimizer state failed to build). Abstract only: nothing compiles here."""
+    import jax
+
+    from visionr1_jax import config_lib
+    from visionr1_jax.models import qwen_vl
+    from visionr1_jax.tools import aot
+
+    rank = 4
+    c = config_lib.load_config(CONFIG)
+    c.mesh = config_lib.mesh_config(ici=(1, 4, 1))
+    hf, mesh = aot.architecture(c), aot.run_mesh(c, jax.devices()[:4])
+    _, base = aot.lowered_programs(c, hf, mesh)
+    c.model.lora.rank = rank
+    _, facts = aot.lowered_programs(c, hf, mesh)
+    m = qwen_vl.QwenVLConfig.from_hf_dict(hf)
+    h, inter, q, kv = m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads
+    dims = {"q_proj": (h, q * m.head_dim), "k_proj": (h, kv * m.head_dim),
+            "v_proj": (h, kv * m.head_dim), "o_proj": (q * m.head_dim, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}  # fmt: skip
+    assert set(c.model.lora.targets) <= set(dims)
+    adapters = m.num_layers * sum(rank * sum(dims[t]) for t in c.model.lora.targets)
+    assert base["trained"] == base["params"]  # without LoRA every weight trains
+    assert facts["trained"] == adapters > 0
+    assert facts["params"] == base["params"] + adapters  # the base weights, frozen, and them
+
+
+def test_train_state_per_device_falls_as_1_over_the_fsdp_axis():
+    """Parameters + optimizer state per device (the tool's account from the shardings, as in
+    SCALING.md's table) fall as 1/N with the FSDP axis: at most 10% above the even share (the
+    tiny model's few dimensions N does not divide stay whole). Abstract only."""
+    import jax
+
+    from visionr1_jax import config_lib
+    from visionr1_jax.tools import aot
+
+    c = config_lib.load_config(CONFIG)
+    hf = aot.architecture(c)
+    held = {}
+    for n in (1, 2, 4, 8):
+        c.mesh = config_lib.mesh_config(ici=(1, n, 1))
+        _, facts = aot.lowered_programs(c, hf, aot.run_mesh(c, jax.devices()[:n]))
+        sb = facts["state_bytes"]
+        held[n] = sb["params"] + sb["optimizer"]
+        if n == 1:  # float32 weights and Adam's two float32 moments, whole (+ its step counts)
+            assert 12 * facts["trained"] <= held[1] <= 12 * facts["trained"] + 64
+    for n in (2, 4, 8):
+        assert held[1] / n <= held[n] <= 1.1 * held[1] / n, (n, held)

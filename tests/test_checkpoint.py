@@ -165,8 +165,8 @@ def assets(tmp_path_factory, ckpt):
 
 
 def start(assets, workdir: str, processes: int = 1, devices: int = 1, **over) -> launch.Run:
-    """One `main` run of the test config (`processes` x `devices`; unoptimised XLA code
-    generation, as every run: bit-identity holds between them). The runs share jax's
+    """One `main` run of the test config (`processes` x `devices`; the fast-compilation XLA
+    flags, as every run: bit-identity holds between them). The runs share jax's
     persistent compilation cache, so a restarted run loads its programs instead of compiling
     them (as a user's restarted job can)."""
     overrides = {
@@ -222,6 +222,9 @@ def assert_same_runs(got_dir: str, want_dir: str, ckpt: str, steps: int = STEPS)
 def test_killed_run_resumes_bit_identical_and_sigterm_saves(assets, tmp_path):
     ref_dir, cut_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
     ref = start(assets, ref_dir)
+    # The second run starts once the first has compiled every program (its first checkpoint
+    # is committed at step 2): it loads them from the shared persistent cache.
+    ref.wait_for(lambda: launch.committed(ref_dir))
     cut = start(assets, cut_dir)
     # Once its first checkpoint is committed, SIGKILL the second run while the next one is
     # being written, or (when the poll misses that write) right after it is committed.

@@ -34,9 +34,13 @@ def test_killed_2_process_run_resumes_bit_identical(assets, tmp_path):
     right after its first checkpoint (step 2) is committed; the same command on both resumes
     from it on both; a SIGTERM to both as soon as they say so stops both after the same step
     (the last, 3) with one save, and both exit 0; the run ends bit-identical to an
-    uninterrupted 2-process run (launched alongside, so the compilations overlap)."""
+    uninterrupted 2-process run (started first: the killed run's process 0 loads its
+    programs from the cache)."""
     ref_dir, cut_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
     ref = start(assets, ref_dir, processes=2, devices=4, **MULTI)
+    # Once the uninterrupted run has compiled (first checkpoint committed), the other starts:
+    # its process 0 loads the programs from the cache (process 1 compiles, as at every start).
+    ref.wait_for(lambda: launch.committed(ref_dir))
     cut = start(assets, cut_dir, processes=2, devices=4, **MULTI)
     cut.wait_for(lambda: launch.committed(cut_dir))
     cut.kill()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+import conftest
 import jax
 import ml_collections
 import numpy as np
@@ -233,7 +234,7 @@ def test_command_line_answers_are_the_samplers_greedy_answers(assets, tmp_path):
         f"--workdir={tmp_path}", "--checkpoint=base",
         *(f"--config.{k}={v}" for k, v in flags.items()),
     ]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    env = {**os.environ, "XLA_FLAGS": conftest.with_fast_compile("")}  # 1 device, as here
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| AP |" in out.stdout and "detection evaluation of base" in out.stdout

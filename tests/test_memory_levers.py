@@ -133,8 +133,10 @@ def two_steps(ckpt):
                 "metrics": [],
             }  # fmt: skip
             step = train.make_train_step(graphdef, config, state_sharding=train.shardings_of(state))
-            for _ in range(2):
+            for i in range(2):
                 state, metrics = step(state, batch, tokens, mask, adv)
+                if i == 0:  # Adam's second moment after step 1: (1 - b2) g^2
+                    r["nu1"] = jax.device_get(state.opt_state[1][0].nu)
                 r["params"].append(jax.device_get(state.params))
                 r["metrics"].append(jax.device_get(metrics))
                 r["ref_kinds"].append(
@@ -153,12 +155,22 @@ def test_bf16_first_moment_is_stored_narrow_and_rounds_the_update_only(two_steps
                                      jax.tree.leaves(r["params"][1]), strict=True)]
         for name, r in (("base", base), ("narrow", narrow))
     }  # fmt: skip
-    # Step 1 of Adam moves each weight by lr * m/(sqrt(v) + eps) with m = (1 - b1) g: storing m
-    # in bfloat16 changes it by at most its unit roundoff 2^-9, so the move by lr * 2^-9 at most,
-    # plus the float32 rounding of each updated weight (half an ulp, |w| 2^-24, on each side).
+    # Step 1 of Adam moves each weight by lr * g / (|g| + eps) (bias-corrected m = (1 - b1) g
+    # and v = (1 - b2) g^2): storing m in bfloat16 changes it by at most its unit roundoff
+    # 2^-9, so the move by lr * 2^-9 at most, plus the float32 rounding of each updated weight
+    # (half an ulp, |w| 2^-24, on each side). Compared where |g| >= 100 eps in both runs: a
+    # gradient near eps is rounding noise (a sum that cancels), which the two separately
+    # compiled steps need not share, and the move there depends on it; it is bounded by lr.
     scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(base["params"][0]))  # ~4.3
-    for a, b in zip(moved["base"], moved["narrow"], strict=True):
-        np.testing.assert_allclose(b, a, rtol=0, atol=LR * 2.0**-9 + scale * 2.0**-23)
+    grad = lambda r: [np.sqrt(v / (1 - 0.999)) for v in jax.tree.leaves(r["nu1"])]
+    compared = 0
+    for a, b, ga, gb in zip(moved["base"], moved["narrow"], grad(base), grad(narrow),
+                            strict=True):  # fmt: skip
+        sure = (ga >= 1e-6) & (gb >= 1e-6)
+        np.testing.assert_allclose(b[sure], a[sure], rtol=0, atol=LR * 2.0**-9 + scale * 2.0**-23)
+        assert np.all(np.abs(b) <= LR * (1 + 2.0**-9) + scale * 2.0**-23)
+        compared += int(sure.sum())
+    assert compared > 0.5 * sum(x.size for x in moved["narrow"])  # 90% here (unused rows: 0)
     assert max(np.abs(x).max() for x in moved["narrow"]) > 0.5 * LR
 
 

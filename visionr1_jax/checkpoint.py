@@ -231,6 +231,30 @@ class Restored:
     meta: dict[str, Any]
 
 
+# Replica-parallel saving (orbax's default off GPUs) has each replica of a replicated array
+# write a slice of it, cut on the device by a small program compiled per array shape and
+# replica on the first save: 40 s of CPU for 100 small arrays on a (2, 2, 2) CPU mesh
+# (measured; 0.6 s with this bound), and hundreds of compilations for a 7B model's tensors on
+# a data-parallel pod. Arrays whose per-replica slice is under this many bytes are written
+# whole by one replica; big ones still in parallel.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+    """Registers orbax's `jax.Array` handler with `REPLICA_PARALLEL_MIN_BYTES` (once)."""
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    if (
+        getattr(handler, "_min_slice_bytes_for_replica_parallel", None)
+        == REPLICA_PARALLEL_MIN_BYTES
+    ):
+        return
+    bounded = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=getattr(handler, "_array_metadata_store", None),
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, bounded, override=True)
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints under `<workdir>/checkpoints` (local or gs://).
 
@@ -244,6 +268,7 @@ class Checkpointer:
         self.c = config.get("checkpoint") or checkpoint_config()
         self.with_ref = bool((config.get("model") or {}).get("init_from"))
         validate_config(config)
+        _register_array_handler()
         self.directory = checkpoints_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.c.keep,

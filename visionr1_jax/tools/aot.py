@@ -27,6 +27,10 @@ attention) over that time at the slice's peak. The available HBM per device is t
 own figure (it refuses larger programs). Exit status 1 when a program does not fit the HBM
 less `--headroom` (default 10%), 0 otherwise.
 
+Before compiling it prints the train state's bytes per device from the shardings alone
+(trained parameters, optimizer state, reference, frozen weights; `state_bytes`): with
+`--programs=` (none) that is all it does, in seconds, e.g. for a table over FSDP degrees.
+
 v4 slices run in megacore mode (one device per chip, two TensorCores), as Cloud TPU runs them;
 `--chip_config=default` exposes each TensorCore instead.
 """
@@ -188,12 +192,14 @@ def abstract_model(
     """The run's model with `jax.ShapeDtypeStruct` parameters carrying the shardings
     `hf_weights.from_pretrained` gives the real ones on `mesh` (nothing allocated)."""
     m = config.model
+    lora = train.lora_options(config)  # `model.lora`: the adapters the run trains
     cfg = qwen_vl.QwenVLConfig.from_hf_dict(
         dict(hf_config),
         param_dtype=jnp.dtype(m.param_dtype),
         dtype=jnp.dtype(m.dtype),
         remat_policy=m.remat_policy,
         max_image_patches=config_lib.max_image_patches(config),
+        **{k: v for k, v in lora.items() if k != "lora_seed"},
     )
     graphdef, state = nnx.split(hf_weights.abstract_model(cfg))
     rules = cfg.logical_axis_rules
@@ -352,8 +358,37 @@ def lowered_programs(
         generations=g, completion_len=big_l, max_new_tokens=int(c.max_new_tokens),
         num_iterations=int(c.num_iterations),
         layers=cfg.num_layers, hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings),
+        lora=cfg.lora_rank > 0, state_bytes=state_bytes(state),
     )  # fmt: skip
     return programs, facts
+
+
+def state_bytes(state: train.TrainState) -> dict[str, float]:
+    """Bytes per device of each part of the abstract train state, from the shardings alone
+    (the shard each device holds; a leaf the mesh does not divide counts whole): `params`
+    (trained), `optimizer` (its state), `reference`, `frozen`; the parts in host memory
+    (`grpo.reference_memory = "host"`) under `host`."""
+
+    def one(tree: Any) -> tuple[float, float]:
+        device = host = 0.0
+        for x in jax.tree.leaves(tree):
+            sh = getattr(x, "sharding", None)
+            shape = sh.shard_shape(x.shape) if sh is not None else x.shape
+            n = math.prod(shape) * jnp.dtype(x.dtype).itemsize
+            if sh is not None and getattr(sh, "memory_kind", None) == "pinned_host":
+                host += n
+            else:
+                device += n
+        return device, host
+
+    parts = {"params": state.params, "optimizer": state.opt_state,
+             "reference": state.ref_params, "frozen": state.frozen}  # fmt: skip
+    out, host = {}, 0.0
+    for name, tree in parts.items():
+        out[name], h = one(tree)
+        host += h
+    out["host"] = host
+    return out
 
 
 # ---------------------------------------------------------------------------------- report
@@ -379,7 +414,8 @@ def model_flops(facts: Mapping[str, Any]) -> dict[str, float]:
     """FLOPs of one GRPO step over the whole slice, from the architecture: 2 per weight per
     token forward, 3x that for a trained token (forward + both backward matmuls), attention
     (2 x 2 x layers x hidden x context per token and pass) and the vision tower's patches
-    (forward only in the rollout and the reference; trained in the update unless frozen)."""
+    (forward only in the rollout and the reference; trained in the update unless frozen).
+    Under LoRA 2x (forward + the activations' gradient: the frozen base weights get none)."""
     b, g, t, big_l = (
         facts["batch"],
         facts["generations"],
@@ -396,6 +432,8 @@ def model_flops(facts: Mapping[str, Any]) -> dict[str, float]:
     forward = 2 * text * scored + attn((t + big_l) / 2) * scored + vision
     trained_vision = facts["trained"] > facts["params"] - facts["vision"]
     train_ = 3 * forward if trained_vision else 3 * (forward - vision) + vision
+    if facts.get("lora"):  # frozen base weights: the backward pass computes no weight gradient
+        train_ = 2 * (forward - vision) + vision
     return dict(rollout=rollout, reference=forward, train_step=train_)
 
 
@@ -469,6 +507,12 @@ def report(
         f"B={facts['batch']} G={facts['generations']} T={facts['prompt_len']} "
         f"S={facts['patches']} L={facts['completion_len']}"
     )
+    sb = facts["state_bytes"]
+    log(
+        f"  train state per device (from the shardings): params {_size(sb['params'])} + "
+        f"optimizer {_size(sb['optimizer'])} + reference {_size(sb['reference'])} + frozen "
+        f"{_size(sb['frozen'])}" + (f"; in host memory {_size(sb['host'])}" if sb["host"] else "")
+    )
     results: dict[str, dict[str, Any]] = {}
     for name in programs:
         if name not in thunks:
@@ -498,13 +542,16 @@ def report(
             + f" [{r['compile_seconds']:.0f} s]"
         )
     est = estimate(results, facts, chip, per_chip, len(devices))
-    for k, v in est.items():
-        if k.startswith("seconds/"):
-            log(f"  roofline {k[8:]:<12} {v:.4g} s")
-    log(f"  step model FLOPs {est['model_flops/step'] / 1e15:.2f} PFLOP; MFU at the roofline "
-        f"{100 * est['mfu']:.1f}%")  # fmt: skip
     fits = all(r["fits"] for r in results.values())
-    log(f"  {'fits' if fits else 'DOES NOT FIT'} ({headroom:.0%} headroom)")
+    if not results:
+        log("  no program compiled (--programs is empty)")
+    else:
+        for k, v in est.items():
+            if k.startswith("seconds/"):
+                log(f"  roofline {k[8:]:<12} {v:.4g} s")
+        log(f"  step model FLOPs {est['model_flops/step'] / 1e15:.2f} PFLOP; MFU at the "
+            f"roofline {100 * est['mfu']:.1f}%")  # fmt: skip
+        log(f"  {'fits' if fits else 'DOES NOT FIT'} ({headroom:.0%} headroom)")
     return dict(
         topology=topology, devices=len(devices), device_kind=kind, hbm_bytes=hbm,
         mesh=dict(mesh.shape), facts=facts, programs=results, estimate=est, fits=fits,
