@@ -109,7 +109,8 @@ def test_lora_run_state_trains_the_adapters_only():
     """With `model.lora.rank` > 0 the tool's abstract run trains what `main` trains: the
     low-rank adapters, r x (in + out) per targeted projection of every decoder layer
     (regression: the abstract model was built without adapters, so the trained tree was empty
-    and the optimizer state failed to build). Abstract only: nothing compiles here."""
+    and the optimizer state failed to build), sharded over the FSDP axis (regression: the
+    adapter on a projection's tensor-parallel side was replicated). Abstract only."""
     import jax
 
     from visionr1_jax import config_lib
@@ -133,6 +134,11 @@ def test_lora_run_state_trains_the_adapters_only():
     assert base["trained"] == base["params"]  # without LoRA every weight trains
     assert facts["trained"] == adapters > 0
     assert facts["params"] == base["params"] + adapters  # the base weights, frozen, and them
+    # FSDP-sharded like the rest: each device holds a quarter of the (float32) adapters, and
+    # Adam's moments of them; no adapter is replicated across the 4 devices.
+    sb = facts["state_bytes"]
+    assert sb["params"] == 4 * adapters / 4 and sb["frozen"] <= 1.1 * 4 * base["params"] / 4
+    assert 2 * sb["params"] <= sb["optimizer"] <= 2 * sb["params"] + 64
 
 
 def test_train_state_per_device_falls_as_1_over_the_fsdp_axis():

@@ -42,6 +42,10 @@ DEFAULT_LOGICAL_AXIS_RULES: LogicalRules = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    # LoRA adapters A [in, r] and B [r, out]: the rank dimension over fsdp wherever the
+    # projection's own dimension does not take it (a mesh axis serves once per tensor), so
+    # neither adapter is replicated across the FSDP axis.
+    ("lora_rank", "fsdp"),
     # Parameters of the vision tower.
     ("patch", None),
     ("vision_embed", "fsdp"),

@@ -235,9 +235,10 @@ class Dense(nnx.Module):
         if lora and cfg.lora_rank > 0:
             r, bound = cfg.lora_rank, din**-0.5
             a = jax.random.uniform(rngs.params(), (din, r), jnp.float32, -bound, bound)
-            self.lora_a = LoRAParam(a.astype(cfg.param_dtype), logical_axes=(names[0], None))
+            a = a.astype(cfg.param_dtype)
+            self.lora_a = LoRAParam(a, logical_axes=(names[0], "lora_rank"))
             zeros = jnp.zeros((r, dout), cfg.param_dtype)
-            self.lora_b = LoRAParam(zeros, logical_axes=(None, names[1]))
+            self.lora_b = LoRAParam(zeros, logical_axes=("lora_rank", names[1]))
             self.lora_scale = float(cfg.lora_alpha) / r
         else:
             self.lora_a = self.lora_b = None
