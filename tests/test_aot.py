@@ -110,7 +110,8 @@ def test_lora_run_state_trains_the_adapters_only():
     low-rank adapters, r x (in + out) per targeted projection of every decoder layer
     (regression: the abstract model was built without adapters, so the trained tree was empty
     and the optimizer state failed to build), sharded over the FSDP axis (regression: the
-    adapter on a projection's tensor-parallel side was replicated). Abstract only."""
+    adapter on a projection's tensor-parallel side was replicated); its train step with remat
+    lowers. Nothing compiles here."""
     import jax
 
     from visionr1_jax import config_lib
@@ -123,7 +124,10 @@ def test_lora_run_state_trains_the_adapters_only():
     hf, mesh = aot.architecture(c), aot.run_mesh(c, jax.devices()[:4])
     _, base = aot.lowered_programs(c, hf, mesh)
     c.model.lora.rank = rank
-    _, facts = aot.lowered_programs(c, hf, mesh)
+    c.model.remat_policy = "dots_no_batch"  # as configs/tpu_8_7b_lora.py
+    programs, facts = aot.lowered_programs(c, hf, mesh)
+    with jax.set_mesh(mesh):  # traces and lowers (regression: nnx.remat wrote the frozen base
+        programs["train_step"]()  # back across trace levels under jax.grad, and failed)
     m = qwen_vl.QwenVLConfig.from_hf_dict(hf)
     h, inter, q, kv = m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads
     dims = {"q_proj": (h, q * m.head_dim), "k_proj": (h, kv * m.head_dim),

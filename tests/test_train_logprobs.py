@@ -155,6 +155,26 @@ def test_equals_unshared_computation_values_and_gradients(model, packed):
     print(f"gradient parity: worst relative error {worst:.3g} <= {rtol:.3g}")
 
 
+def test_remat_keeps_the_shared_pass_values_and_gradients(ckpt, model, packed):
+    """The shared pass under a remat policy (each decoder layer checkpointed,
+    `qwen_vl.remat_call`) gives the values and gradients of the plain one, within the float32
+    parity of two evaluations of the same network (the tolerances of the test above)."""
+    b = packed["input_ids"].shape[0]
+    rng = np.random.default_rng(1)
+    tokens, mask = _completions(model, rng, b * G)
+    weights = rng.normal(size=tokens.shape).astype(np.float32)
+    remat = from_pretrained(ckpt, remat_policy="dots_no_batch")
+    (_, want), want_grads = _ours_grad(model, dict(packed), tokens, mask, weights)
+    (_, got), grads = _ours_grad(remat, dict(packed), tokens, mask, weights)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=_logprob_atol(model))
+    rtol = 2 * testing.LOGIT_RTOL + math.sqrt(tokens.size) * testing.F32_U
+    flat_got = dict(nnx.to_flat_state(grads))
+    for path, ref in nnx.to_flat_state(want_grads):
+        ref, val = np.asarray(ref[...]), np.asarray(flat_got[path][...])
+        scale = float(np.abs(ref).max())
+        assert scale > 0 and float(np.abs(val - ref).max()) <= rtol * scale, path
+
+
 def _per_row_batch(ckpt, rng):
     """A pipeline-like batch: per-row images (pixel_values f32[B, S, F] zero padded past each
     row's patches, image_grid_thw i32[B, 3], zeros for the text-only row), left-padded

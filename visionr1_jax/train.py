@@ -153,7 +153,7 @@ def _decode_shared(
     layer_fn = _shared_layer
     if cfg.remat_policy != "none":
         policy = qwen_vl.REMAT_POLICIES[cfg.remat_policy]
-        layer_fn = nnx.remat(_shared_layer, policy=policy, prevent_cse=True)
+        layer_fn = lambda *a: qwen_vl.remat_call(_shared_layer, *a, policy=policy)
     for layer in model.model.layers:
         x_p, x_c = layer_fn(layer, x_p, x_c, cos_p, sin_p, cos_c, sin_c, valid_p)
     return model.model.norm(x_p), model.model.norm(x_c)

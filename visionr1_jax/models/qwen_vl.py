@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -707,24 +708,29 @@ class Embedding(nnx.Module):
         )
 
 
+def remat_call(fn: Callable, module: nnx.Module, *args, policy: Callable):
+    """`fn(module, *args)` under `jax.checkpoint` with `policy`. The module is split into its
+    graph and state outside and merged (a copy) inside, so its variables are only read across
+    the trace levels: `nnx.remat` writes them back, which fails ("Cannot mutate Param from a
+    different trace level") when the module mixes traced and untraced variables, as a LoRA
+    layer under `jax.grad` does (adapters traced, the frozen base not)."""
+    graphdef, state = nnx.split(module)
+
+    def pure(state, *a):
+        return fn(nnx.merge(graphdef, state, copy=True), *a)
+
+    return jax.checkpoint(pure, policy=policy, prevent_cse=True)(state, *args)
+
+
 def _maybe_remat(module, policy: str, **static):
-    """`module(*args, **static)`, under `nnx.remat` unless `policy == "none"`; `static` kwargs
-    (Python ints) stay out of the traced arguments."""
+    """`module(*args, **static)`, under `remat_call` unless `policy == "none"`; `static`
+    kwargs (Python ints) stay out of the traced arguments."""
     if policy == "none":
         return lambda *args: module(*args, **static)
-    return _Remat(module, REMAT_POLICIES[policy], static)
-
-
-class _Remat:
-    """Calls `module` under `nnx.remat` with a checkpoint policy."""
-
-    def __init__(self, module, policy, static):
-        self.module, self.policy, self.static = module, policy, static
-
-    def __call__(self, *args):
-        static = self.static
-        fn = nnx.remat(lambda m, *a: m(*a, **static), policy=self.policy, prevent_cse=True)
-        return fn(self.module, *args)
+    checkpoint_policy = REMAT_POLICIES[policy]
+    return lambda *args: remat_call(
+        lambda m, *a: m(*a, **static), module, *args, policy=checkpoint_policy
+    )
 
 
 # ----------------------------------------------------------------------------- model
