@@ -39,7 +39,7 @@ aot: $(TPU_STAMP)
 # Three pytest workers (pytest-xdist) on 2 cores, each taking whole files (module fixtures
 # stay shared), the longest files first (tests/conftest.py): the suite is mostly
 # single-threaded XLA compilation plus subprocess runs that wait on each other, and a third
-# worker fills those waits (measured: 17:41 of pytest with 3 workers on a fresh clone).
+# worker fills those waits (measured: 17:40 of pytest with 3 workers on a fresh clone).
 TEST_WORKERS ?= 3
 PYTEST_ARGS ?=
 
