@@ -155,17 +155,33 @@ def test_equals_unshared_computation_values_and_gradients(model, packed):
     print(f"gradient parity: worst relative error {worst:.3g} <= {rtol:.3g}")
 
 
-def test_remat_keeps_the_shared_pass_values_and_gradients(ckpt, model, packed):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"remat_policy": "dots_no_batch"},
+        {"scan_layers": True},
+        {"remat_policy": "dots_no_batch", "scan_layers": True},
+    ],
+    ids=["remat", "scan", "remat+scan"],
+)
+def test_remat_and_scan_keep_the_shared_pass_values_and_gradients(ckpt, model, packed, options):
     """The shared pass under a remat policy (each decoder layer checkpointed,
-    `qwen_vl.remat_call`) gives the values and gradients of the plain one, within the float32
-    parity of two evaluations of the same network (the tolerances of the test above)."""
+    `qwen_vl.remat_call`) and/or with the layers under one `lax.scan` over their stacked
+    weights (`qwen_vl.run_layers`) gives the values and gradients of the plain unrolled one,
+    within the float32 parity of two evaluations of the same network (the tolerances of the
+    test above); so does the model's own forward (`QwenVL.__call__`)."""
     b = packed["input_ids"].shape[0]
     rng = np.random.default_rng(1)
     tokens, mask = _completions(model, rng, b * G)
     weights = rng.normal(size=tokens.shape).astype(np.float32)
-    remat = from_pretrained(ckpt, remat_policy="dots_no_batch")
+    other = from_pretrained(ckpt, **options)
+    assert other.cfg.scan_layers == options.get("scan_layers", False)
     (_, want), want_grads = _ours_grad(model, dict(packed), tokens, mask, weights)
-    (_, got), grads = _ours_grad(remat, dict(packed), tokens, mask, weights)
+    (_, got), grads = _ours_grad(other, dict(packed), tokens, mask, weights)
+    want_logits = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *_forward_args(packed)))
+    got_logits = np.asarray(nnx.jit(lambda m, *a: m(*a))(other, *_forward_args(packed)))
+    scale = float(np.abs(want_logits).max())
+    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=testing.logit_atol(scale))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=_logprob_atol(model))
     rtol = 2 * testing.LOGIT_RTOL + math.sqrt(tokens.size) * testing.F32_U
     flat_got = dict(nnx.to_flat_state(grads))
@@ -173,6 +189,11 @@ def test_remat_keeps_the_shared_pass_values_and_gradients(ckpt, model, packed):
         ref, val = np.asarray(ref[...]), np.asarray(flat_got[path][...])
         scale = float(np.abs(ref).max())
         assert scale > 0 and float(np.abs(val - ref).max()) <= rtol * scale, path
+
+
+def _forward_args(packed):
+    keys = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask")
+    return [jnp.asarray(packed[k]) for k in keys]
 
 
 def _per_row_batch(ckpt, rng):

@@ -75,6 +75,8 @@ def _validate_model(c) -> None:
             raise ValueError(f"model.{key}={c.get(key)!r} must be one of {list(_DTYPES)}")
     if c.get("remat_policy") not in _REMAT:
         raise ValueError(f"model.remat_policy={c.get('remat_policy')!r} must be one of {_REMAT}")
+    if not isinstance(c.get("scan_layers", False), bool):
+        raise ValueError(f"model.scan_layers={c.get('scan_layers')!r} must be True or False")
     chunk = c.get("logprob_chunk")
     if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
         raise ValueError(f"model.logprob_chunk={chunk!r} must be a positive integer or None")

@@ -150,24 +150,33 @@ def _decode_shared(
     cfg = model.cfg
     cos_p, sin_p = rope.mrope_cos_sin(pos_p, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     cos_c, sin_c = rope.mrope_cos_sin(pos_c, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-    layer_fn = _shared_layer
-    if cfg.remat_policy != "none":
-        policy = qwen_vl.REMAT_POLICIES[cfg.remat_policy]
-        layer_fn = lambda *a: qwen_vl.remat_call(_shared_layer, *a, policy=policy)
-    for layer in model.model.layers:
-        x_p, x_c = layer_fn(layer, x_p, x_c, cos_p, sin_p, cos_c, sin_c, valid_p)
+    x_p, x_c = qwen_vl.run_layers(
+        model.model.layers,
+        _shared_layer,
+        (x_p, x_c),
+        cos_p,
+        sin_p,
+        cos_c,
+        sin_c,
+        valid_p,
+        remat_policy=cfg.remat_policy,
+        scan=cfg.scan_layers,
+        dtype=cfg.dtype,
+    )
     return model.model.norm(x_p), model.model.norm(x_c)
 
 
-def _shared_layer(layer, x_p, x_c, cos_p, sin_p, cos_c, sin_c, valid_p):
+def _shared_layer(layer, carry, cos_p, sin_p, cos_c, sin_c, valid_p):
     """One `DecoderLayer` over B prompts [B, T, D] and their B*G completions [B*G, L, D].
 
     The prompts attend causally to themselves (`qwen_vl.causal_attention`, as `decode`);
     completion query i of row r attends to prompt `r // G`'s valid keys and to the row's own
     keys 0..i, with one float32 softmax over both (the model's `_attention`; the prompt keys
     and values are repeated G times, the prompt's queries, MLP and projections are not), so
-    the result equals attention over `concat(prompt, completion)`.
+    the result equals attention over `concat(prompt, completion)`. `carry` is `(x_p, x_c)`,
+    returned updated.
     """
+    x_p, x_c = carry
     attn = layer.self_attn
     cfg = attn.cfg
     rules = cfg.logical_axis_rules
@@ -957,6 +966,7 @@ def load_model(
         compute_dtype=jnp.dtype(m.dtype),
         mesh=mesh,
         remat_policy=m.remat_policy,
+        scan_layers=bool(m.get("scan_layers", False)),
         max_image_patches=config_lib.max_image_patches(config),
         **lora_options(config),
     )

@@ -18,10 +18,11 @@ def model_config():
     Fields: `checkpoint` (local or gs:// directory; empty = write the tiny config `tiny` to the
     workdir), `tiny` (a key of `tiny.TINY_CONFIGS`), `tokenizer` ("small" or "qwen", for tiny),
     `param_dtype` / `dtype` (master weights / compute), `remat_policy` (none, full, dots,
-    dots_no_batch), `logprob_chunk` (sequence chunk of the log-prob head; None = the largest
-    chunk whose f32 `[B, chunk, V]` logits block fits `qwen_vl.LOGITS_BLOCK_BYTES`, B the
-    global rows, which suits one host; pod configs set it),
-    `max_image_patches` (the vision tower's static per-image bound; None derives it from
+    dots_no_batch), `scan_layers` (the decoder's layers under one `lax.scan` in training and the
+    reference pass: one layer compiled instead of all; same values), `logprob_chunk` (sequence
+    chunk of the log-prob head; None = the largest chunk whose f32 `[B, chunk, V]` logits block
+    fits `qwen_vl.LOGITS_BLOCK_BYTES`, B the global rows, which suits one host; pod configs set
+    it), `max_image_patches` (the vision tower's static per-image bound; None derives it from
     `data.max_pixels`, see `config_lib.max_image_patches`; validation rejects a value below
     what the data produces), `freeze_vision_tower` (the tower gets no gradient and no optimizer
     state; policy and reference share it), `init_from` (another run's workdir, local or gs://:
@@ -42,6 +43,7 @@ def model_config():
     c.param_dtype = "float32"
     c.dtype = "bfloat16"
     c.remat_policy = "none"
+    c.scan_layers = False
     c.logprob_chunk = ml_collections.config_dict.placeholder(int)
     c.max_image_patches = ml_collections.config_dict.placeholder(int)
     c.freeze_vision_tower = False

@@ -141,6 +141,7 @@ def from_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     compute_dtype=None,
     remat_policy: str = "none",
+    scan_layers: bool = False,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_AXIS_RULES,
     max_image_patches: int | str | None = "auto",
     lora_rank: int = 0,
@@ -158,6 +159,8 @@ def from_pretrained(
         gives its logical axes on `mesh`; otherwise on the default device.
       compute_dtype: activation/matmul dtype (default: `dtype`).
       remat_policy: one of `qwen_vl.REMAT_POLICIES`.
+      scan_layers: the decoder's layers under one `lax.scan` in the passes without a cache
+        (`QwenVLConfig.scan_layers`).
       rules: logical axis rules.
       max_image_patches: static bound on patches per image for block-local vision attention;
         "auto" reads the processor's `max_pixels` from `preprocessor_config.json`, None means
@@ -172,6 +175,7 @@ def from_pretrained(
         param_dtype=dtype,
         dtype=compute_dtype or dtype,
         remat_policy=remat_policy,
+        scan_layers=bool(scan_layers),
         logical_axis_rules=rules,
         max_image_patches=max_image_patches,
         hf_generation_config=read_generation_config(path),

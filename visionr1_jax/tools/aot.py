@@ -198,6 +198,7 @@ def abstract_model(
         param_dtype=jnp.dtype(m.param_dtype),
         dtype=jnp.dtype(m.dtype),
         remat_policy=m.remat_policy,
+        scan_layers=bool(m.get("scan_layers", False)),
         max_image_patches=config_lib.max_image_patches(config),
         **{k: v for k, v in lora.items() if k != "lora_seed"},
     )
