@@ -87,6 +87,17 @@ def test_data_and_reward_frames_must_agree(data_frame, template, reward_frame, o
         config_lib.validate(config)
 
 
+def _untyped(section, key, value):
+    """A mutation setting `key` to a value of another type (a config written by hand, not
+    from the section's defaults, which ml_collections would type-check first)."""
+
+    def mutate(c):
+        del c[section][key]
+        c[section][key] = value
+
+    return mutate
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -96,6 +107,7 @@ def test_data_and_reward_frames_must_agree(data_frame, template, reward_frame, o
         (lambda c: setattr(c.mesh, "ici_parallelism", (-1, -1, 1)), r"mesh.ici_parallelism"),
         (lambda c: setattr(c, "total_steps", -3), r"total_steps=-3"),
         (lambda c: setattr(c.model, "logprob_chunk", 0), r"model.logprob_chunk=0"),
+        (_untyped("model", "scan_layers", "yes"), r"model.scan_layers='yes' must be True or False"),
     ],
 )
 def test_validation_rejects_bad_values(mutate, message):
