@@ -347,3 +347,60 @@ def test_causal_block_attention_equals_dense_masked_attention(monkeypatch, chunk
     # max|v|; a key wrongly in or out of the mask moves a row by ~max|v| / T = 3e-2.
     atol = (2 * d + 2 * t) * testing.F32_U * float(np.abs(v).max())
     np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=atol, rtol=0)
+
+
+def _tower_loss(graphdef, state, visual, batch, weights):
+    """sum(embeddings * weights) of the model (graphdef, state) with the tower `visual`."""
+    from flax import nnx
+
+    state = nnx.State({**dict(state), "visual": visual})
+    emb = nnx.merge(graphdef, state).encode_images(batch["pixel_values"], batch["image_grid_thw"])
+    return jnp.sum(emb * weights), emb
+
+
+@pytest.mark.parametrize(
+    "name, fullatt, remat",
+    [
+        ("qwen2_5_vl_tiny", (1, 3), "none"),
+        ("qwen2_5_vl_tiny", (1, 3), "dots_no_batch"),
+        ("qwen2_vl_tiny", (), "full"),
+    ],
+)
+def test_scanned_vision_tower_keeps_values_and_gradients(tmp_path_factory, name, fullatt, remat):
+    """`scan_layers` runs the vision tower as a scan over groups of blocks with one attention
+    pattern (here 4 blocks, windowed/full alternating: 2 groups of 2; Qwen2-VL's all-full
+    blocks: 4 groups of 1). Its embeddings and their gradients w.r.t. every tower weight equal
+    the unrolled tower's, at the float32 tolerance of two evaluations of one network."""
+    import dataclasses
+
+    from flax import nnx
+
+    from visionr1_jax.models import QwenVL, QwenVLConfig
+
+    path = tiny_checkpoint(tmp_path_factory, name)
+    batch = testing.prompt_batch(path)
+    cfg = dataclasses.replace(
+        QwenVLConfig.from_pretrained(path, max_image_patches=None),
+        vision_depth=4,
+        fullatt_block_indexes=fullatt,
+        remat_policy=remat,
+    )
+    graphdef, state = nnx.split(QwenVL(cfg, rngs=nnx.Rngs(0)))
+    scanned = nnx.graphdef(QwenVL(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(0)))
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(1, cfg.hidden_size)), jnp.float32)
+
+    def grads(gd):
+        fn = lambda v: _tower_loss(gd, state, v, batch, weights)
+        return jax.jit(jax.value_and_grad(fn, has_aux=True))(state["visual"])
+
+    (_, want), want_g = grads(graphdef)
+    (_, got), got_g = grads(scanned)
+    scale = float(np.abs(np.asarray(want)).max())
+    assert scale > 0
+    # The tower is 4 x 6 + 3 of the FORWARD_DEPTH reductions LOGIT_RTOL is derived for; the
+    # backward pass doubles the depth.
+    np.testing.assert_allclose(got, want, atol=testing.LOGIT_RTOL * scale, rtol=0)
+    g_scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(want_g))
+    assert len(jax.tree.leaves(want_g)) >= 4 * 8
+    for a, b in zip(jax.tree.leaves(want_g), jax.tree.leaves(got_g), strict=True):
+        np.testing.assert_allclose(b, a, atol=2 * testing.LOGIT_RTOL * g_scale, rtol=0)

@@ -104,8 +104,9 @@ class QwenVLConfig:
     dtype: Any = jnp.float32  # compute dtype
     remat_policy: str = "none"
     # The decoder's layers under one `lax.scan` (their weights stacked per call, in the compute
-    # dtype) instead of unrolled, in the passes without a KV cache (training, reference): one
-    # layer to compile instead of `num_layers`. Same values; see `run_layers`.
+    # dtype) instead of unrolled, in the passes without a KV cache (training, reference), and
+    # the vision tower's blocks in groups of one attention pattern: one layer and one group to
+    # compile instead of all. Same values; see `run_layers`.
     scan_layers: bool = False
     # Static bound on patches per image frame (the processor's max_pixels / patch_size**2); the
     # vision tower then attends in blocks of this size instead of over all packed patches.
@@ -544,6 +545,14 @@ def vision_layout(grid_thw: jax.Array, num_patches: int, cfg: QwenVLConfig) -> d
     )
 
 
+def _period(kinds: Sequence[bool]) -> int:
+    """The shortest p dividing len(kinds) with kinds[i] == kinds[i % p] for every i."""
+    n = len(kinds)
+    return next(
+        p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n))
+    )
+
+
 class VisionTower(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         self.patch_embed = PatchEmbed(cfg, rngs)
@@ -554,7 +563,7 @@ class VisionTower(nnx.Module):
     def __call__(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
         """f32[P, F] packed patches, i32[I, 3] grids -> f32[P / m^2, D] merged embeddings."""
         cfg = self.cfg
-        n = pixel_values.shape[0]
+        n, n_blk = pixel_values.shape[0], len(self.blocks)
         lay = vision_layout(grid_thw, n, cfg)
         windowed = cfg.family == "qwen2_5_vl" and any(
             i not in cfg.fullatt_block_indexes for i in range(cfg.vision_depth)
@@ -590,10 +599,29 @@ class VisionTower(nnx.Module):
         if windowed:  # permute the embeddings, 36x narrower than the raw patches
             x = x[order]
         x = sharding.constrain(x, ("vision_tokens", "act_embed"), cfg.logical_axis_rules)
-        for i, blk in enumerate(self.blocks):
-            full = cfg.family == "qwen2_vl" or i in cfg.fullatt_block_indexes
-            plan, block = (full_plan, full_block) if full else (win_plan, win_block)
-            x = _maybe_remat(blk, cfg.remat_policy, block=block)(x, cos, sin, plan)
+        full = [cfg.family == "qwen2_vl" or i in cfg.fullatt_block_indexes for i in range(n_blk)]
+        # With `scan_layers`: a scan over groups of `period` blocks (7 windowed + 1 full for
+        # Qwen2.5-VL), each block of a group under its own remat as in the unrolled loop.
+        period = _period(full) if cfg.scan_layers else n_blk
+        groups = [nnx.List(self.blocks[j : j + period]) for j in range(0, n_blk, period)]
+
+        def group_fn(group, x, cos, sin, win_plan, full_plan):
+            for k, blk in enumerate(group):
+                plan, block = (full_plan, full_block) if full[k] else (win_plan, win_block)
+                x = _maybe_remat(blk, cfg.remat_policy, block=block)(x, cos, sin, plan)
+            return x
+
+        x = run_layers(
+            groups,
+            group_fn,
+            x,
+            cos,
+            sin,
+            win_plan,
+            full_plan,
+            scan=len(groups) > 1,
+            dtype=cfg.dtype,
+        )
         if "slot" in full_plan:
             # An image above the static bound (or a multi-frame grid, whose frames are separate
             # segments) would be silently wrong: report it as NaN instead.
@@ -741,10 +769,10 @@ def run_layers(
     With `scan` the layers (same structure) run as one `lax.scan` over their states stacked on
     a new leading axis, so the compiler sees one layer instead of `len(layers)` (the
     difference between minutes and most of an hour for a 7B train step on TPU). The stack is
-    a per-call copy of the layers' weights, cast to `dtype` first (the compute dtype: every
-    decoder weight is cast to it before use, so the values are those of the unrolled loop, and
-    a bfloat16 copy is half the float32 masters). Each weight keeps its sharding (the new axis
-    is unsharded), so FSDP gathers one layer at a time inside the loop.
+    a per-call copy of the layers' weights, their matrices cast to `dtype` first (the compute
+    dtype: `Dense` casts its weights to it before use, so the values are those of the unrolled
+    loop, and a bfloat16 copy is half the float32 masters). Each weight keeps its sharding
+    (the new axis is unsharded), so FSDP gathers one layer at a time inside the loop.
     """
     policy = REMAT_POLICIES[remat_policy]
     if not scan:
@@ -759,8 +787,8 @@ def run_layers(
     if any(nnx.graphdef(layer) != graphdef for layer in layers[1:]):
         raise ValueError("scan over layers needs layers of one structure")
 
-    def cast(x):
-        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+    def cast(x):  # matrices only: norms may use their weights in float32 (`LayerNorm`)
+        if dtype is not None and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating):
             return x.astype(dtype)
         return x
 
