@@ -22,8 +22,6 @@ one by bfloat16 rounding only.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -78,84 +76,6 @@ def test_copy_is_bf16_matrices_with_their_shardings_and_samples_the_same(ckpt):
     for a, b in zip(runs[0], runs[1], strict=True):
         np.testing.assert_array_equal(a, b)
     assert runs[0][1].sum() > 0
-
-
-_OPS = "all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute"
-_COLLECTIVE = re.compile(rf"= (\w+)\[([\d,]*)\]\S* (?:{_OPS})\(")
-
-
-def _collectives(hlo: str) -> tuple[int, int]:
-    """Number of cross-device collectives in a compiled program's text and their result bytes
-    (each op once, loop bodies included once)."""
-    ops = _COLLECTIVE.findall(hlo)
-    size = lambda dims: int(np.prod([int(d) for d in dims.split(",") if d]))
-    return len(ops), sum(
-        size(d) * (1 if t == "pred" else 4 if t[-2:] == "32" else 2) for t, d in ops
-    )
-
-
-def test_tensor_layout_copy_samples_the_same_with_fewer_collectives(ckpt):
-    """`grpo.rollout_layout = "tensor"`: the rollout's copy holds each weight sharded over the
-    tensor axis only (the training sharding less `data` and `fsdp`), with the master values;
-    sampling from it gives the master weights' tokens, and log-probs within the float32
-    rounding of two evaluations; the compiled rollout from the copy has fewer cross-device
-    collectives, moving fewer bytes, than from the training layout, whose FSDP-sharded
-    weights need an all-gather or a partial-sum all-reduce over `fsdp` in every matmul (8
-    simulated devices, mesh (1, 4, 2))."""
-    config = _config("float32")
-    config.grpo.rollout_layout = "tensor"
-    config.mesh = config_lib.mesh_config(ici=(1, 4, 2))
-    config_lib.validate(config)
-    assert train.rollout_dtype(config) is None  # float32 compute: a re-shard, no cast
-    mesh = sharding.make_mesh((1, 4, 2))
-    batch = testing.prompt_batch(ckpt)
-    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-    batch = {k: np.asarray(batch[k]) for k in keys}
-    kwargs = dict(num_generations=2, max_new_tokens=12, temperature=1.0, top_k=20)
-    with jax.set_mesh(mesh):
-        model = from_pretrained(ckpt, dtype=jnp.float32, mesh=mesh)
-        graphdef, frozen, params = nnx.split(model, nnx.Nothing, ...)
-        copy_params, copy_frozen = train.make_rollout_copy(config)((params, frozen))
-        gathered = 0
-        for (path, x), y in zip(
-            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(copy_params), strict=True
-        ):
-            name = jax.tree_util.keystr(path)
-            want = sharding.without_mesh_axes(x.sharding, ("data", "fsdp"))
-            assert y.sharding == want and y.dtype == x.dtype, name
-            assert all(a in (None, "tensor") for a in y.sharding.spec), (name, y.sharding.spec)
-            gathered += "fsdp" in str(x.sharding.spec)
-            np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
-        assert gathered > 10  # the training layout shards most weights over fsdp
-        runs, texts = [], []
-        for p, f in ((params, frozen), (copy_params, copy_frozen)):
-            m = nnx.merge(graphdef, p, f)
-            out = sampler.generate(m, batch, rng=jax.random.key(3), **kwargs)
-            runs.append(jax.device_get((out.tokens, out.mask, out.logprobs)))
-            texts.append(sampler.lower(m, batch, rng=jax.random.key(3), **kwargs).compile())
-    np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    np.testing.assert_array_equal(runs[0][1], runs[1][1])
-    assert runs[0][1].sum() > 0
-    atol = testing.logprob_atol(testing.TINY_LOGIT_SCALE, model.cfg.vocab_size)
-    np.testing.assert_allclose(runs[0][2], runs[1][2], atol=atol, rtol=0)
-    train_n, train_bytes = _collectives(texts[0].as_text())
-    tensor_n, tensor_bytes = _collectives(texts[1].as_text())
-    print(f"rollout collectives: train layout {train_n} ({train_bytes} B), tensor {tensor_n} "
-          f"({tensor_bytes} B)")  # fmt: skip
-    assert tensor_n < train_n and tensor_bytes < train_bytes
-
-
-def test_rollout_layout_settings():
-    config = _config("bfloat16")
-    config.mesh = config_lib.mesh_config(ici=(1, 1, 8))
-    config.grpo.rollout_layout = "tensor"
-    with pytest.raises(ValueError, match=r"grpo\.rollout_layout='tensor' has no effect"):
-        config_lib.validate(config)
-    config.grpo.rollout_layout = "fsdp"
-    with pytest.raises(ValueError, match=r"grpo\.rollout_layout='fsdp' must be one of"):
-        config_lib.validate(config)
-    config.grpo.rollout_layout = "train"
-    assert train.make_rollout_copy(_config("float32")) is None  # nothing to cast or move
 
 
 def test_rollout_copy_settings():

@@ -129,18 +129,6 @@ def named_sharding(
     return NamedSharding(mesh, spec)
 
 
-def without_mesh_axes(s: NamedSharding, axes: Sequence[str]) -> NamedSharding:
-    """`s` with the mesh axes `axes` dropped from its spec: the array is replicated over them
-    (e.g. FSDP-sharded weights made whole per `tensor` shard for inference)."""
-    out = []
-    for entry in s.spec:
-        kept = tuple(
-            a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in axes
-        )
-        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-    return NamedSharding(s.mesh, PartitionSpec(*out), memory_kind=s.memory_kind)
-
-
 def _divisible(spec: PartitionSpec, shape: Sequence[int], mesh_shape) -> PartitionSpec:
     """`spec` with every dimension that its mesh axes do not divide evenly replicated."""
     fixed = []

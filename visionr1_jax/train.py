@@ -29,6 +29,7 @@ g of prompt b, as `sampler.generate` lays them out), log p(token_i | prompt_b, t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -252,12 +253,6 @@ def grpo_config() -> ml_collections.ConfigDict:
     to `model.dtype` anyway; 1-D parameters stay as they are). None (default): when
     `model.dtype` is narrower than `model.param_dtype`; True there is the same, and an error
     where it would copy nothing; False: sample from the master weights.
-    `rollout_layout`: the sharding of the weights the rollout samples from: `train` (the
-    training layout: FSDP-sharded, so every decoding step all-gathers every weight across the
-    `fsdp` axis) or `tensor` (a copy made once per rollout, sharded over `tensor` only and
-    whole on each device of the `data` and `fsdp` axes: no gathers in the loop, at the cost of
-    holding 1/tensor of the weights per device; an error on a mesh without `data`/`fsdp`
-    devices, where it is the training layout).
     `reference_memory`: where the reference's parameters live between their uses, `device`
     (HBM, sharded like the policy) or `host` (pinned host memory with the same sharding,
     brought to the devices inside each program that reads them: once per rollout; frees their
@@ -281,7 +276,6 @@ def grpo_config() -> ml_collections.ConfigDict:
     c.top_k = 50
     c.top_p = 1.0
     c.rollout_copy = ml_collections.config_dict.placeholder(bool)
-    c.rollout_layout = "train"
     c.reference_memory = "device"
     return c
 
@@ -349,43 +343,25 @@ def rollout_dtype(config: ml_collections.ConfigDict) -> Any:
     return jnp.dtype(model.dtype)
 
 
-ROLLOUT_LAYOUTS = ("train", "tensor")
-
-
-def _rollout_leaf(config: ml_collections.ConfigDict) -> Callable[[Any], tuple[Any, Any]]:
-    """x -> (dtype, sharding) of x's copy in the rollout's weights: floating parameters of
-    rank >= 2 (weight matrices, embeddings) in `rollout_dtype`, the rest (norm scales, biases)
-    as they are; under `rollout_layout = "tensor"` sharded over the `tensor` axis only. `sh`:
-    x's sharding where x (a tracer) has none to read."""
-    dtype = rollout_dtype(config)
-    tensor_only = (config.get("grpo") or {}).get("rollout_layout", "train") == "tensor"
-
-    def leaf(x, sh=None):
-        cast = dtype is not None and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
-        sh = x.sharding if sh is None else sh
-        if tensor_only and isinstance(sh, jax.sharding.NamedSharding):
-            sh = sharding.without_mesh_axes(sh, ("data", "fsdp"))
-        return (dtype if cast else x.dtype), sh
-
-    return leaf
+def _cast_matrices(params: Any, dtype: Any) -> Any:
+    """Floating parameters of rank >= 2 (weight matrices, embeddings) in `dtype`; the rest
+    (norm scales, biases) unchanged."""
+    cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(cast, params)
 
 
 def make_rollout_copy(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
-    """Jitted `(params, frozen) -> (params, frozen)` copy the rollout samples from (dtypes and
-    shardings of `_rollout_leaf`: the sampler's program is keyed on them), or None when the
-    rollout reads the master weights as they are. Frozen weights are copied too (under LoRA
-    they are the base model, which every decoding step reads)."""
-    if (
-        rollout_dtype(config) is None
-        and (config.get("grpo") or {}).get("rollout_layout", "train") == "train"
-    ):
+    """Jitted `(params, frozen) -> (params, frozen)` copy in `rollout_dtype(config)` with each
+    array's sharding (the sampler's program is keyed on them), or None when the rollout reads
+    the master weights. Frozen weights are copied too (under LoRA they are the base model,
+    which every decoding step reads)."""
+    dtype = rollout_dtype(config)
+    if dtype is None:
         return None
-    leaf = _rollout_leaf(config)
-    cast = lambda tree: jax.tree.map(lambda x: x.astype(leaf(x, sh=False)[0]), tree)
+    cast = functools.partial(_cast_matrices, dtype=dtype)  # one function: jit's cache hits
 
     def copy(tree: Any) -> Any:
-        out = jax.tree.map(lambda x: leaf(x)[1], tree)
-        return jax.jit(cast, out_shardings=out)(tree)
+        return jax.jit(cast, out_shardings=shardings_of(tree))(tree)
 
     return copy
 
@@ -394,8 +370,13 @@ def rollout_shapes_of(config: ml_collections.ConfigDict, params: Any) -> Any:
     """The abstract (`ShapeDtypeStruct`) parameters the rollout samples from: the
     `make_rollout_copy` of `params` (a tree of arrays or of abstract values), or `params`
     themselves."""
-    leaf = _rollout_leaf(config)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, *leaf(x)), params)
+    dtype = rollout_dtype(config)
+
+    def one(x):
+        cast = dtype is not None and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+        return jax.ShapeDtypeStruct(x.shape, dtype if cast else x.dtype, sharding=x.sharding)
+
+    return jax.tree.map(one, params)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -465,18 +446,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                 "has no effect: no reference parameters are held (beta = 0, or LoRA: the "
                 "reference is the base model)",
             )
-        layout = c.get("rollout_layout", "train")
-        if layout not in ROLLOUT_LAYOUTS:
-            fail("grpo.rollout_layout", layout, f"must be one of {list(ROLLOUT_LAYOUTS)}")
-        if layout == "tensor" and "mesh" in config:
-            sizes = [*config.mesh.ici_parallelism[:2], *config.mesh.dcn_parallelism[:2]]
-            if all(v == 1 for v in sizes):
-                fail(
-                    "grpo.rollout_layout",
-                    layout,
-                    "has no effect: the mesh has no data or fsdp devices (the training "
-                    "layout is already sharded over tensor only)",
-                )
         copy = c.get("rollout_copy")
         if copy is not None and not isinstance(copy, bool):
             fail("grpo.rollout_copy", copy, "must be True, False or None")
