@@ -65,6 +65,9 @@ def test_every_program_compiles_and_fits_the_chip(full):
         assert r["flops"] > 0 and r["bytes_accessed"] > 0, (name, r)
         assert r["peak"] >= r["argument"] - r["alias"], (name, r)
     assert f"{report['devices']} devices" in log and "fits" in log
+    est = report["estimate"]
+    step = est["seconds/rollout"] + est["seconds/reference"] + est["seconds/train_step"]
+    assert est["seconds/step"] == pytest.approx(step) and 0 < est["mfu"] < 1
 
 
 def test_train_step_holds_the_sharded_state(full):
@@ -95,6 +98,9 @@ def test_bf16_rollout_copy_reads_fewer_bytes_and_a_program_that_does_not_fit_exi
     )  # fmt: skip
     assert rc == 1, log[-3000:]
     assert master["fits"] is False and "DOES NOT FIT" in log
+    # One program is not a step: no step time or MFU (it printed 167% for a train step alone).
+    assert "mfu" not in master["estimate"] and "seconds/step" not in master["estimate"]
+    assert "not every program of the step was compiled" in log
     copy_bytes = report["programs"]["decode_step"]["bytes_accessed"]
     master_bytes = master["programs"]["decode_step"]["bytes_accessed"]
     # The decoding step reads the text decoder's weights (not the vision tower's): in bf16

@@ -359,7 +359,7 @@ def lowered_programs(
         generations=g, completion_len=big_l, max_new_tokens=int(c.max_new_tokens),
         num_iterations=int(c.num_iterations),
         layers=cfg.num_layers, hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings),
-        lora=cfg.lora_rank > 0, state_bytes=state_bytes(state),
+        lora=cfg.lora_rank > 0, state_bytes=state_bytes(state), reference=beta > 0,
     )  # fmt: skip
     return programs, facts
 
@@ -445,7 +445,8 @@ def estimate(
     per_chip_devices: int,
     n_devices: int,
 ) -> dict[str, float]:
-    """Roofline seconds per program and per GRPO step, and the step's MFU."""
+    """Roofline seconds per program, and per GRPO step with the step's MFU when every program
+    of the step was compiled (prefill, decode_step, the reference when β > 0, train_step)."""
     flops = chip.flops / per_chip_devices
     bandwidth = chip.hbm_bandwidth / per_chip_devices
     model = model_flops(facts)
@@ -461,12 +462,17 @@ def estimate(
         out["seconds/rollout"] = (
             seconds["prefill"] + facts["max_new_tokens"] * seconds["decode_step"]
         )
-    step = out.get("seconds/rollout", 0.0) + out.get("seconds/reference", 0.0)
-    step += facts["num_iterations"] * out.get("seconds/train_step", 0.0)
+    parts = ["seconds/rollout", "seconds/train_step"]
+    parts += ["seconds/reference"] if facts.get("reference", True) else []
+    if any(p not in out for p in parts):
+        return out
+    step = out["seconds/rollout"] + out.get("seconds/reference", 0.0)
+    step += facts["num_iterations"] * out["seconds/train_step"]
     out["seconds/step"] = step
-    total = model["rollout"] + model["reference"] + facts["num_iterations"] * model["train_step"]
+    total = model["rollout"] + facts["num_iterations"] * model["train_step"]
+    total += model["reference"] if facts.get("reference", True) else 0.0
     out["model_flops/step"] = total
-    out["mfu"] = total / (step * flops * n_devices) if step else 0.0
+    out["mfu"] = total / (step * flops * n_devices)
     return out
 
 
@@ -550,8 +556,11 @@ def report(
         for k, v in est.items():
             if k.startswith("seconds/"):
                 log(f"  roofline {k[8:]:<12} {v:.4g} s")
-        log(f"  step model FLOPs {est['model_flops/step'] / 1e15:.2f} PFLOP; MFU at the "
-            f"roofline {100 * est['mfu']:.1f}%")  # fmt: skip
+        if "mfu" in est:
+            log(f"  step model FLOPs {est['model_flops/step'] / 1e15:.2f} PFLOP; MFU at the "
+                f"roofline {100 * est['mfu']:.1f}%")  # fmt: skip
+        else:
+            log("  step time and MFU: not every program of the step was compiled")
         log(f"  {'fits' if fits else 'DOES NOT FIT'} ({headroom:.0%} headroom)")
     return dict(
         topology=topology, devices=len(devices), device_kind=kind, hbm_bytes=hbm,
