@@ -70,6 +70,28 @@ def test_every_program_compiles_and_fits_the_chip(full):
     assert est["seconds/step"] == pytest.approx(step) and 0 < est["mfu"] < 1
 
 
+def test_merged_reports_give_the_step_of_one_report(full):
+    """Programs compiled in separate runs (`--merge`): the union gives the full report's step
+    time and MFU; reports of different topologies are refused."""
+    from visionr1_jax.tools import aot
+
+    report, _ = full
+    names = sorted(report["programs"])
+    parts = [
+        {**report, "programs": {k: report["programs"][k] for k in names[:2]}},
+        {**report, "programs": {k: report["programs"][k] for k in names[2:]}},
+    ]
+    for part in parts:  # a part alone is not a step
+        assert "mfu" not in aot.estimate(
+            part["programs"], part["facts"], aot.CHIPS[part["device_kind"]], 1, part["devices"]
+        )
+    merged = aot.merge_reports(parts)
+    assert merged["estimate"] == pytest.approx(report["estimate"])
+    assert merged["fits"] == report["fits"] and set(merged["programs"]) == set(names)
+    with pytest.raises(ValueError, match="reports differ in topology"):
+        aot.merge_reports([parts[0], {**parts[1], "topology": "v5e:2x4"}])
+
+
 def test_train_step_holds_the_sharded_state(full):
     report, _ = full
     facts, r = report["facts"], report["programs"]["train_step"]

@@ -3,6 +3,7 @@
     make aot CONFIG=configs/tpu_v4_64.py TOPOLOGY=v4:4x4x2
     .venv-tpu/bin/python -m visionr1_jax.tools.aot --config=configs/tpu_v4_64.py \\
         --topology=v4:4x4x2 [--json=out.json] [--config.grpo.num_generations=8]
+    .venv-tpu/bin/python -m visionr1_jax.tools.aot --merge=train.json,rest.json  # one step
 
 Runs in the TPU venv (`requirements-tpu.txt`: libtpu compiles for any TPU topology on a CPU
 machine). From the config alone (shapes, no weights, no data) it builds the abstract run state
@@ -44,7 +45,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # Shape-only work: never claim a real accelerator, and keep libtpu from probing for one.
@@ -100,7 +101,12 @@ _ARCH = flags.DEFINE_string(
 _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile ({PROGRAMS}).")
 _HEADROOM = flags.DEFINE_float("headroom", 0.1, "HBM fraction that must stay free.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
-flags.mark_flags_as_required(["config", "topology"])
+_MERGE = flags.DEFINE_list(
+    "merge",
+    [],
+    "JSON reports of one run and topology, each with some of the programs: print the step's "
+    "roofline from all of them (nothing is compiled; --config and --topology not needed).",
+)
 
 
 # ------------------------------------------------------------------------------- topology
@@ -565,13 +571,58 @@ def report(
     return dict(
         topology=topology, devices=len(devices), device_kind=kind, hbm_bytes=hbm,
         mesh=dict(mesh.shape), facts=facts, programs=results, estimate=est, fits=fits,
+        per_chip_devices=per_chip,
     )  # fmt: skip
+
+
+def merge_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One report from several of the same run and topology (programs compiled in separate
+    processes, e.g. a slow train step alone), with the step's roofline over all of them.
+    Raises when they differ in topology, mesh or run facts."""
+    first = reports[0]
+    keys = ("topology", "devices", "device_kind", "mesh", "facts")
+    for other in reports[1:]:
+        for k in keys:
+            if other[k] != first[k]:
+                raise ValueError(f"reports differ in {k}: {first[k]!r} vs {other[k]!r}")
+    programs: dict[str, Any] = {}
+    for r in reports:
+        programs.update(r["programs"])
+    per_chip = int(first.get("per_chip_devices", 1))
+    est = estimate(
+        programs, first["facts"], CHIPS[first["device_kind"]], per_chip, first["devices"]
+    )
+    fits = all(r["fits"] for r in programs.values())
+    return {**first, "programs": programs, "estimate": est, "fits": fits}
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    out = report(
+    if _MERGE.value:
+        reports = []
+        for path in _MERGE.value:
+            with open(path, encoding="utf-8") as f:
+                reports.append(json.load(f))
+        out = merge_reports(reports)
+        for name, r in out["programs"].items():
+            print(
+                f"  {name:<12} peak {_size(r['peak'])} ({100 * r['peak'] / out['hbm_bytes']:.1f}%)"
+            )
+        for k, v in out["estimate"].items():
+            print(f"  {k:<24} {v:.4g}")
+    else:
+        if _CONFIG.value is None or not _TOPOLOGY.value:
+            raise app.UsageError("--config and --topology are required (or --merge)")
+        out = _report_from_flags()
+    if _JSON.value:
+        with open(_JSON.value, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1, default=float)
+    sys.exit(0 if out["fits"] else 1)
+
+
+def _report_from_flags() -> dict[str, Any]:
+    return report(
         _CONFIG.value,
         _TOPOLOGY.value,
         chip_config=_CHIP_CONFIG.value,
@@ -579,10 +630,6 @@ def main(argv: list[str]) -> None:
         programs=tuple(_PROGRAMS.value),
         headroom=_HEADROOM.value,
     )
-    if _JSON.value:
-        with open(_JSON.value, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1, default=float)
-    sys.exit(0 if out["fits"] else 1)
 
 
 if __name__ == "__main__":
