@@ -105,7 +105,8 @@ _MERGE = flags.DEFINE_list(
     "merge",
     [],
     "JSON reports of one run and topology, each with some of the programs: print the step's "
-    "roofline from all of them (nothing is compiled; --config and --topology not needed).",
+    "roofline from all of them, a program in several taken from the last (nothing is "
+    "compiled; --config and --topology not needed).",
 )
 
 
@@ -577,14 +578,18 @@ def report(
 
 def merge_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One report from several of the same run and topology (programs compiled in separate
-    processes, e.g. a slow train step alone), with the step's roofline over all of them.
-    Raises when they differ in topology, mesh or run facts."""
+    processes, e.g. a slow train step alone), with the step's roofline over all of them; a
+    program in several reports is taken from the last. Raises when they differ in topology,
+    mesh or run facts."""
     first = reports[0]
     keys = ("topology", "devices", "device_kind", "mesh", "facts")
     for other in reports[1:]:
         for k in keys:
-            if other[k] != first[k]:
-                raise ValueError(f"reports differ in {k}: {first[k]!r} vs {other[k]!r}")
+            a, b = first[k], other[k]
+            if k == "facts":  # the facts both have (an older report may lack a newer one)
+                a, b = ({f: d[f] for f in first[k].keys() & other[k].keys()} for d in (a, b))
+            if a != b:
+                raise ValueError(f"reports differ in {k}: {a!r} vs {b!r}")
     programs: dict[str, Any] = {}
     for r in reports:
         programs.update(r["programs"])
