@@ -5,8 +5,9 @@
 
 - every program compiles for `v5e:2x2` with the parameters FSDP-sharded over its 4 chips; its
   peak memory is above the state it must hold and within the chip, FLOPs and bytes are
-  positive; the train step's arguments hold at least a quarter of the float32 parameters,
-  Adam's two moments and the reference (sharded 4 ways) and at most all of them;
+  positive; the train state held beside each program (not its argument) is counted; the
+  train step's arguments hold at least a quarter of the float32 parameters, Adam's two
+  moments and the reference (sharded 4 ways) and at most all of them;
 - the rollout's weight copy in bfloat16 reads fewer bytes per decoding step than the float32
   master weights, by about the weights' bytes saved; a program that does not fit (here:
   99.999% of the HBM demanded free) makes the tool exit 1.
@@ -59,9 +60,16 @@ def test_every_program_compiles_and_fits_the_chip(full):
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert set(report["programs"]) == {"rollout", "prefill", "decode_step", "reference",
                                        "train_step"}  # fmt: skip
+    sb = report["facts"]["state_bytes"]
+    state = sb["params"] + sb["optimizer"] + sb["reference"] + sb["frozen"]
+    # The rollout reads a bf16 copy: the whole float32 state stays resident beside it; the
+    # reference pass reads the reference (and frozen) weights, the policy and Adam stay.
+    want = {"rollout": state, "prefill": state, "decode_step": state, "train_step": 0.0,
+            "reference": sb["params"] + sb["optimizer"]}  # fmt: skip
     for name, r in report["programs"].items():
         assert r["fits"], (name, r)
         assert 0 < r["peak"] < hbm, (name, r)
+        assert r["resident"] == pytest.approx(want[name]), (name, r["resident"], want[name])
         assert r["flops"] > 0 and r["bytes_accessed"] > 0, (name, r)
         assert r["peak"] >= r["argument"] - r["alias"], (name, r)
     assert f"{report['devices']} devices" in log and "fits" in log

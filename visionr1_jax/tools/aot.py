@@ -25,8 +25,10 @@ of FLOPs / peak FLOP/s and bytes / HBM bandwidth of the chip (`CHIPS`). The step
 rollout (prefill + max_new_tokens decoding steps) + reference + mu train steps; MFU is the
 model's FLOPs (`model_flops`, 2 per parameter per token forward, 6 for a trained token, plus
 attention) over that time at the slice's peak. The available HBM per device is the compiler's
-own figure (it refuses larger programs). Exit status 1 when a program does not fit the HBM
-less `--headroom` (default 10%), 0 otherwise.
+own figure (it refuses larger programs). A program fits when its peak plus the train state
+that stays in HBM meanwhile without being one of its arguments (`resident_bytes`: the whole
+state during the rollout, which reads a weight copy) is within the HBM less `--headroom`
+(default 10%); exit status 1 when one does not, 0 otherwise.
 
 Before compiling it prints the train state's bytes per device from the shardings alone
 (trained parameters, optimizer state, reference, frozen weights; `state_bytes`): with
@@ -367,8 +369,24 @@ def lowered_programs(
         num_iterations=int(c.num_iterations),
         layers=cfg.num_layers, hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings),
         lora=cfg.lora_rank > 0, state_bytes=state_bytes(state), reference=beta > 0,
+        resident=resident_bytes(state_bytes(state), train.rollout_dtype(config) is not None,
+                                state.ref_params is not None),
     )  # fmt: skip
     return programs, facts
+
+
+def resident_bytes(sb: Mapping[str, float], copy: bool, has_ref: bool) -> dict[str, float]:
+    """Bytes per device of the train state that stay in HBM while each program runs without
+    being its argument (the compiler's peak leaves them out): all of it during the rollout's
+    programs when they read a weight copy (else all but the parameters they read), the policy
+    and its optimizer state during the reference pass, none in the train step (its
+    arguments)."""
+    total = sb["params"] + sb["optimizer"] + sb["reference"] + sb["frozen"]
+    sampled = 0.0 if copy else sb["params"] + sb["frozen"]
+    ref_args = sb["frozen"] + (sb["reference"] if has_ref else sb["params"])
+    rollout = total - sampled
+    return dict(rollout=rollout, prefill=rollout, decode_step=rollout,
+                reference=total - ref_args, train_step=0.0)  # fmt: skip
 
 
 def state_bytes(state: train.TrainState) -> dict[str, float]:
@@ -544,13 +562,20 @@ def report(
                 continue
         r = analyse(compiled)
         r["compile_seconds"] = time.perf_counter() - t0
-        r["fits"] = r["peak"] <= budget
+        r["resident"] = float(facts["resident"].get(name, 0.0))
+        r["fits"] = r["peak"] + r["resident"] <= budget
         results[name] = r
         log(
             f"  {name:<12} peak {_size(r['peak'])} ({100 * r['peak'] / hbm:5.1f}%) = args "
             f"{_size(r['argument'])} + out {_size(r['output'])} - alias {_size(r['alias'])} "
             f"+ temp {_size(r['temp'])} + code {_size(r['generated_code'])}; "
             f"{r['flops']:.3g} FLOP, {_size(r['bytes_accessed'])} accessed"
+            + (
+                f"; with the train state held meanwhile {_size(r['peak'] + r['resident'])} "
+                f"({100 * (r['peak'] + r['resident']) / hbm:.1f}%)"
+                if r["resident"]
+                else ""
+            )
             + (f"; host memory args {_size(r['host_argument'])}" if r["host_argument"] else "")
             + ("" if r["fits"] else f"  DOES NOT FIT with {headroom:.0%} headroom")
             + f" [{r['compile_seconds']:.0f} s]"
@@ -611,9 +636,9 @@ def main(argv: list[str]) -> None:
                 reports.append(json.load(f))
         out = merge_reports(reports)
         for name, r in out["programs"].items():
-            print(
-                f"  {name:<12} peak {_size(r['peak'])} ({100 * r['peak'] / out['hbm_bytes']:.1f}%)"
-            )
+            used = r["peak"] + r.get("resident", 0.0)
+            print(f"  {name:<12} peak {_size(r['peak'])}, with the state held {_size(used)} "
+                  f"({100 * used / out['hbm_bytes']:.1f}%)")  # fmt: skip
         for k, v in out["estimate"].items():
             print(f"  {k:<24} {v:.4g}")
     else:
