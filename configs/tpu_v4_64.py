@@ -12,9 +12,9 @@ decayed linearly over 3,000 steps, no warm-up, grad-clip 1.0, max_pixels 401,408
 master weights, bfloat16 compute; parameters FSDP-sharded over 16 chips × tensor 2 within a
 slice. Expect one JSON line per step in WORKDIR/metrics.jsonl (reward terms, KL, loss, seconds
 per phase) and a progress bar on host 0; the train step's compiled memory per device is logged
-at start-up. The compiler's figures per chip (`make aot`, SCALING.md): train state 3.87 GiB of
-30.75 (13%), rollout peak 1.64 GiB, reference 2.41 GiB; decoding reads the bf16 weights at 14 ms
-per step at HBM bandwidth (7.2 s for 512 tokens, a lower bound).
+at start-up. The compiler's figures per chip (`make aot`, SCALING.md): train step 15.25 GiB of
+30.75 (50%); rollout 1.57 GiB beside the 3.87 GiB train state (18%); reference 2.18 GiB; a
+decoding step reads 3.24 GiB (2.8 ms at HBM bandwidth); roofline step 1.85 s (a lower bound).
 A checkpoint is saved under WORKDIR/checkpoints every 100 steps and on SIGTERM
 (a preemption notice); the same command restarts the run from the newest complete one.
 Config args: ``:variant=paper,switch_step=1500`` (the

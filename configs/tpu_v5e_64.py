@@ -8,8 +8,9 @@
 The recipe of `configs/tpu_v4_64.py` (SPEC §5: 16 prompts x G 4, 512 new tokens, β 0.04, AdamW
 1e-6, 3,000 steps); the parameters FSDP-sharded over 16 chips x tensor-parallel over 4 (the 16
 prompts take one row per FSDP group: a 64-way batch axis would leave 48 chips without a row).
-Train state per chip 1.94 GiB of 15.75 (12%); the rollout's peak 3.81 GiB (24%); the roofline
-step time and the rest: SCALING.md (`tools/aot.py`). Config args as `tpu_v4_64.py`'s.
+Per chip (`tools/aot.py`, SCALING.md): train step 7.92 GiB of 15.75 (50%); rollout 1.62 GiB
+beside the 1.94 GiB train state (23%); a decoding step reads 2.08 GiB (2.7 ms at HBM
+bandwidth); roofline step 1.67 s (a lower bound). Config args as `tpu_v4_64.py`'s.
 """
 
 import os
