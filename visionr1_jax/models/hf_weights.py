@@ -159,8 +159,8 @@ def from_pretrained(
         gives its logical axes on `mesh`; otherwise on the default device.
       compute_dtype: activation/matmul dtype (default: `dtype`).
       remat_policy: one of `qwen_vl.REMAT_POLICIES`.
-      scan_layers: the decoder's layers under one `lax.scan` in the passes without a cache
-        (`QwenVLConfig.scan_layers`).
+      scan_layers: the decoder's layers and the vision tower's blocks under `lax.scan` in the
+        passes without a cache (`QwenVLConfig.scan_layers`).
       rules: logical axis rules.
       max_image_patches: static bound on patches per image for block-local vision attention;
         "auto" reads the processor's `max_pixels` from `preprocessor_config.json`, None means
