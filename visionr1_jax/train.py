@@ -343,13 +343,6 @@ def rollout_dtype(config: ml_collections.ConfigDict) -> Any:
     return jnp.dtype(model.dtype)
 
 
-def _cast_matrices(params: Any, dtype: Any) -> Any:
-    """Floating parameters of rank >= 2 (weight matrices, embeddings) in `dtype`; the rest
-    (norm scales, biases) unchanged."""
-    cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
-    return jax.tree.map(cast, params)
-
-
 def make_rollout_copy(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
     """Jitted `(params, frozen) -> (params, frozen)` copy in `rollout_dtype(config)` with each
     array's sharding (the sampler's program is keyed on them), or None when the rollout reads
@@ -358,7 +351,7 @@ def make_rollout_copy(config: ml_collections.ConfigDict) -> Callable[[Any], Any]
     dtype = rollout_dtype(config)
     if dtype is None:
         return None
-    cast = functools.partial(_cast_matrices, dtype=dtype)  # one function: jit's cache hits
+    cast = functools.partial(qwen_vl.cast_matrices, dtype=dtype)  # one function: jit's cache hits
 
     def copy(tree: Any) -> Any:
         return jax.jit(cast, out_shardings=shardings_of(tree))(tree)
@@ -373,7 +366,7 @@ def rollout_shapes_of(config: ml_collections.ConfigDict, params: Any) -> Any:
     dtype = rollout_dtype(config)
 
     def one(x):
-        cast = dtype is not None and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+        cast = dtype is not None and qwen_vl.is_matrix(x)
         return jax.ShapeDtypeStruct(x.shape, dtype if cast else x.dtype, sharding=x.sharding)
 
     return jax.tree.map(one, params)

@@ -754,6 +754,17 @@ def remat_call(fn: Callable, module: nnx.Module, *args, policy: Callable):
     return jax.checkpoint(pure, policy=policy, prevent_cse=True)(state, *args)
 
 
+def is_matrix(x: Any) -> bool:
+    """A floating array (or abstract value) of rank >= 2: a weight matrix or an embedding,
+    as opposed to a norm scale or a bias."""
+    return x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def cast_matrices(tree: Any, dtype: Any) -> Any:
+    """`tree` with its matrices (`is_matrix`) in `dtype` and the rest unchanged."""
+    return jax.tree.map(lambda x: x.astype(dtype) if is_matrix(x) else x, tree)
+
+
 def run_layers(
     layers: Sequence[nnx.Module],
     fn: Callable,
@@ -787,12 +798,9 @@ def run_layers(
     if any(nnx.graphdef(layer) != graphdef for layer in layers[1:]):
         raise ValueError("scan over layers needs layers of one structure")
 
-    def cast(x):  # matrices only: norms may use their weights in float32 (`LayerNorm`)
-        if dtype is not None and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating):
-            return x.astype(dtype)
-        return x
-
-    stacked = jax.tree.map(lambda *xs: jnp.stack([cast(x) for x in xs]), *states)
+    # matrices only: norms may use their weights in float32 (`LayerNorm`)
+    states = [cast_matrices(state, dtype) for state in states] if dtype is not None else states
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
     def body(carry, state):
         return fn(nnx.merge(graphdef, state, copy=True), carry, *consts), None
