@@ -5,12 +5,14 @@
 
 - every program compiles for `v5e:2x2` with the parameters FSDP-sharded over its 4 chips; its
   peak memory is above the state it must hold and within the chip, FLOPs and bytes are
-  positive; the train state held beside each program (not its argument) is counted; the
-  train step's arguments hold at least a quarter of the float32 parameters, Adam's two
-  moments and the reference (sharded 4 ways) and at most all of them;
+  positive; the roofline's HBM term is the floor (arguments + new outputs), which XLA's
+  bytes accessed of the decoding step exceed; the train state held beside each program (not
+  its argument) is counted; the train step's arguments hold at least a quarter of the
+  float32 parameters, Adam's two moments and the reference (sharded 4 ways) and at most all
+  of them;
 - the rollout's weight copy in bfloat16 reads fewer bytes per decoding step than the float32
-  master weights, by about the weights' bytes saved; a program that does not fit (here:
-  99.999% of the HBM demanded free) makes the tool exit 1.
+  master weights, by about the weights' bytes saved (XLA's count and the HBM floor); a
+  program that does not fit (here: 99.999% of the HBM demanded free) makes the tool exit 1.
 """
 
 from __future__ import annotations
@@ -72,8 +74,18 @@ def test_every_program_compiles_and_fits_the_chip(full):
         assert r["resident"] == pytest.approx(want[name]), (name, r["resident"], want[name])
         assert r["flops"] > 0 and r["bytes_accessed"] > 0, (name, r)
         assert r["peak"] >= r["argument"] - r["alias"], (name, r)
+        # the roofline's HBM term: arguments read and new outputs written once
+        assert r["hbm_floor"] == r["argument"] + r["output"] - r["alias"] > 0, (name, r)
     assert f"{report['devices']} devices" in log and "fits" in log
     est = report["estimate"]
+    chip = 819e9  # v5e HBM bytes/s, one device per chip
+    for name in ("prefill", "decode_step", "reference", "train_step"):
+        assert est[f"seconds/{name}"] >= report["programs"][name]["hbm_floor"] / chip, name
+    # XLA's count of a loop-free program's bytes includes them (and on-chip traffic besides)
+    decode = report["programs"]["decode_step"]
+    assert decode["bytes_accessed"] >= decode["hbm_floor"], decode
+    want = max(decode["flops"] / 197e12, decode["hbm_floor"] / chip)  # v5e: 197 TFLOP/s bf16
+    assert est["seconds/decode_step"] == pytest.approx(want, rel=1e-12)
     step = est["seconds/rollout"] + est["seconds/reference"] + est["seconds/train_step"]
     assert est["seconds/step"] == pytest.approx(step) and 0 < est["mfu"] < 1
 
@@ -139,6 +151,10 @@ def test_bf16_rollout_copy_reads_fewer_bytes_and_a_program_that_does_not_fit_exi
     text = f["params"] - f["vision"]
     assert copy_bytes < master_bytes
     assert master_bytes - copy_bytes >= 0.5 * (2 * text) / 4, (copy_bytes, master_bytes)
+    # ...and the HBM floor (the roofline's): 2 bytes fewer per weight, over the 4 devices
+    copy_floor = report["programs"]["decode_step"]["hbm_floor"]
+    master_floor = master["programs"]["decode_step"]["hbm_floor"]
+    assert master_floor - copy_floor >= 0.9 * (2 * text) / 4, (copy_floor, master_floor)
 
 
 def test_lora_run_state_trains_the_adapters_only():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import signal
 import time
 
@@ -304,3 +305,54 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(assets, tmp_path):
                     jax.tree.leaves((skipped.params, skipped.opt_state)), strict=True):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(skipped.params))
+
+
+# ------------------------------------------------------------------- reference in host memory
+
+
+def _text_score(run, host_batch, completions, step):
+    """The loop's scores with a reward that varies between an untrained model's completions
+    (the share of their characters that are vowels), so that the policy moves."""
+    terms = train.score_rows(run, host_batch, completions, step)
+    vowels = [sum(ch in "aeiou" for ch in t) / max(len(t), 1) for t in completions]
+    terms["reward/total"] = np.asarray(vowels, np.float32) * terms["valid"]
+    return terms
+
+
+def test_reference_in_host_memory_trains_and_resumes_like_the_device_one(assets, tmp_path):
+    """`grpo.reference_memory = "host"` (the 3B v5e-8 config's lever) through the whole loop:
+    4 steps end with the parameters, optimizer state and metrics of the device-placed
+    reference's run, bit for bit; the checkpoints hold no reference (it is rebuilt from the
+    start weights), and a run restarted after losing its last two checkpoints resumes from
+    step 2 and ends the same."""
+    ends = {}
+    for name, memory in (("device", "device"), ("host", "host")):
+        c = run_config(assets["checkpoint"], assets["data_dir"], total_steps=4)
+        c.grpo.reference_memory = memory
+        c.checkpoint.keep = None
+        r = train.setup(c, str(tmp_path / name))
+        r.score_fn = _text_score
+        assert {x.sharding.memory_kind for x in jax.tree.leaves(r.state.ref_params)} == {
+            "pinned_host" if memory == "host" else "device"
+        }
+        train.train_loop(r)
+        ends[name] = read_jsonl(str(tmp_path / name / "metrics.jsonl"))
+    assert launch.committed(str(tmp_path / "host")) == [1, 2, 3, 4]
+    for step in (3, 4):  # as if the run had died before these were written
+        shutil.rmtree(tmp_path / "host" / "checkpoints" / str(step))
+    c = run_config(assets["checkpoint"], assets["data_dir"], total_steps=4)
+    c.grpo.reference_memory = "host"
+    r = train.setup(c, str(tmp_path / "host"))
+    r.score_fn = _text_score
+    assert int(r.state.step) == 2
+    train.train_loop(r)
+    for g, w in zip(final_params(str(tmp_path / "host"), assets["checkpoint"], 4),
+                    final_params(str(tmp_path / "device"), assets["checkpoint"], 4),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(g, w)
+    got = read_jsonl(str(tmp_path / "host" / "metrics.jsonl"))
+    assert [m["step"] for m in got] == [0, 1, 2, 3]  # lines past the checkpoint replaced
+    for g, w in zip(got, ends["device"], strict=True):
+        for key in ("reward/total", "loss", "kl", "grad_norm"):
+            assert g[key] == w[key], (g["step"], key, g[key], w[key])
+    assert got[0]["grad_norm"] > 0 and got[3]["kl"] > 0  # the policy moved; the reference was read
