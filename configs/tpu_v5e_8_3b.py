@@ -7,9 +7,12 @@
 
 The recipe of `configs/tpu_v4_64.py` (SPEC §5: 16 prompts x G 4, 512 new tokens, β 0.04,
 AdamW 1e-6, 3,000 steps) for the 3B model, every parameter FSDP-sharded over the slice's
-chips. Train state per chip 7.00 GiB of 15.75 (44%, `tools/aot.py`); compiled memory and the
-roofline step time: SCALING.md. Config args
-as `tpu_v4_64.py`'s.
+chips, the reference model's weights in host memory between its uses
+(`grpo.reference_memory = "host"`). Per chip (`tools/aot.py`, SCALING.md): train state 5.25
+GiB of 15.75 in HBM (33%) + 1.75 GiB of reference on the host; the train step 13.49 GiB
+(86%; 15.24 GiB, 97%, with the reference in HBM: no 10% headroom); the rollout 8.04 GiB with
+the train state held (51%); roofline step 1.6 s (a lower bound). Config args as
+`tpu_v4_64.py`'s.
 """
 
 import os
@@ -28,4 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `dots_no_batch` keeps every projection's output for the backward pass: 25.1 GiB of
     # temporaries per v5e-8 chip (`tools/aot.py`); `full` keeps each layer's input only.
     config.model.remat_policy = "full"
+    # The train step peaks at 15.24 GiB of 15.75 with the reference's 1.75 GiB in HBM
+    # (`optim.accumulation_steps = 2` adds a gradient accumulator: 17.16 GiB); in pinned host
+    # memory it is copied in once per step, for the reference pass.
+    config.grpo.reference_memory = "host"
     return config
