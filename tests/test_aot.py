@@ -84,7 +84,13 @@ def test_every_program_compiles_and_fits_the_chip(full):
     # XLA's count of a loop-free program's bytes includes them (and on-chip traffic besides)
     decode = report["programs"]["decode_step"]
     assert decode["bytes_accessed"] >= decode["hbm_floor"], decode
-    want = max(decode["flops"] / 197e12, decode["hbm_floor"] / chip)  # v5e: 197 TFLOP/s bf16
+    # FLOPs: XLA's or the model's (one step of the 4 devices' rows at the full cache), the
+    # larger, at v5e's 197 TFLOP/s bf16
+    from visionr1_jax.tools import aot
+
+    modelled = aot.model_flops(report["facts"])["decode_step"] / 4
+    assert modelled > 0
+    want = max(max(decode["flops"], modelled) / 197e12, decode["hbm_floor"] / chip)
     assert est["seconds/decode_step"] == pytest.approx(want, rel=1e-12)
     step = est["seconds/rollout"] + est["seconds/reference"] + est["seconds/train_step"]
     assert est["seconds/step"] == pytest.approx(step) and 0 < est["mfu"] < 1

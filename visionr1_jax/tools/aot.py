@@ -20,11 +20,12 @@ on a mesh of the topology's devices (`config.mesh`) and compiles, as the run wou
 For each it prints per-device memory (`memory_analysis`: arguments, outputs, aliased,
 temporaries, generated code and their peak = arguments + outputs - aliased + temporaries +
 code, all in HBM; arguments in host memory, `grpo.reference_memory = "host"`, apart), FLOPs
-and bytes accessed (`cost_analysis`, per device), and a roofline time: the larger
-of FLOPs / peak FLOP/s and the HBM floor / HBM bandwidth of the chip (`CHIPS`); the floor
-(`hbm_floor`) is the traffic no schedule avoids, arguments read and new outputs written once
-(XLA's bytes accessed count on-chip VMEM traffic too, several times the HBM's for a decoding
-step's matmuls, and a scanned loop's body once: printed, not used). The step estimate is
+and bytes accessed (`cost_analysis`, per device), and a roofline time: the larger of FLOPs
+(XLA's or the model's, `model_flops`, the larger) / peak FLOP/s and the HBM floor / HBM
+bandwidth of the chip (`CHIPS`); the floor (`hbm_floor`) is the traffic no schedule avoids,
+arguments read and new outputs written once (XLA's bytes accessed count on-chip VMEM
+traffic too, several times the HBM's for a decoding step's matmuls, and a scanned loop's
+body once: printed, not used). The step estimate is
 rollout (prefill + max_new_tokens decoding steps) + reference + mu train steps; MFU is the
 model's FLOPs (`model_flops`, 2 per parameter per token forward, 6 for a trained token, plus
 attention) over that time at the slice's peak. The available HBM per device is the compiler's
@@ -457,7 +458,9 @@ def model_flops(facts: Mapping[str, Any]) -> dict[str, float]:
     token forward, 3x that for a trained token (forward + both backward matmuls), attention
     (2 x 2 x layers x hidden x context per token and pass) and the vision tower's patches
     (forward only in the rollout and the reference; trained in the update unless frozen).
-    Under LoRA 2x (forward + the activations' gradient: the frozen base weights get none)."""
+    Under LoRA 2x (forward + the activations' gradient: the frozen base weights get none).
+    Also the rollout's two phases: `prefill` (prompts and images) and `decode_step` (one
+    step of the B x G rows at the full cache): XLA counts a scanned vision tower's body once."""
     b, g, t, big_l = (
         facts["batch"],
         facts["generations"],
@@ -468,15 +471,19 @@ def model_flops(facts: Mapping[str, Any]) -> dict[str, float]:
     text = facts["params"] - facts["vision"] - (0 if facts["tied"] else facts["embedding"])
     attn = lambda context: 4 * facts["layers"] * facts["hidden"] * context
     vision = 2 * facts["vision"] * facts["patches"] * b
-    rollout = 2 * text * b * t + attn(t / 2) * b * t + vision
-    rollout += (2 * text + attn(t + big_l / 2)) * b * g * big_l
+    prefill = 2 * text * b * t + attn(t / 2) * b * t + vision
+    rollout = prefill + (2 * text + attn(t + big_l / 2)) * b * g * big_l
+    last_step = (2 * text + attn(t + big_l)) * b * g  # one decoding step at the full cache
     scored = b * (t + g * big_l)  # prompt + completions, teacher-forced
     forward = 2 * text * scored + attn((t + big_l) / 2) * scored + vision
     trained_vision = facts["trained"] > facts["params"] - facts["vision"]
     train_ = 3 * forward if trained_vision else 3 * (forward - vision) + vision
     if facts.get("lora"):  # frozen base weights: the backward pass computes no weight gradient
         train_ = 2 * (forward - vision) + vision
-    return dict(rollout=rollout, reference=forward, train_step=train_)
+    return dict(
+        rollout=rollout, prefill=prefill, decode_step=last_step, reference=forward,
+        train_step=train_,
+    )  # fmt: skip
 
 
 def estimate(
