@@ -13,8 +13,9 @@ master weights, bfloat16 compute; parameters FSDP-sharded over 16 chips × tenso
 slice. Expect one JSON line per step in WORKDIR/metrics.jsonl (reward terms, KL, loss, seconds
 per phase) and a progress bar on host 0; the train step's compiled memory per device is logged
 at start-up. The compiler's figures per chip (`make aot`, SCALING.md): train step 15.25 GiB of
-30.75 (50%); rollout 1.57 GiB beside the 3.87 GiB train state (18%); reference 2.18 GiB; a
-decoding step reads 3.24 GiB (2.8 ms at HBM bandwidth); roofline step 1.85 s (a lower bound).
+30.75 (50%); rollout 1.42 GiB beside the 3.87 GiB train state (17%); reference 2.18 GiB; a
+decoding step reads at least 0.68 GiB (0.6 ms at HBM bandwidth; XLA counts 3.24 GiB with
+VMEM); roofline step 0.68 s (1.83 s by XLA's byte count; both lower bounds).
 A checkpoint is saved under WORKDIR/checkpoints every 100 steps and on SIGTERM
 (a preemption notice); the same command restarts the run from the newest complete one.
 Config args: ``:variant=paper,switch_step=1500`` (the

@@ -9,8 +9,9 @@ The recipe of `configs/tpu_v4_64.py` (SPEC §5: 16 prompts x G 4, 512 new tokens
 1e-6, 3,000 steps); the parameters FSDP-sharded over 16 chips x tensor-parallel over 4 (the 16
 prompts take one row per FSDP group: a 64-way batch axis would leave 48 chips without a row).
 Per chip (`tools/aot.py`, SCALING.md): train step 7.92 GiB of 15.75 (50%); rollout 1.62 GiB
-beside the 1.94 GiB train state (23%); a decoding step reads 2.08 GiB (2.7 ms at HBM
-bandwidth); roofline step 1.67 s (a lower bound). Config args as `tpu_v4_64.py`'s.
+beside the 1.94 GiB train state (23%); a decoding step reads at least 0.42 GiB (0.55 ms at
+HBM bandwidth; XLA counts 2.08 GiB with VMEM); roofline step 0.55 s (1.67 s by XLA's byte
+count; both lower bounds). Config args as `tpu_v4_64.py`'s.
 """
 
 import os

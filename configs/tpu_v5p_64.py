@@ -8,8 +8,9 @@
 The recipe of `configs/tpu_v4_64.py` (SPEC §5) on v5p's 32 chips (megacore: one device per
 chip), parameters FSDP-sharded over 16 chips x tensor-parallel over 2. Per chip
 (`tools/aot.py`, SCALING.md): train step 15.31 GiB of 95.74 (16%); rollout 1.46 GiB beside the
-3.87 GiB train state (6%); a decoding step reads 3.48 GiB (1.4 ms at HBM bandwidth); roofline
-step 0.92 s (a lower bound). Config args as `tpu_v4_64.py`'s.
+3.87 GiB train state (6%); a decoding step reads at least 0.68 GiB (0.26 ms at HBM
+bandwidth; XLA counts 3.48 GiB with VMEM); roofline step 0.36 s (0.92 s by XLA's byte count;
+both lower bounds). Config args as `tpu_v4_64.py`'s.
 """
 
 import os
