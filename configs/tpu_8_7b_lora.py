@@ -13,7 +13,9 @@ slice's chips (`mesh.ici_parallelism = (1, -1, 1)`); the learning rate is LoRA's
 (full fine-tuning's 1e-6 hardly moves low-rank adapters). The merged model exports with
 `python -m visionr1_jax.tools.export`. Per chip (`tools/aot.py`, SCALING.md): train state 4.16
 GiB of a v5e chip's 15.75 (26%), 8.33 GiB of a v4 chip's 30.75 (27%); the train step 12.77 GiB
-on v5e-8 (81%), 25.18 GiB on v4-8 (82%); roofline step on v5e-8 9.0 s (a lower bound).
+on v5e-8 (81%), 25.18 GiB on v4-8 (82%); roofline step on v5e-8 3.1 s (9.0 s by XLA's byte
+count; both lower bounds). G = 8 on v5e-8: `--config.grpo.num_generations=8
+--config.optim.accumulation_steps=2` (train step 13.38 GiB, 85%; in one batch 17.07 GiB, refused).
 """
 
 import os
