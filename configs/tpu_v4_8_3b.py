@@ -10,8 +10,10 @@ AdamW 1e-6, 3,000 steps) for the 3B model, every parameter FSDP-sharded over the
 chips, the reference model's weights in host memory between its uses
 (`grpo.reference_memory = "host"`). Per chip (`tools/aot.py`, SCALING.md): train state 10.50
 GiB of 30.75 in HBM (34%) + 3.50 GiB of reference on the host; the train step 24.27 GiB
-(79%; with the reference in HBM 27.77 GiB, 90.3%: no 10% headroom). Config args as
-`tpu_v4_64.py`'s.
+(79%; with the reference in HBM 27.77 GiB, 90.3%: no 10% headroom); the rollout 15.39 GiB
+with the train state held (50%); roofline step 2.3 s (5.5 s by XLA's byte count; both lower
+bounds). G = 8: `--config.grpo.num_generations=8 --config.optim.accumulation_steps=4` (train
+step 25.44 GiB, 83%). Config args as `tpu_v4_64.py`'s.
 """
 
 import os

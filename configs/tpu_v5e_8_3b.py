@@ -11,7 +11,9 @@ chips, the reference model's weights in host memory between its uses
 (`grpo.reference_memory = "host"`). Per chip (`tools/aot.py`, SCALING.md): train state 5.25
 GiB of 15.75 in HBM (33%) + 1.75 GiB of reference on the host; the train step 13.49 GiB
 (86%; 15.24 GiB, 97%, with the reference in HBM: no 10% headroom); the rollout 8.04 GiB with
-the train state held (51%); roofline step 1.6 s (a lower bound). Config args as
+the train state held (51%); roofline step 1.7 s (4.5 s by XLA's byte count; both lower
+bounds). G = 8 does not fit a v5e-8; on a v5e-16: `--config.grpo.num_generations=8
+--config.mesh.ici_parallelism=(1,16,1)` (train step 7.98 GiB, 51%). Config args as
 `tpu_v4_64.py`'s.
 """
 
