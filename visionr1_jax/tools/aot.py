@@ -448,7 +448,7 @@ def hbm_floor(r: Mapping[str, float]) -> float:
 
     The roofline's memory term. XLA's `bytes accessed` is no bound: on TPU it counts on-chip
     memory traffic too (a weight prefetched into VMEM counts at its copy, at the bitcast of
-    the copy and at the matmul reading it: 5.2x the weight's bytes for a [64, 448] x
+    the copy and at the matmul reading it: 5.1x the weight's bytes for a [64, 448] x
     [448, 18944] bf16 matmul on v5e), and a loop body once (`lax.scan` over layers)."""
     return r["argument"] + r["output"] - r["alias"]
 
