@@ -7,7 +7,8 @@ the run's meta; resume from the newest complete checkpoint; SIGTERM saves and ex
 - a `main` run killed with SIGKILL (while a checkpoint is being written when the kill catches
   one, else right after the first one is committed) and started again with the same command
   resumes from the newest complete checkpoint; a SIGTERM then saves and exits 0; the resumed
-  run's final parameters, metrics and rollouts are bit-identical to an uninterrupted run's;
+  run's final parameters, metrics and rollouts are bit-identical to an uninterrupted run's
+  (and the parameters moved: weight decay, since the tiny model's rewards are all 0);
 - the same for a 2-process `jax.distributed` run: tests/test_checkpoint_multiprocess.py (its
   own file, so that pytest-xdist runs it beside this one).
 
@@ -146,6 +147,10 @@ OVERRIDES = {
     "grpo.num_generations": 2,
     "grpo.max_new_tokens": 8,
     "optim.learning_rate": 1e-3,
+    # The tiny model's completions never parse, so every reward and advantage is 0 and the
+    # loss has no gradient: weight decay moves the parameters anyway (by lr(t) x 0.1 x w per
+    # step), so that the final parameters depend on every step having run, in order.
+    "optim.weight_decay": 0.1,
     "data.builder_config": "loop",
     "data.batch_size": 2,
     "checkpoint.every": 2,
@@ -181,27 +186,37 @@ def start(assets, workdir: str, processes: int = 1, devices: int = 1, **over) ->
     )
 
 
-def final_params(workdir: str, ckpt: str, steps: int = STEPS) -> list[np.ndarray]:
-    """The parameters, optimizer state, step and key of the run's final checkpoint, restored
-    onto 1 device of this process. The data item (each host's pipeline position, compared on
-    disk by `assert_same_runs`) is left out: this 1-process restore could read only host 0's
-    of a multi-process run's."""
+def final_state(workdir: str, ckpt: str, steps: int = STEPS):
+    """The train state of the run's final checkpoint, restored onto 1 device of this
+    process. The data item (each host's pipeline position, compared on disk by
+    `assert_same_runs`) is left out: this 1-process restore could read only host 0's of a
+    multi-process run's."""
     _, _, like = state_on(ckpt, (1, 1, 1))
     loader = checkpoint.Checkpointer(workdir, run_config(ckpt))
     step = loader.latest_step()
     assert step == steps
     got = loader.restore(step, like, data=False)
     loader.close()
-    return host_tree(got.state)
+    return got.state
+
+
+def final_params(workdir: str, ckpt: str, steps: int = STEPS) -> list[np.ndarray]:
+    """The parameters, optimizer state, step and key of the run's final checkpoint."""
+    return host_tree(final_state(workdir, ckpt, steps))
 
 
 def assert_same_runs(got_dir: str, want_dir: str, ckpt: str, steps: int = STEPS) -> None:
     """The run in `got_dir` ended bit-identical to the one in `want_dir`: final parameters
     and optimizer state, every host's pipeline position, one metrics line per step with the
     same values, and the same rollouts."""
-    for g, w in zip(final_params(got_dir, ckpt, steps),
-                    final_params(want_dir, ckpt, steps), strict=True):  # fmt: skip
+    got_state = final_state(got_dir, ckpt, steps)
+    for g, w in zip(host_tree(got_state), final_params(want_dir, ckpt, steps),
+                    strict=True):  # fmt: skip
         np.testing.assert_array_equal(g, w)
+    # ...and the parameters did move: equal start weights would make the comparison vacuous
+    _, _, start = state_on(ckpt, (1, 1, 1))
+    pairs = zip(jax.tree.leaves(got_state.params), jax.tree.leaves(start.params), strict=True)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
     data = sorted(glob.glob("process_*.json", root_dir=f"{want_dir}/checkpoints/{steps}/data"))
     assert data, want_dir
     for name in data:
