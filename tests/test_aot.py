@@ -78,9 +78,9 @@ def test_every_program_compiles_and_fits_the_chip(full):
         assert r["hbm_floor"] == r["argument"] + r["output"] - r["alias"] > 0, (name, r)
     assert f"{report['devices']} devices" in log and "fits" in log
     est = report["estimate"]
-    chip = 819e9  # v5e HBM bytes/s, one device per chip
+    bandwidth = 819e9  # v5e HBM bytes/s, one device per chip
     for name in ("prefill", "decode_step", "reference", "train_step"):
-        assert est[f"seconds/{name}"] >= report["programs"][name]["hbm_floor"] / chip, name
+        assert est[f"seconds/{name}"] >= report["programs"][name]["hbm_floor"] / bandwidth, name
     # XLA's count of a loop-free program's bytes includes them (and on-chip traffic besides)
     decode = report["programs"]["decode_step"]
     assert decode["bytes_accessed"] >= decode["hbm_floor"], decode
@@ -90,7 +90,7 @@ def test_every_program_compiles_and_fits_the_chip(full):
 
     modelled = aot.model_flops(report["facts"])["decode_step"] / 4
     assert modelled > 0
-    want = max(max(decode["flops"], modelled) / 197e12, decode["hbm_floor"] / chip)
+    want = max(max(decode["flops"], modelled) / 197e12, decode["hbm_floor"] / bandwidth)
     assert est["seconds/decode_step"] == pytest.approx(want, rel=1e-12)
     step = est["seconds/rollout"] + est["seconds/reference"] + est["seconds/train_step"]
     assert est["seconds/step"] == pytest.approx(step) and 0 < est["mfu"] < 1

@@ -186,12 +186,13 @@ def start(assets, workdir: str, processes: int = 1, devices: int = 1, **over) ->
     )
 
 
-def final_state(workdir: str, ckpt: str, steps: int = STEPS):
+def final_state(workdir: str, ckpt: str, steps: int = STEPS, like=None):
     """The train state of the run's final checkpoint, restored onto 1 device of this
-    process. The data item (each host's pipeline position, compared on disk by
-    `assert_same_runs`) is left out: this 1-process restore could read only host 0's of a
-    multi-process run's."""
-    _, _, like = state_on(ckpt, (1, 1, 1))
+    process into `like` (default: the start state from `ckpt`). The data item (each host's
+    pipeline position, compared on disk by `assert_same_runs`) is left out: this 1-process
+    restore could read only host 0's of a multi-process run's."""
+    if like is None:
+        _, _, like = state_on(ckpt, (1, 1, 1))
     loader = checkpoint.Checkpointer(workdir, run_config(ckpt))
     step = loader.latest_step()
     assert step == steps
@@ -209,12 +210,12 @@ def assert_same_runs(got_dir: str, want_dir: str, ckpt: str, steps: int = STEPS)
     """The run in `got_dir` ended bit-identical to the one in `want_dir`: final parameters
     and optimizer state, every host's pipeline position, one metrics line per step with the
     same values, and the same rollouts."""
-    got_state = final_state(got_dir, ckpt, steps)
-    for g, w in zip(host_tree(got_state), final_params(want_dir, ckpt, steps),
-                    strict=True):  # fmt: skip
+    _, _, start = state_on(ckpt, (1, 1, 1))
+    got_state = final_state(got_dir, ckpt, steps, like=start)
+    want_state = final_state(want_dir, ckpt, steps, like=start)
+    for g, w in zip(host_tree(got_state), host_tree(want_state), strict=True):
         np.testing.assert_array_equal(g, w)
     # ...and the parameters did move: equal start weights would make the comparison vacuous
-    _, _, start = state_on(ckpt, (1, 1, 1))
     pairs = zip(jax.tree.leaves(got_state.params), jax.tree.leaves(start.params), strict=True)
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
     data = sorted(glob.glob("process_*.json", root_dir=f"{want_dir}/checkpoints/{steps}/data"))
@@ -341,17 +342,17 @@ def test_reference_in_host_memory_trains_and_resumes_like_the_device_one(assets,
     start weights), and a run restarted after losing its last two checkpoints resumes from
     step 2 and ends the same."""
     ends = {}
-    for name, memory in (("device", "device"), ("host", "host")):
+    for memory in ("device", "host"):
         c = run_config(assets["checkpoint"], assets["data_dir"], total_steps=4)
         c.grpo.reference_memory = memory
         c.checkpoint.keep = None
-        r = train.setup(c, str(tmp_path / name))
+        r = train.setup(c, str(tmp_path / memory))
         r.score_fn = _text_score
         assert {x.sharding.memory_kind for x in jax.tree.leaves(r.state.ref_params)} == {
             "pinned_host" if memory == "host" else "device"
         }
         train.train_loop(r)
-        ends[name] = read_jsonl(str(tmp_path / name / "metrics.jsonl"))
+        ends[memory] = read_jsonl(str(tmp_path / memory / "metrics.jsonl"))
     assert launch.committed(str(tmp_path / "host")) == [1, 2, 3, 4]
     for step in (3, 4):  # as if the run had died before these were written
         shutil.rmtree(tmp_path / "host" / "checkpoints" / str(step))

@@ -504,8 +504,7 @@ def estimate(
             continue
         xla = r["flops"]
         modelled = model.get(name, 0.0) / n_devices
-        floor = r.get("hbm_floor", hbm_floor(r))
-        seconds[name] = max(max(xla, modelled) / flops, floor / bandwidth)
+        seconds[name] = max(max(xla, modelled) / flops, hbm_floor(r) / bandwidth)
     out = {f"seconds/{k}": v for k, v in seconds.items()}
     if "prefill" in seconds and "decode_step" in seconds:
         out["seconds/rollout"] = (
