@@ -31,10 +31,8 @@ same ``--config`` (``python -m visionr1_jax.data.tfds_cli prepare --config=...``
 
 import ml_collections
 
-from visionr1_jax import checkpoint, config_lib, metrics, rewards, sft, train
-from visionr1_jax.data import data_config
+from visionr1_jax import config_lib, sections
 from visionr1_jax.data.builders import user_coco
-from visionr1_jax.models import model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -48,10 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_steps = 40
     config.progress = True
     config.log_rollouts = 2
-    config.model = model_config()
+    config.model = sections.model_config()
     config.model.dtype = "float32"
 
-    config.data = data = data_config()
+    config.data = data = sections.data_config()
     data.name = "coco_format"
     if args.annotations is None:
         if args.images or args.val_annotations or args.val_images:
@@ -73,17 +71,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.min_pixels = 56 * 56
     data.max_prompt_len = 256
 
-    config.reward = rewards.default_config(
+    config.reward = sections.reward_config(
         args.variant, schedule=args.schedule, switch_step=args.switch_step
     )
-    config.grpo = train.grpo_config()  # SPEC §5: β 0.04, k3, G 4, temperature 1, top-k 50
+    config.grpo = sections.grpo_config()  # SPEC §5: β 0.04, k3, G 4, temperature 1, top-k 50
     config.grpo.max_new_tokens = 48
-    config.optim = train.optim_config()
+    config.optim = sections.optim_config()
     config.optim.learning_rate = 1e-4
-    config.sft = sft.sft_config()  # read with --config.objective=sft
-    config.mesh = config_lib.mesh_config(ici=(-1, 1, 1))
-    config.checkpoint = checkpoint.checkpoint_config()
+    config.sft = sections.sft_config()  # read with --config.objective=sft
+    config.mesh = sections.mesh_config(ici=(-1, 1, 1))
+    config.checkpoint = sections.checkpoint_config()
     config.checkpoint.every = 20
-    config.metrics = metrics.metrics_config()
+    config.metrics = sections.metrics_config()
     config.metrics.render_every = 10
     return config

@@ -40,9 +40,7 @@ Config args (``key=value,...``):
 
 import ml_collections
 
-from visionr1_jax import checkpoint, config_lib, evaluate, experiment, metrics, rewards, train
-from visionr1_jax.data import data_config
-from visionr1_jax.models import model_config
+from visionr1_jax import config_lib, sections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,24 +53,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_steps = 40
     config.progress = True
     config.log_rollouts = 2
-    config.model = model_config()
+    config.model = sections.model_config()
     config.model.dtype = "float32"
-    config.data = data_config()
+    config.data = sections.data_config()
     config.data.batch_size = 4
     config.data.max_pixels = 112 * 112
     config.data.min_pixels = 56 * 56
     config.data.max_prompt_len = 256
-    config.reward = rewards.default_config(
+    config.reward = sections.reward_config(
         args.variant, schedule=args.schedule, switch_step=args.switch_step
     )
-    config.grpo = train.grpo_config()  # SPEC §5: β 0.04, k3, G 4, temperature 1, top-k 50
+    config.grpo = sections.grpo_config()  # SPEC §5: β 0.04, k3, G 4, temperature 1, top-k 50
     config.grpo.max_new_tokens = 48
-    config.optim = train.optim_config()
+    config.optim = sections.optim_config()
     config.optim.learning_rate = 1e-4  # the tiny random model moves visibly in 40 steps
-    config.mesh = config_lib.mesh_config(ici=(-1, 1, 1))
-    config.checkpoint = checkpoint.checkpoint_config()
+    config.mesh = sections.mesh_config(ici=(-1, 1, 1))
+    config.checkpoint = sections.checkpoint_config()
     config.checkpoint.every = 20
-    config.metrics = metrics.metrics_config()  # TensorBoard under WORKDIR/tensorboard
+    config.metrics = sections.metrics_config()  # TensorBoard under WORKDIR/tensorboard
     config.metrics.render_every = 10  # PNGs of completions under WORKDIR/renderings
     if not args.experiment:
         return config
@@ -86,9 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_instances = 1
     config.grpo.max_new_tokens = 48  # a one-box answer is ~42 tokens of the tiny tokenizer
     config.optim.learning_rate = 5e-4
-    config.eval = evaluate.eval_config()
+    config.eval = sections.eval_config()
     config.eval.max_new_tokens = 48
-    config.experiment = experiment.experiment_config()
+    config.experiment = sections.experiment_config()
     config.experiment.sft_steps = 200
     config.experiment.sft_learning_rate = 3e-3
     config.experiment.sft_batch_size = 16

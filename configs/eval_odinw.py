@@ -19,21 +19,19 @@ read is `data.eval_split` (`test`, as GLIP's ODinW protocol). The paper: Qwen2.5
 
 import ml_collections
 
-from visionr1_jax import config_lib, evaluate
-from visionr1_jax.data import data_config
-from visionr1_jax.models import model_config
+from visionr1_jax import sections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.model = model_config()
+    config.model = sections.model_config()
     config.model.checkpoint = "gs://YOUR_BUCKET/Qwen2.5-VL-7B-Instruct"
     config.model.tokenizer = "qwen"
     config.model.param_dtype = "bfloat16"
     config.model.dtype = "bfloat16"
-    config.data = data_config()
+    config.data = sections.data_config()
     config.data.name = "odinw"
     config.data.builder_config = "grounding"
     config.data.eval_split = "test"
@@ -44,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 51,200 of max_pixels.
     config.data.patch_buckets = (1024, 2048, 4096, 16384)
     config.data.length_buckets = (1024, 2048, 4096, 8192)
-    config.mesh = config_lib.mesh_config(ici=(1, -1, 1))
-    config.eval = evaluate.eval_config()
+    config.mesh = sections.mesh_config(ici=(1, -1, 1))
+    config.eval = sections.eval_config()
     config.eval.protocol = "odinw"
     return config

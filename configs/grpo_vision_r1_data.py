@@ -16,21 +16,16 @@ of up to 512 tokens per step, temperature 1, β 0.04 (k3), AdamW lr 1e-6 with li
 (``:variant=paper,switch_step=1500``...).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location(
-    "tpu_v4_64", os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from visionr1_jax import config_lib, sections
+
+_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    from visionr1_jax import config_lib
-
-    config = _base.get_config(arg)
-    config.mesh = config_lib.mesh_config(ici=(1, -1, 1))
+    config = config_lib.load_config(_BASE + (f":{arg}" if arg else ""))
+    config.mesh = sections.mesh_config(ici=(1, -1, 1))
     return config

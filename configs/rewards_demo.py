@@ -13,13 +13,13 @@ schedule with a switch: ``official_adaptive`` or ``paper``).
 
 import ml_collections
 
-from visionr1_jax import config_lib, rewards
+from visionr1_jax import config_lib, sections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, variant="official", step=0, schedule=None, switch_step=None)
     config = ml_collections.ConfigDict()
-    config.reward = rewards.default_config(
+    config.reward = sections.reward_config(
         args.variant, schedule=args.schedule, switch_step=args.switch_step
     )
     config.step = args.step

@@ -22,9 +22,7 @@ TensorBoard as in every run.
 
 import ml_collections
 
-from visionr1_jax import checkpoint, config_lib, metrics, sft, train
-from visionr1_jax.data import data_config
-from visionr1_jax.models import model_config
+from visionr1_jax import sections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,23 +32,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.objective = "sft"
     config.total_steps = 3063  # one epoch: 49,000 / 16
     config.progress = True
-    config.model = model_config()
+    config.model = sections.model_config()
     config.model.checkpoint = "gs://YOUR_BUCKET/Qwen2.5-VL-7B-Instruct"
     config.model.tokenizer = "qwen"
     config.model.dtype = "bfloat16"
     config.model.remat_policy = "dots_no_batch"
     config.model.logprob_chunk = 128
-    config.data = data_config()
+    config.data = sections.data_config()
     config.data.name = "vision_r1_data"
     config.data.builder_config = "qwen25"
     config.data.batch_size = 16
-    config.sft = sft.sft_config()
-    config.grpo = train.grpo_config()
-    config.optim = train.optim_config()
+    config.sft = sections.sft_config()
+    config.grpo = sections.grpo_config()
+    config.optim = sections.optim_config()
     config.optim.learning_rate = 1e-5
     config.optim.warmup_steps = 92  # 3%
-    config.mesh = config_lib.mesh_config(ici=(1, -1, 1))
-    config.checkpoint = checkpoint.checkpoint_config()
+    config.mesh = sections.mesh_config(ici=(1, -1, 1))
+    config.checkpoint = sections.checkpoint_config()
     config.checkpoint.every = 500
-    config.metrics = metrics.metrics_config()
+    config.metrics = sections.metrics_config()
     return config

@@ -22,7 +22,7 @@ import os
 
 import ml_collections
 
-from visionr1_jax import config_lib
+from visionr1_jax import config_lib, sections
 
 _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
 
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.lora.rank = 64
     config.model.lora.alpha = 128.0
     config.optim.learning_rate = 1e-5
-    config.mesh = config_lib.mesh_config(ici=(1, -1, 1))
+    config.mesh = sections.mesh_config(ici=(1, -1, 1))
     # Each chip holds 8 of the 64 completions: `dots_no_batch` would keep every projection's
     # output for the backward pass (38.9 GiB of temporaries on v5e-8, `tools/aot.py`); `full`
     # keeps each layer's input only and recomputes the rest (a third more FLOPs).

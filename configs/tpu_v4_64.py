@@ -25,9 +25,7 @@ step 1500; ``switch_step`` moves it); ``switch_step`` is rejected for a schedule
 
 import ml_collections
 
-from visionr1_jax import checkpoint, config_lib, metrics, rewards, train
-from visionr1_jax.data import data_config
-from visionr1_jax.models import model_config
+from visionr1_jax import config_lib, sections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_steps = 3000
     config.progress = True
     config.log_rollouts = 4
-    config.model = model_config()
+    config.model = sections.model_config()
     config.model.checkpoint = "gs://YOUR_BUCKET/Qwen2.5-VL-7B-Instruct"
     config.model.tokenizer = "qwen"
     config.model.dtype = "bfloat16"
@@ -48,19 +46,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.scan_layers = True
     # 128 positions per log-prob head block: the automatic size assumes one host's rows.
     config.model.logprob_chunk = 128
-    config.data = data_config()
+    config.data = sections.data_config()
     config.data.name = "vision_r1_data"
     config.data.builder_config = "qwen25"
     config.data.batch_size = 16
-    config.reward = rewards.default_config(
+    config.reward = sections.reward_config(
         args.variant, schedule=args.schedule, switch_step=args.switch_step
     )
-    config.grpo = train.grpo_config()  # SPEC §5 defaults (see the docstring)
-    config.optim = train.optim_config()
-    config.mesh = config_lib.mesh_config(ici=(1, 16, 2))
-    config.checkpoint = checkpoint.checkpoint_config()
+    config.grpo = sections.grpo_config()  # SPEC §5 defaults (see the docstring)
+    config.optim = sections.optim_config()
+    config.mesh = sections.mesh_config(ici=(1, 16, 2))
+    config.checkpoint = sections.checkpoint_config()
     config.checkpoint.every = 100  # async; the newest 3 kept, every 1,000th for good
     config.checkpoint.keep_period = 1000
-    config.metrics = metrics.metrics_config()
+    config.metrics = sections.metrics_config()
     config.metrics.render_every = 100
     return config

@@ -20,7 +20,7 @@ import os
 
 import ml_collections
 
-from visionr1_jax import config_lib
+from visionr1_jax import config_lib, sections
 
 _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
 
@@ -28,7 +28,7 @@ _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = config_lib.load_config(_BASE + (f":{arg}" if arg else ""))
     config.model.checkpoint = "gs://YOUR_BUCKET/Qwen2.5-VL-3B-Instruct"
-    config.mesh = config_lib.mesh_config(ici=(1, 4, 1))
+    config.mesh = sections.mesh_config(ici=(1, 4, 1))
     # `dots_no_batch` keeps every projection's output for the backward pass: 25.1 GiB of
     # temporaries per v5e-8 chip (`tools/aot.py`); `full` keeps each layer's input only.
     config.model.remat_policy = "full"

@@ -18,12 +18,12 @@ import os
 
 import ml_collections
 
-from visionr1_jax import config_lib
+from visionr1_jax import config_lib, sections
 
 _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_v4_64.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = config_lib.load_config(_BASE + (f":{arg}" if arg else ""))
-    config.mesh = config_lib.mesh_config(ici=(1, 16, 4))
+    config.mesh = sections.mesh_config(ici=(1, 16, 4))
     return config

@@ -8,47 +8,48 @@ import pytest
 
 from visionr1_jax import rewards
 from visionr1_jax.rewards import schedule
+from visionr1_jax.sections import reward as reward_section
 
 
 def test_presets_match_spec():
-    off = schedule.preset("off")
-    assert off == [schedule.stage(0, 0.5, 0.0, 1.0, 0.0, 1.0)]
-    adaptive = schedule.preset("official_adaptive", 1500)
-    assert adaptive[1] == schedule.stage(1500, 0.75, 0.5, 0.75, 0.75, 0.9)
-    paper = schedule.preset("paper", 700)
-    assert paper[0] == schedule.stage(0, 0.5, 0.5, 0.75, 0.5, 0.75)
-    assert paper[1] == schedule.stage(700, 0.75, 0.75, 0.9, 0.75, 0.9)
+    off = reward_section.preset("off")
+    assert off == [reward_section.stage(0, 0.5, 0.0, 1.0, 0.0, 1.0)]
+    adaptive = reward_section.preset("official_adaptive", 1500)
+    assert adaptive[1] == reward_section.stage(1500, 0.75, 0.5, 0.75, 0.75, 0.9)
+    paper = reward_section.preset("paper", 700)
+    assert paper[0] == reward_section.stage(0, 0.5, 0.5, 0.75, 0.5, 0.75)
+    assert paper[1] == reward_section.stage(700, 0.75, 0.75, 0.9, 0.75, 0.9)
 
 
 @pytest.mark.parametrize(
     "stages, message",
     [
         ([], "at least one stage"),
-        ([schedule.stage(5, 0.5, 0, 1, 0, 1)], r"\[0\].start_step must be 0"),
+        ([reward_section.stage(5, 0.5, 0, 1, 0, 1)], r"\[0\].start_step must be 0"),
         (
-            [schedule.stage(0, 0.5, 0, 1, 0, 1), schedule.stage(0, 0.5, 0, 1, 0, 1)],
+            [reward_section.stage(0, 0.5, 0, 1, 0, 1), reward_section.stage(0, 0.5, 0, 1, 0, 1)],
             "strictly increasing",
         ),
         (
-            [schedule.stage(0, 0.5, 0, 1, 0, 1), schedule.stage(10, 0.5, 0, 1, 0, 1)][::-1],
+            [reward_section.stage(0, 0.5, 0, 1, 0, 1), reward_section.stage(10, 0.5, 0, 1, 0, 1)][::-1],
             r"\[0\].start_step must be 0",
         ),
-        ([{**schedule.stage(0, 0.5, 0, 1, 0, 1), "recall_lo": 1.5}], r"\[0\].recall_lo=1.5"),
-        ([{**schedule.stage(0, 0.5, 0.8, 0.2, 0, 1)}], "recall_lo=0.8 must be <="),
+        ([{**reward_section.stage(0, 0.5, 0, 1, 0, 1), "recall_lo": 1.5}], r"\[0\].recall_lo=1.5"),
+        ([{**reward_section.stage(0, 0.5, 0.8, 0.2, 0, 1)}], "recall_lo=0.8 must be <="),
         (
-            [schedule.stage(0, 0.5, 0, 1, 0, 1), {"start_step": 9, "recall_tp": 0.5}],
+            [reward_section.stage(0, 0.5, 0, 1, 0, 1), {"start_step": 9, "recall_tp": 0.5}],
             r"\[1\] has keys",
         ),
-        ([{**schedule.stage(0, 0.5, 0, 1, 0, 1), "start_step": 0.5}], "integer"),
+        ([{**reward_section.stage(0, 0.5, 0, 1, 0, 1), "start_step": 0.5}], "integer"),
     ],
 )
 def test_validation_names_the_key(stages, message):
     with pytest.raises(ValueError, match=message):
-        schedule.validate(stages)
+        reward_section.validate_stages(stages)
 
 
 def test_lookup_switches_exactly_at_start_step():
-    stages = schedule.preset("paper", 1500)
+    stages = reward_section.preset("paper", 1500)
     for step, want in [(0, 0.5), (1499, 0.5), (1500, 0.75), (10**6, 0.75)]:
         got = schedule.lookup(stages, jnp.int32(step))
         assert float(got["recall_tp"]) == want
@@ -86,7 +87,7 @@ def test_reward_config_validation_names_the_key():
         rewards.validate_config(config)
     config = rewards.default_config()
     config.schedule = "custom"
-    config.stages = [schedule.stage(3, 0.5, 0, 1, 0, 1)]
+    config.stages = [reward_section.stage(3, 0.5, 0, 1, 0, 1)]
     with pytest.raises(ValueError, match=r"reward.stages\[0\].start_step must be 0"):
         rewards.make_reward_fn(config)
     with pytest.raises(ValueError, match="variant"):
@@ -137,12 +138,12 @@ def test_visual_rft_family():
 @pytest.mark.parametrize(
     "variant, schedule_name, switch_step, want",
     [
-        ("official", None, None, schedule.preset("off")),
-        ("official", "official_adaptive", None, schedule.preset("official_adaptive", 1500)),
-        ("official", "official_adaptive", 40, schedule.preset("official_adaptive", 40)),
-        ("easyr1", "official_adaptive", "700", schedule.preset("official_adaptive", 700)),
-        ("paper", None, None, schedule.preset("paper", 1500)),
-        ("paper", "off", None, schedule.preset("off")),
+        ("official", None, None, reward_section.preset("off")),
+        ("official", "official_adaptive", None, reward_section.preset("official_adaptive", 1500)),
+        ("official", "official_adaptive", 40, reward_section.preset("official_adaptive", 40)),
+        ("easyr1", "official_adaptive", "700", reward_section.preset("official_adaptive", 700)),
+        ("paper", None, None, reward_section.preset("paper", 1500)),
+        ("paper", "off", None, reward_section.preset("off")),
     ],
 )
 def test_schedule_is_selected_by_name(variant, schedule_name, switch_step, want):
@@ -211,7 +212,7 @@ def test_validation_rejects_schedule_values_without_effect(config, message):
 def test_custom_stages():
     config = rewards.default_config("official")
     config.schedule = "custom"
-    config.stages = [schedule.stage(0, 0.5, 0, 1, 0, 1), schedule.stage(7, 0.6, 0, 1, 0, 1)]
+    config.stages = [reward_section.stage(0, 0.5, 0, 1, 0, 1), reward_section.stage(7, 0.6, 0, 1, 0, 1)]
     rewards.validate_config(config)
     out = rewards.score(["[]"], [rewards.Target([[0, 0, 1, 1]], ["a"], (9, 9), (9, 9))], step=7,
                         config=config)  # fmt: skip

@@ -35,60 +35,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-
-def checkpoint_config() -> ml_collections.ConfigDict:
-    """The `checkpoint` section of a run config.
-
-    Fields: `every` (save every that many optimizer steps, at a rollout boundary, so a
-    multiple of `grpo.num_iterations`; 0 = only at the end and on SIGTERM), `keep` (the
-    newest N checkpoints are kept; None = all), `keep_period` (every K-th step is also kept
-    for good; None = off), `async_save` (the loop goes on while the arrays are written),
-    `resume` (start from the newest complete checkpoint in the workdir when there is one).
-    """
-    c = ml_collections.ConfigDict()
-    c.every = 0
-    c.keep = 3
-    c.keep_period = ml_collections.config_dict.placeholder(int)
-    c.async_save = True
-    c.resume = True
-    return c
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad `checkpoint.*` value (a run config without the
-    section is valid: nothing is saved)."""
-    c = config.get("checkpoint")
-    if c is None:
-        return
-    mu = int(config.grpo.num_iterations) if "grpo" in config else 1
-
-    def is_int(x: Any) -> bool:
-        return isinstance(x, int | np.integer) and not isinstance(x, bool)
-
-    if not is_int(c.every) or c.every < 0:
-        raise ValueError(f"checkpoint.every={c.every!r} must be an integer >= 0")
-    if config.get("objective", "grpo") == "grpo" and c.every % mu:
-        raise ValueError(
-            f"checkpoint.every={c.every} is not a multiple of grpo.num_iterations={mu}: saves "
-            "happen between rollouts, so such a value would not be honoured"
-        )
-    if c.keep is not None and (not is_int(c.keep) or c.keep < 1):
-        raise ValueError(f"checkpoint.keep={c.keep!r} must be a positive integer or None")
-    if c.keep_period is not None and (not is_int(c.keep_period) or c.keep_period < 1):
-        raise ValueError(f"checkpoint.keep_period={c.keep_period!r} must be a positive integer")
-    if c.keep_period is not None and c.every and c.keep_period % c.every:
-        raise ValueError(
-            f"checkpoint.keep_period={c.keep_period} is not a multiple of "
-            f"checkpoint.every={c.every}: no saved step would be kept by it"
-        )
-    for key in ("async_save", "resume"):
-        if not isinstance(c.get(key), bool):
-            raise ValueError(f"checkpoint.{key}={c.get(key)!r} must be True or False")
-
+from visionr1_jax.sections.run import checkpoint_config, validate_checkpoint
 
 # ------------------------------------------------------------------------------ data item
 
@@ -160,6 +110,30 @@ def checkpoints_dir(workdir: str) -> epath.Path:
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)
     return epath.Path(workdir) / "checkpoints"
+
+
+def read_only_manager(workdir: str) -> ocp.CheckpointManager:
+    """A read-only manager of `<workdir>/checkpoints` (FileNotFoundError when it holds none)."""
+    directory = checkpoints_dir(workdir)
+    if directory.exists():
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+        if manager.all_steps():
+            return manager
+        manager.close()
+    raise FileNotFoundError(
+        f"no checkpoint in {workdir}: {directory} holds no complete checkpoint (a run saves "
+        "there with a `checkpoint` config section)"
+    )
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the run's complete checkpoints, ascending."""
+    manager = read_only_manager(workdir)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
 
 
 def load_params(workdir: str, step: int | None, like: Any) -> tuple[Any, int]:
@@ -267,7 +241,8 @@ class Checkpointer:
         self.config = config
         self.c = config.get("checkpoint") or checkpoint_config()
         self.with_ref = bool((config.get("model") or {}).get("init_from"))
-        validate_config(config)
+        if "checkpoint" in config:
+            validate_checkpoint(config)
         _register_array_handler()
         self.directory = checkpoints_dir(workdir)
         options = ocp.CheckpointManagerOptions(

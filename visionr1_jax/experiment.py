@@ -34,6 +34,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from visionr1_jax import checkpoint, config_lib, evaluate, loading, processing, render, train
+from visionr1_jax import metrics as metrics_lib
+from visionr1_jax.data import config as data_config_lib
+from visionr1_jax.data import pipeline
+from visionr1_jax.sections.run import validate_experiment
+from visionr1_jax.sections.training import sft_config
+
 ROWS = (
     ("start", "start"),
     ("sft", "+SFT"),
@@ -50,61 +57,6 @@ COLUMNS = (
 )
 
 
-def experiment_config() -> ml_collections.ConfigDict:
-    """The `experiment` section.
-
-    Fields:
-      sft_steps: optimizer steps of the SFT warm start.
-      sft_learning_rate, sft_warmup_steps: its AdamW learning rate (linear decay to 0) and
-        warm-up.
-      sft_more_learning_rate: the `sft_more` stage's learning rate (None: the GRPO stage's
-        `optim.learning_rate`), no warm-up, linear decay.
-      sft_batch_size: prompts per SFT step (None: `data.batch_size`, the GRPO stage's).
-      examples: evaluation images drawn per model in `results.png`.
-    """
-    c = ml_collections.ConfigDict()
-    c.sft_steps = 200
-    c.sft_learning_rate = 3e-3
-    c.sft_warmup_steps = 20
-    c.sft_more_learning_rate = ml_collections.config_dict.placeholder(float)
-    c.sft_batch_size = ml_collections.config_dict.placeholder(int)
-    c.examples = 4
-    return c
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks the `experiment` section: positive step counts and rate, an `eval` section, the
-    GRPO objective (the config is the Vision-R1 stage's)."""
-    c = config.experiment
-    known = set(experiment_config().keys())
-    for key in c.keys():
-        if key not in known:
-            raise ValueError(f"experiment.{key} is not an experiment key; known: {sorted(known)}")
-    for key in ("sft_steps", "examples"):
-        v = c[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"experiment.{key}={v!r} must be an int >= 1")
-    if isinstance(c.sft_warmup_steps, bool) or not isinstance(c.sft_warmup_steps, int):
-        raise ValueError(f"experiment.sft_warmup_steps={c.sft_warmup_steps!r} must be an int")
-    if not 0 <= c.sft_warmup_steps <= c.sft_steps:
-        raise ValueError(f"experiment.sft_warmup_steps={c.sft_warmup_steps} not in [0, sft_steps]")
-    b = c.sft_batch_size
-    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-        raise ValueError(f"experiment.sft_batch_size={b!r} must be None or an int >= 1")
-    more = c.sft_more_learning_rate
-    if more is not None and not float(more) > 0:
-        raise ValueError(f"experiment.sft_more_learning_rate={more!r} must be None or > 0")
-    if not float(c.sft_learning_rate) > 0:
-        raise ValueError(f"experiment.sft_learning_rate={c.sft_learning_rate!r} must be > 0")
-    if config.get("objective", "grpo") != "grpo":
-        raise ValueError(
-            f"objective={config.objective!r}: an `experiment` config is its GRPO stage's (the "
-            "SFT stages are derived from it)"
-        )
-    if "eval" not in config:
-        raise ValueError("an `experiment` needs an `eval` section (evaluate.eval_config())")
-
-
 # ----------------------------------------------------------------------------- stage configs
 
 
@@ -119,13 +71,11 @@ def sft_stage(config, steps: int, init_from: str = "") -> ml_collections.ConfigD
     with `init_from` (a stage directory) the continuation, at `experiment.sft_more_learning_rate`
     (None: the GRPO stage's `optim.learning_rate`, so that both continuations move from the
     warm start with the same optimizer settings) without warm-up."""
-    from visionr1_jax import sft
-
     e = config.experiment
     c = _unlocked(config)
     c.objective = "sft"
     c.total_steps = int(steps)
-    c.sft = sft.sft_config()
+    c.sft = sft_config()
     if e.sft_batch_size:
         c.data.batch_size = int(e.sft_batch_size)
     if init_from:
@@ -158,18 +108,14 @@ def _log(text: str) -> None:
 
 def _final_step(workdir: str) -> int | None:
     """The newest complete checkpoint step of the stage in `workdir` (None: none yet)."""
-    from visionr1_jax.tools import export
-
     try:
-        return max(export.checkpoint_steps(workdir))
+        return max(checkpoint.checkpoint_steps(workdir))
     except FileNotFoundError:
         return None
 
 
 def train_stage(name: str, config, workdir: str) -> None:
     """Trains one stage to `config.total_steps` (resuming from its checkpoints), unless done."""
-    from visionr1_jax import train
-
     if _final_step(workdir) == int(config.total_steps):
         _log(f"[{name}] done ({config.total_steps} steps): skipped")
         return
@@ -179,10 +125,8 @@ def train_stage(name: str, config, workdir: str) -> None:
 
 def eval_stage(name: str, config, workdir: str, step: int | None) -> dict[str, float]:
     """Evaluates the stage's checkpoint `step` (None: the initial model), unless done."""
-    from visionr1_jax import evaluate, metrics
-
     tag = "base" if step is None else f"step_{step}"
-    path = os.path.join(metrics.local_dir(workdir), "eval", f"{tag}.json")
+    path = os.path.join(metrics_lib.local_dir(workdir), "eval", f"{tag}.json")
     if os.path.exists(path):
         _log(f"[{name}] evaluation {tag}: done, read from {path}")
     else:
@@ -235,10 +179,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
     """Runs the experiment (module docstring); returns {row: metrics}."""
-    from visionr1_jax import config_lib
-    from visionr1_jax import metrics as metrics_lib
-
-    validate_config(config)
+    validate_experiment(config)
     check_workdir(config, workdir)
     d = {name: os.path.join(workdir, name) for name, _ in ROWS}
     sft_cfg = sft_stage(config, config.experiment.sft_steps)
@@ -307,11 +248,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], plan: Mapping | Non
 def _examples(workdir: str, config, tags: Mapping[str, str], count: int):
     """Panels of the first `count` evaluation images per model: the image the model saw,
     ground truth (green) and the model's boxes (red). tags: row → `<dir>/eval/<tag>` prefix."""
-    from visionr1_jax import evaluate, processing, render, train
-    from visionr1_jax.data import config as data_config_lib
-    from visionr1_jax.data import pipeline
-
-    path = train.checkpoint_path(config, os.path.join(workdir, "sft"))
+    path = loading.checkpoint_path(config, os.path.join(workdir, "sft"))
     processor = processing.load_processor(path)
     images, targets = [], []
     for hb in pipeline.InputPipeline(data_config_lib.eval_config(config.data), processor):
@@ -340,12 +277,10 @@ def _examples(workdir: str, config, tags: Mapping[str, str], count: int):
 def plot(workdir: str, results, config) -> str:
     """`results.png`: SFT loss, GRPO reward and matched IoU, the table's mAP / AP50 per model,
     and example predictions of each model on the same evaluation images."""
-    import matplotlib
+    import matplotlib  # optional: only the experiment's plot needs it (slow to import)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from visionr1_jax import metrics as metrics_lib
+    import matplotlib.pyplot as plt  # optional: as above
 
     read = lambda n: metrics_lib.read_jsonl(os.path.join(workdir, n, "metrics.jsonl"))
     rows = [(k, t) for k, t in ROWS if k in results]

@@ -1,4 +1,14 @@
-"""Host-process tuning for running XLA on CPU (laptop demo, CPU tests, benchmarks).
+"""The host process: multi-host helpers, signals, and XLA:CPU memory tuning.
+
+**Multi-host.** Every process of a run holds some rows of each batch (`local_rows`). Arrays
+cross between host and devices only through the explicit calls here: `local_values` brings
+this process's rows of a row-sharded array to the host (no all-gather), `global_rows` makes a
+global array from each process's rows, `to_host` gathers a whole array on every process (for
+what every host must see), `kv_allgather` exchanges small JSON values through the
+`jax.distributed` key-value store (host RPCs, safe from any thread), and `TermSignal` turns a
+SIGTERM into a stop agreed by all processes. `initialize_distributed` starts them.
+
+**XLA:CPU memory** (laptop demo, CPU tests, benchmarks).
 
 XLA:CPU allocates each call's output and temporary buffers anew. With glibc's default malloc
 settings, blocks above the dynamic mmap threshold (at most 32 MiB) are mapped fresh and
@@ -24,8 +34,18 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Sequence
 from typing import Any
+
+import jax
+import numpy as np
+from jax._src import distributed  # the key-value store: jax has no public client for it
+from jax.experimental import multihost_utils
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -101,8 +121,6 @@ def watch_compiles(*, release_memory: bool = False) -> None:
     global _listening, _release
     _release = _release or (release_memory and _libc() is not None)
     if not _listening:
-        import jax
-
         jax.monitoring.register_event_duration_secs_listener(_on_duration)
         _listening = True
 
@@ -117,13 +135,114 @@ def initialize_distributed(
 ) -> None:
     """`jax.distributed.initialize` for multi-process launches: explicit when a coordinator
     is given, automatic on a multi-host Cloud TPU slice; nothing for a single process."""
-    import os
-
-    import jax
-
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
+
+
+# --------------------------------------------------------------------------------------------
+# Rows of a batch across processes
+
+KV_TIMEOUT_MS = 3_600_000  # how long a host waits for the others' values in the key-value store
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """The global row indices of a batch-sharded array that this process holds, in the order
+    `make_array_from_process_local_data` takes (and the input pipeline gives) local rows."""
+    rows = set()
+    for shard in x.addressable_shards:
+        rows.update(range(*shard.index[0].indices(x.shape[0])))
+    return np.array(sorted(rows), np.int64)
+
+
+def local_values(arrays: Sequence[jax.Array]) -> list[np.ndarray]:
+    """This process's rows of row-sharded global arrays (rows `local_rows(x)`, in that order),
+    fetched in one explicit `jax.device_get`: nothing is gathered from other hosts."""
+    out = []
+    for x in arrays:
+        shards = {}
+        for shard in x.addressable_shards:
+            shards.setdefault(shard.index[0].indices(x.shape[0]), shard.data)
+        out.append([shards[k] for k in sorted(shards)])
+    fetched = jax.device_get(out)
+    return [np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0]) for parts in fetched]
+
+
+def global_rows(sharding: jax.sharding.Sharding, local: np.ndarray, num_rows: int) -> jax.Array:
+    """This process's rows `local` of a `num_rows`-row array, as a global array with
+    `sharding` (rows over the batch axes: `sharding.rows_sharding`). One explicit transfer."""
+    return jax.make_array_from_process_local_data(sharding, local, (num_rows, *local.shape[1:]))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array in full on every process (one all-gather when multi-process)."""
+    if jax.process_count() == 1:
+        return jax.device_get(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def kv_allgather(key: str, value: Any, *, drop: str | None = None) -> list[Any]:
+    """Every process's JSON-serialisable `value` (item p: process p's), exchanged through the
+    `jax.distributed` key-value store under `key/<process>`: host-side RPCs, safe from any
+    thread. (Not an XLA collective: XLA:CPU runs a process's collective programs one at a
+    time in launch order and gloo pairs the processes' collectives by that order, so one
+    launched from a background thread while the main thread launches its own can meet a
+    different collective on another host: a hang, or gloo's "Received data size doesn't match
+    expected size" abort.) `drop`: a key of an earlier exchange that every process has read by
+    now; this process's entry of it is deleted. One process: `[value]`."""
+    if jax.process_count() == 1:
+        return [value]
+    client = distributed.global_state.client
+    me = jax.process_index()
+    client.key_value_set(f"{key}/{me}", json.dumps(value))
+    out = [
+        json.loads(client.blocking_key_value_get(f"{key}/{p}", KV_TIMEOUT_MS))
+        for p in range(jax.process_count())
+    ]
+    if drop is not None:
+        client.key_value_delete(f"{drop}/{me}")
+    return out
+
+
+class TermSignal:
+    """Records a SIGTERM instead of dying (installed from the main thread only; elsewhere it
+    never fires); `received()` is agreed over the processes, so all stop at the same step."""
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        del signum, frame
+        self._flag = True
+
+    def received(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        flags = multihost_utils.process_allgather(np.int32(self._flag))
+        return bool(np.max(flags))
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def gather_rows(key: str, rows: np.ndarray, num_rows: int, arrays: dict[str, np.ndarray]):
+    """Every process's rows of per-row host arrays, as whole arrays of `num_rows` rows in
+    global order (`rows`: the global index of each local row, `local_rows`). One process:
+    `arrays` as they are (its rows are all the rows). Else exchanged as JSON through the
+    key-value store under `key` (small per-row values: rewards, token counts)."""
+    if jax.process_count() == 1:
+        return arrays
+    payload = {"rows": rows.tolist(), **{k: v.tolist() for k, v in arrays.items()}}
+    out = {k: np.zeros((num_rows, *v.shape[1:]), v.dtype) for k, v in arrays.items()}
+    for part in kv_allgather(key, payload):
+        for k in arrays:
+            out[k][np.asarray(part["rows"], np.int64)] = np.asarray(part[k], arrays[k].dtype)
+    return out

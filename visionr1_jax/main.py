@@ -6,13 +6,18 @@
 
 On a Cloud TPU VM pod slice every host runs the same command and `jax.distributed` finds its
 peers by itself; elsewhere (a local multi-process test) pass `--coordinator_address`,
-`--num_processes` and `--process_id`. The config is validated before anything starts.
+`--num_processes` and `--process_id`. The config is validated before anything starts. A
+config with an `experiment` section runs that experiment's stages (`experiment.run`:
+`make demo`'s SFT → evaluation → GRPO vs more SFT → table), any other the training job
+(`train.run`).
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from visionr1_jax import config_lib, experiment, host, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for run outputs.")
@@ -27,11 +32,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from visionr1_jax import config_lib, host, train
-
     config = config_lib.validate(_CONFIG.value)
     host.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train.run(config, _WORKDIR.value)
+    job = experiment.run if "experiment" in config else train.run
+    job(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

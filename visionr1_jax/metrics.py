@@ -35,8 +35,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+from visionr1_jax import render
 
 _warned_remote: set[str] = set()
 
@@ -50,48 +55,9 @@ def local_dir(workdir: str) -> str:
         return workdir
     path = os.path.abspath(os.path.join("runs_local", workdir.replace("://", "/", 1)))
     if workdir not in _warned_remote and jax.process_index() == 0:
-        from absl import logging
-
         logging.warning("metrics of the remote workdir %s are written locally to %s", workdir, path)
         _warned_remote.add(workdir)
     return path
-
-
-def metrics_config() -> ml_collections.ConfigDict:
-    """The `metrics` section of a run config: `tensorboard` (write event files),
-    `render_every` (render completions every that many optimizer steps, at a rollout boundary,
-    so a multiple of `grpo.num_iterations`; 0 = never), `render_count` (prompts rendered, one
-    completion each)."""
-    c = ml_collections.ConfigDict()
-    c.tensorboard = True
-    c.render_every = 0
-    c.render_count = 4
-    return c
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad `metrics.*` value."""
-    c = config.get("metrics")
-    if c is None:
-        return
-    unknown = set(c.keys()) - set(metrics_config().keys())
-    if unknown:
-        raise ValueError(f"metrics: unknown keys {sorted(unknown)}")
-    if not isinstance(c.tensorboard, bool):
-        raise ValueError(f"metrics.tensorboard={c.tensorboard!r} must be a bool")
-    for key in ("render_every", "render_count"):
-        v = c[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "render_every" else 1):
-            raise ValueError(f"metrics.{key}={v!r} must be an integer >= 0 (count: >= 1)")
-    mu = int(config.grpo.num_iterations) if "grpo" in config else 1
-    if c.render_every and config.get("objective", "grpo") == "grpo" and c.render_every % mu:
-        raise ValueError(
-            f"metrics.render_every={c.render_every} is not a multiple of "
-            f"grpo.num_iterations={mu}: completions exist once per rollout, so such a value "
-            "would not be honoured"
-        )
-    if c.render_every and config.get("objective", "grpo") != "grpo":
-        raise ValueError("metrics.render_every renders GRPO rollouts; set it to 0 for SFT")
 
 
 def to_python(value: Any) -> Any:
@@ -137,8 +103,6 @@ class TensorBoardWriter:
         self.logdir = os.path.join(local_dir(workdir), "tensorboard")
         self._writer = None
         if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-
             self._writer = SummaryWriter(self.logdir, purge_step=purge_step, flush_secs=30)
 
     def scalars(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -181,8 +145,6 @@ class Writer:
         """Writes each uint8[H, W, 3] image; returns the PNG paths (empty off process 0)."""
         if jax.process_index() != 0:
             return []
-        from visionr1_jax import render
-
         directory = os.path.join(local_dir(self.workdir), "renderings", f"step_{int(step)}")
         paths = []
         for name, image in images.items():
@@ -204,8 +166,6 @@ def sum_over_processes(counts: Mapping[str, int | float]) -> dict[str, int | flo
     one small all-gather of each host's JSON). One process: `counts` unchanged."""
     if jax.process_count() == 1:
         return dict(counts)
-    from jax.experimental import multihost_utils
-
     blob = np.frombuffer(json.dumps(dict(counts)).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
@@ -253,8 +213,6 @@ class Progress:
     KEYS = (("reward/total", "reward"), ("kl", "kl"), ("loss", "loss"), ("time/step", "s/step"))
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
-        from tqdm.auto import tqdm
-
         self._bar = tqdm(
             total=total,
             initial=initial,

@@ -26,100 +26,30 @@ after the answer); and the frame is the model input of the run's own resize (the
 takes the size of `qwen_vl_utils`' resize, which equals the processor's for images below both
 pixel bounds).
 
-The update is `train.make_train_step(graphdef, config, objective="sft")` (same state, optimizer,
-sharding and step factory as GRPO): `train.sft_loss`, the token-mean NLL of the answer tokens,
-teacher-forced after the prompt, one row per prompt (G = 1). `sft_iteration` runs one update
-from a pipeline batch; `evaluate` measures held-out parse rate and matched IoU with greedy
-decoding and the reward's parser and matcher.
+The update is `step.make_train_step(graphdef, config, objective="sft")` (same state, optimizer,
+sharding and step factory as GRPO): `step.sft_loss`, the token-mean NLL of the answer tokens,
+teacher-forced after the prompt, one row per prompt (G = 1). `sft_update` turns a pipeline
+batch into the step's `UpdateBatch` (the targets go to the devices in one explicit transfer).
+Held-out evaluation is the one evaluator's (`evaluate.evaluate`, `eval.every`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from visionr1_jax import rewards, sampler, train
+from visionr1_jax import host, sharding
 from visionr1_jax.data import templates
 from visionr1_jax.data.config import frame_of
-from visionr1_jax.data.pipeline import HostBatch, PixelNormalizer
+from visionr1_jax.data.pipeline import HostBatch
+from visionr1_jax.step import UpdateBatch, model_inputs
 
 END_OF_TURN = "<|im_end|>"
 MIN_ANSWER_BUCKET = 16  # smallest target length L (as the sampler's completion buckets)
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-
-
-# --------------------------------------------------------------------------------------------
-# Config
-
-
-def sft_config() -> ml_collections.ConfigDict:
-    """The `sft` config section (read when `config.objective == "sft"`).
-
-    Fields:
-      max_answer_len: the longest target L in tokens, `<|im_end|>` included (1024: 30 boxes
-        of ~25 Qwen tokens each fit). L is the next power of two >= the batch's longest
-        answer (at least 16), capped here; a longer answer is truncated (no `<|im_end|>`)
-        and counted as `sft/truncated`.
-      eval_every: steps between held-out evaluations in the loop (0: none).
-      eval_batches: batches of the evaluation split per evaluation (None: the whole split).
-      eval_max_new_tokens: greedy token budget of an evaluation (512, SPEC §7).
-    """
-    c = ml_collections.ConfigDict()
-    c.max_answer_len = 1024
-    c.eval_every = 0
-    c.eval_batches = ml_collections.config_dict.placeholder(int)
-    c.eval_max_new_tokens = 512
-    return c
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks the `sft` section (when present); returns config.
-
-    A value without effect is an error: an `sft` section that differs from `sft_config()`
-    when `config.objective` is not `sft`, and `eval_batches` / `eval_max_new_tokens` changed
-    while `eval_every == 0` (no evaluation runs).
-    """
-    if "sft" not in config:
-        return config
-    c = config.sft
-
-    def fail(key: str, value: Any, why: str) -> None:
-        raise ValueError(f"sft.{key}={value!r} {why}")
-
-    known = set(sft_config().keys())
-    for key in c.keys():
-        if key not in known:
-            fail(key, c[key], f"is not an sft key; known: {sorted(known)}")
-    objective = config.get("objective", "sft")
-    if objective != "sft":
-        default = sft_config()
-        for key in sorted(known):
-            if c.get(key) != default[key]:
-                fail(key, c.get(key), f"has no effect with objective={objective!r}")
-    if not _is_int(c.max_answer_len) or c.max_answer_len < 1:
-        fail("max_answer_len", c.max_answer_len, "must be an int >= 1")
-    if not _is_int(c.eval_every) or c.eval_every < 0:
-        fail("eval_every", c.eval_every, "must be an int >= 0 (0: no evaluation)")
-    if c.eval_batches is not None and (not _is_int(c.eval_batches) or c.eval_batches < 1):
-        fail("eval_batches", c.eval_batches, "must be None (whole split) or an int >= 1")
-    if not _is_int(c.eval_max_new_tokens) or c.eval_max_new_tokens < 1:
-        fail("eval_max_new_tokens", c.eval_max_new_tokens, "must be an int >= 1")
-    if c.eval_every == 0:
-        default = sft_config()
-        for key in ("eval_batches", "eval_max_new_tokens"):
-            if c[key] != default[key]:
-                fail(key, c[key], "has no effect with sft.eval_every=0 (no evaluation runs)")
-    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,196 +169,40 @@ def _answer_tokens(host_batch, tokenizer, config, max_len):
 # Update
 
 
-def _agree_on_length(tokens: np.ndarray, mask: np.ndarray, pad: int) -> tuple[Any, Any]:
-    """Pads the target length L to the largest of all processes (multi-host runs)."""
-    if jax.process_count() == 1:
-        return tokens, mask
-    from jax.experimental import multihost_utils
-
-    mine = np.array([tokens.shape[1]])
-    length = int(np.asarray(multihost_utils.process_allgather(mine)).max())
-    extra = length - tokens.shape[1]
-    if extra:
-        tokens = np.pad(tokens, ((0, 0), (0, extra)), constant_values=pad)
-        mask = np.pad(mask, ((0, 0), (0, extra)))
-    return tokens, mask
-
-
-def _like_rows(local: np.ndarray, ref: Any) -> Any:
-    """`local` rows as a global array laid out as `ref`'s rows (the batch sharding)."""
-    sharding = getattr(ref, "sharding", None)
-    if isinstance(ref, jax.Array) and sharding is not None:
-        spec = getattr(sharding, "spec", None)
-        if spec is not None:
-            sharding = jax.sharding.NamedSharding(
-                sharding.mesh, jax.sharding.PartitionSpec(spec[0] if spec else None, None)
-            )
-        shape = (ref.shape[0], *local.shape[1:])
-        return jax.make_array_from_process_local_data(sharding, local, shape)
-    return jnp.asarray(local)
-
-
-def sft_iteration(
-    train_step: Callable[..., tuple[Any, dict[str, jax.Array]]],
-    state: Any,
-    device_batch_arrays: Mapping[str, Any],
+def sft_update(
     host_batch: HostBatch,
+    arrays: Mapping[str, Any],
     tokenizer: Any,
     config: ml_collections.ConfigDict,
-) -> tuple[Any, dict[str, Any]]:
-    """One SFT update from a pipeline batch.
+    step: int,
+) -> tuple[UpdateBatch, dict[str, float]]:
+    """The SFT `UpdateBatch` of a pipeline batch, and its target metrics.
 
     Args:
-      train_step: `train.make_train_step(graphdef, config, objective="sft")`.
-      state: the `train.TrainState` (donated to the step).
-      device_batch_arrays: the batch's global arrays (`InputPipeline.global_arrays`: B rows,
-        `pixel_values` f32[B, S, F]); only `MODEL_KEYS` are passed to the step.
-      host_batch: this host's `HostBatch` of the same batch (the ground truth).
+      host_batch: this host's `HostBatch` (the ground truth).
+      arrays: the same batch's global arrays (`pipeline.DeviceBatch.arrays`: B rows,
+        `pixel_values` f32[B, S, F]); only `step.MODEL_KEYS` go into the update.
       tokenizer: the checkpoint's tokenizer.
-      config: the run config.
+      config: the run config (`data` frame, `sft.max_answer_len`).
+      step: the optimizer step (keys the processes' agreement on L).
     Returns:
-      `(state, metrics)`: the step's metrics (`loss`, `grad_norm`, `learning_rate`,
-      `num_tokens`) plus `sft/answer_len` (L) and `sft/truncated` (this host's rows whose
-      target was cut at `sft.max_answer_len`).
+      `(update, metrics)`: tokens/mask i32/bool[B, L] laid out like the prompts' rows;
+      `sft/answer_len` (L) and `sft/truncated` (this host's rows whose target was cut at
+      `sft.max_answer_len`).
     """
     tokens, mask, lengths = _answer_tokens(host_batch, tokenizer, config, None)
     truncated = int((lengths > tokens.shape[1]).sum())
-    tokens, mask = _agree_on_length(tokens, mask, _pad_id(tokenizer))
-    ref = device_batch_arrays["input_ids"]
-    batch = {k: device_batch_arrays[k] for k in MODEL_KEYS if k in device_batch_arrays}
-    state, metrics = train_step(state, batch, _like_rows(tokens, ref), _like_rows(mask, ref))
-    metrics = dict(metrics)
-    metrics["sft/answer_len"] = tokens.shape[1]
-    metrics["sft/truncated"] = truncated
-    return state, metrics
+    length = max(host.kv_allgather(f"visionr1_sft/{step}", tokens.shape[1]))
+    if length > tokens.shape[1]:  # pad L to the largest of all processes (multi-host runs)
+        extra = length - tokens.shape[1]
+        tokens = np.pad(tokens, ((0, 0), (0, extra)), constant_values=_pad_id(tokenizer))
+        mask = np.pad(mask, ((0, 0), (0, extra)))
+    ids = arrays["input_ids"]
+    rows = sharding.rows_sharding(ids.sharding.mesh)
+    n = ids.shape[0]
+    tokens, mask = host.global_rows(rows, tokens, n), host.global_rows(rows, mask, n)
+    update = UpdateBatch(model_inputs(arrays), tokens, mask)
+    return update, {"sft/answer_len": float(length), "sft/truncated": float(truncated)}
 
 
-# --------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _reward_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The run's reward config, or the `official` one in the data's frame."""
-    if "reward" in config:
-        return config.reward
-    c = rewards.default_config("official")
-    c.frame = frame_of(config.data)
-    return c
-
-
-def _normalizer(processor: Any) -> PixelNormalizer:
-    ip = processor.image_processor
-    return PixelNormalizer(
-        mean=tuple(float(v) for v in ip.image_mean),
-        std=tuple(float(v) for v in ip.image_std),
-        rescale=float(ip.rescale_factor),
-        temporal=int(ip.temporal_patch_size),
-    )
-
-
-def score_completions(
-    completions: Sequence[str],
-    targets: Sequence[rewards.Target],
-    config: ml_collections.ConfigDict,
-) -> dict[str, np.ndarray]:
-    """Per-completion evaluation terms with the reward's parser and matcher.
-
-    Returns numpy arrays [C]: `parsed` (passes the official format check and yields >= 1
-    box), `format` (official check), `num_matched` (Hungarian pairs of the box-prior cost,
-    as the reward matches), `matched_iou` (mean IoU of those pairs, 0 without pairs).
-    """
-    rc = _reward_config(config)
-    pred, gt, parsed = rewards.prepare(completions, targets, rc)
-    _, aux = rewards.make_reward_fn(rc)(pred, gt, jnp.asarray(0, jnp.int32))
-    fmt = np.asarray(parsed.format_official)
-    return {
-        "parsed": (fmt == 1.0) & (parsed.valid.sum(1) >= 1),
-        "format": fmt,
-        "num_matched": np.asarray(aux["num_matched"]),
-        "matched_iou": np.asarray(aux["matched_iou_mean"]),
-    }
-
-
-def evaluate(
-    model: Any,
-    processor: Any,
-    host_batches: Iterable[HostBatch],
-    config: ml_collections.ConfigDict,
-    *,
-    max_new_tokens: int,
-) -> dict[str, float]:
-    """Greedy answers on held-out images, parsed and matched as the reward does.
-
-    Each batch is decoded greedily (`sampler.generate`, temperature 0, one completion per
-    prompt, stop at the checkpoint's EOS ids), detokenised with special tokens skipped and
-    scored by `score_completions`.
-
-    Args:
-      model: the policy (`QwenVL`).
-      processor: the checkpoint's processor (tokenizer; image normalisation for uint8 batches).
-      host_batches: `HostBatch`es of the evaluation pipeline (padding rows are ignored); on
-        a multi-host run each host scores its own rows (the numbers are this host's).
-      config: the run config (`data` frame, `reward` if present).
-      max_new_tokens: the greedy token budget.
-    Returns:
-      `parse_rate` (fraction of answers passing the official format check with >= 1 box),
-      `format_rate`, `matched_iou` (mean IoU over all matched pairs; 0 if none),
-      `num_matched` (pairs), `truncated_rate` (answers that hit `max_new_tokens` without
-      EOS), `num_examples`.
-    """
-    tokenizer = processor.tokenizer
-    eos, _ = sampler.default_token_ids(model)
-    normalize = None
-    terms: list[dict[str, np.ndarray]] = []
-    truncated = 0
-    for host in host_batches:
-        a = host.arrays
-        valid = np.asarray(a["valid"], bool)
-        if not valid.any():
-            continue
-        batch = {k: np.asarray(a[k]) for k in ("input_ids", "attention_mask", "image_grid_thw")}
-        if "pixel_values" in a:
-            batch["pixel_values"] = np.asarray(a["pixel_values"])
-        else:
-            normalize = normalize or _normalizer(processor)
-            batch["pixel_values"] = np.asarray(normalize(jnp.asarray(a["pixel_patches"])))
-        batch = {k: v[valid] for k, v in batch.items()}
-        out = sampler.generate(
-            model,
-            batch,
-            rng=jax.random.key(0),
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
-            cache_dtype=model.cfg.dtype,
-        )
-        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-        texts = train.decode_completions(tokenizer, tokens, mask)
-        cut = train.truncated(tokens, mask, eos) & (mask.sum(1) >= max_new_tokens)
-        truncated += int(cut.sum())
-        terms.append(score_completions(texts, host.targets(), config))
-    if not terms:
-        raise ValueError("evaluate: the batches hold no valid row")
-    t = {k: np.concatenate([x[k] for x in terms]) for k in terms[0]}
-    pairs = float(t["num_matched"].sum())
-    iou_sum = float((t["matched_iou"].astype(np.float64) * t["num_matched"]).sum())
-    count = len(t["parsed"])
-    return {
-        "parse_rate": float(t["parsed"].mean()),
-        "format_rate": float(t["format"].mean()),
-        "matched_iou": iou_sum / pairs if pairs else 0.0,
-        "num_matched": pairs,
-        "truncated_rate": truncated / count,
-        "num_examples": float(count),
-    }
-
-
-__all__ = [
-    "END_OF_TURN",
-    "answer_text",
-    "answer_tokens",
-    "evaluate",
-    "score_completions",
-    "sft_config",
-    "sft_iteration",
-    "validate_config",
-]
+__all__ = ["END_OF_TURN", "answer_text", "answer_tokens", "sft_update"]

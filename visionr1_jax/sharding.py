@@ -168,3 +168,10 @@ def constrain(
         return x
     spec = _divisible(logical_to_spec(names, rules), x.shape, mesh.shape)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def rows_sharding(mesh: Mesh, batch_axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
+    """Rows sharded over ``batch_axes`` present in ``mesh`` (the ``batch`` logical axis),
+    other dims replicated: the layout of every per-row array of a batch and of a rollout."""
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes or None))

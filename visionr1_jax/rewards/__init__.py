@@ -11,16 +11,10 @@ Host API (stable names, used by notebooks and outside checks)::
 """
 
 from visionr1_jax.rewards import boxes, matching, parse, schedule, vision_r1
-from visionr1_jax.rewards.api import (
-    VARIANTS,
-    default_config,
-    make_reward_fn,
-    prepare,
-    score,
-    validate_config,
-)
+from visionr1_jax.rewards.api import make_reward_fn, prepare, score
 from visionr1_jax.rewards.parse import Target
 from visionr1_jax.rewards.vision_r1 import REWARD_FAMILIES, GroundTruth, Predictions
+from visionr1_jax.sections.reward import VARIANTS, default_config, validate_config
 
 __all__ = [
     "REWARD_FAMILIES",

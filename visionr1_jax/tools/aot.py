@@ -15,7 +15,7 @@ on a mesh of the topology's devices (`config.mesh`) and compiles, as the run wou
 - `prefill` and `decode_step`: its two phases alone, for their cost (XLA's cost analysis
   counts a loop body once, so the rollout's cost is prefill + L x one decoding step);
 - `reference`: the reference log-probs of the B x G completions (beta > 0);
-- `train_step`: the jitted update (`train.make_train_step`, state donated).
+- `train_step`: the jitted update (`step.make_train_step`, state donated).
 
 For each it prints per-device memory (`memory_analysis`: arguments, outputs, aliased,
 temporaries, generated code and their peak = arguments + outputs - aliased + temporaries +
@@ -64,12 +64,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from etils import epath
 from flax import nnx
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from visionr1_jax import config_lib, sampler, sharding, train
+from visionr1_jax import config_lib, sampler, sharding
+from visionr1_jax import state as state_lib
+from visionr1_jax import step as step_lib
 from visionr1_jax.models import hf_weights, presets, qwen_vl, tiny
+from visionr1_jax.sections.model import data_max_patches, lora_options, max_image_patches
+from visionr1_jax.sections.training import rollout_dtype
 
 GiB = 2**30
 
@@ -122,8 +128,6 @@ _MERGE = flags.DEFINE_list(
 def topology_devices(name: str, chip_config: str | None = None) -> list[Any]:
     """The abstract devices of TPU topology `name` (`v5e:2x2`, `v4:4x4x2`, ...); v4 in
     megacore mode unless `chip_config` says otherwise."""
-    from jax.experimental import topologies
-
     kind = name.split(":")[0]
     kw: dict[str, Any] = {}
     chip_config = chip_config or ("megacore" if kind == "v4" else None)
@@ -189,8 +193,6 @@ def architecture(config: ml_collections.ConfigDict, name: str | None = None) -> 
     if release is not None:
         return presets.ARCHITECTURES[release]
     try:
-        from etils import epath
-
         return json.loads((epath.Path(str(m.checkpoint)) / "config.json").read_text())
     except Exception as e:  # unreadable here (no credentials, no copy)
         raise ValueError(
@@ -205,14 +207,14 @@ def abstract_model(
     """The run's model with `jax.ShapeDtypeStruct` parameters carrying the shardings
     `hf_weights.from_pretrained` gives the real ones on `mesh` (nothing allocated)."""
     m = config.model
-    lora = train.lora_options(config)  # `model.lora`: the adapters the run trains
+    lora = lora_options(config)  # `model.lora`: the adapters the run trains
     cfg = qwen_vl.QwenVLConfig.from_hf_dict(
         dict(hf_config),
         param_dtype=jnp.dtype(m.param_dtype),
         dtype=jnp.dtype(m.dtype),
         remat_policy=m.remat_policy,
         scan_layers=bool(m.get("scan_layers", False)),
-        max_image_patches=config_lib.max_image_patches(config),
+        max_image_patches=max_image_patches(config),
         **{k: v for k, v in lora.items() if k != "lora_seed"},
     )
     graphdef, state = nnx.split(hf_weights.abstract_model(cfg))
@@ -234,14 +236,12 @@ def abstract_batch(
     """The input pipeline's global batch at its largest buckets (`pipeline` docstring): B =
     `data.batch_size` rows sharded like the pipeline's, T the longest prompt bucket, S the
     largest patch bucket, N = `data.max_instances`, pixels as `global_arrays` hands them on."""
-    from visionr1_jax.data import pipeline
-
     d = config.data
     b = int(d.batch_size)
     t = max(tuple(d.length_buckets) or (int(d.max_prompt_len),))
-    s = max(tuple(d.patch_buckets) or (int(config_lib.data_max_patches(d)),))
+    s = max(tuple(d.patch_buckets) or (int(data_max_patches(d)),))
     n = int(d.max_instances or 32)
-    rows = pipeline.rows_sharding(mesh)
+    rows = sharding.rows_sharding(mesh)
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
     return {
         "input_ids": sds((b, t), jnp.int32),
@@ -285,12 +285,14 @@ def lowered_programs(
     cfg = model.cfg
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=_replicated(mesh))
-    graphdef, state = train.init_train_state(model, config, key, beta=beta, abstract=True)
+    graphdef, state = state_lib.init_train_state(model, config, key, beta=beta, abstract=True)
     state = _abstract(state, mesh)
     batch = abstract_batch(config, cfg, mesh)
     b, t = batch["input_ids"].shape
     big_l = sampler.completion_width(int(c.max_new_tokens))
-    rollout_params, rollout_frozen = train.rollout_shapes_of(config, (state.params, state.frozen))
+    rollout_params, rollout_frozen = state_lib.rollout_shapes_of(
+        config, (state.params, state.frozen)
+    )
 
     def rollout_model():
         return nnx.merge(graphdef, rollout_params, rollout_frozen)
@@ -321,7 +323,7 @@ def lowered_programs(
         caches (the last step of a `max_new_tokens` rollout), logits included."""
         gd, st = nnx.split(rollout_model())
         r = b * g
-        rows = train.rows_sharding(mesh)
+        rows = sharding.rows_sharding(mesh)
         sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
         cache = lambda n, length: [
             {k: sds((n, length, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16) for k in "kv"}
@@ -340,18 +342,18 @@ def lowered_programs(
         )
 
     with jax.set_mesh(mesh):
-        args = train.rollout_shapes(config, mesh, batch)
+        update = step_lib.update_shapes(config, mesh, batch)
 
     def reference():
-        fn = train.make_logprob_fn(graphdef, config)
+        fn = step_lib.make_logprob_fn(graphdef, config)
         ref = state.ref_params if state.ref_params is not None else state.params
-        return fn.lower(ref, state.frozen, batch, args[1], args[2])
+        return fn.lower(ref, state.frozen, update.prompts, update.tokens, update.mask)
 
     def train_step():
-        step = train.make_train_step(
-            graphdef, config, objective=objective, state_sharding=train.shardings_of(state)
+        step = step_lib.make_train_step(
+            graphdef, config, objective=objective, state_sharding=state_lib.shardings_of(state)
         )
-        return step.lower(state, *args)
+        return step.lower(state, update)
 
     programs = {
         "rollout": rollout,
@@ -374,7 +376,7 @@ def lowered_programs(
         num_iterations=int(c.num_iterations),
         layers=cfg.num_layers, hidden=cfg.hidden_size, tied=bool(cfg.tie_word_embeddings),
         lora=cfg.lora_rank > 0, state_bytes=held, reference=beta > 0,
-        resident=resident_bytes(held, train.rollout_dtype(config) is not None,
+        resident=resident_bytes(held, rollout_dtype(config) is not None,
                                 state.ref_params is not None),
     )  # fmt: skip
     return programs, facts
@@ -394,7 +396,7 @@ def resident_bytes(sb: Mapping[str, float], copy: bool, has_ref: bool) -> dict[s
                 reference=total - ref_args, train_step=0.0)  # fmt: skip
 
 
-def state_bytes(state: train.TrainState) -> dict[str, float]:
+def state_bytes(state: state_lib.TrainState) -> dict[str, float]:
     """Bytes per device of each part of the abstract train state, from the shardings alone
     (the shard each device holds; a leaf the mesh does not divide counts whole): `params`
     (trained), `optimizer` (its state), `reference`, `frozen`; the parts in host memory

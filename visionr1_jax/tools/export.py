@@ -33,36 +33,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import app, flags, logging
 from flax import nnx
 
-from visionr1_jax import checkpoint, processing, sharding, train
+from visionr1_jax import checkpoint, loading, processing, sharding, state
 from visionr1_jax.models import hf_weights, qwen_vl
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _manager(workdir: str) -> ocp.CheckpointManager:
-    """A read-only manager of `<workdir>/checkpoints` (FileNotFoundError when it holds none)."""
-    directory = checkpoint.checkpoints_dir(workdir)
-    if directory.exists():
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-        manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
-        if manager.all_steps():
-            return manager
-        manager.close()
-    raise FileNotFoundError(
-        f"no checkpoint in {workdir}: {directory} holds no complete checkpoint (a run saves "
-        "there with a `checkpoint` config section)"
-    )
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """The steps of the run's complete checkpoints, ascending."""
-    manager = _manager(workdir)
-    try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +62,7 @@ def restore_policy(workdir: str, step: int | None = None) -> Restored:
       FileNotFoundError: the workdir has no complete checkpoint.
       ValueError: no checkpoint of `step` (the message lists the saved steps).
     """
-    manager = _manager(workdir)
+    manager = checkpoint.read_only_manager(workdir)
     try:
         steps = sorted(manager.all_steps())
         step = steps[-1] if step is None else int(step)
@@ -95,11 +72,11 @@ def restore_policy(workdir: str, step: int | None = None) -> Restored:
         if "config" not in meta:
             raise ValueError(f"checkpoint {step} in {manager.directory} has no run config")
         config = ml_collections.ConfigDict(dict(meta["config"]))
-        start = train.checkpoint_path(config, workdir)
+        start = loading.checkpoint_path(config, workdir)
         mesh = sharding.make_mesh((1, 1, 1), (1, 1, 1), devices=jax.devices("cpu")[:1])
         with jax.set_mesh(mesh):
-            model = train.load_model(config, start, mesh)
-            graphdef, frozen, params = nnx.split(model, train.frozen_filter(config), ...)
+            model = loading.load_model(config, start, mesh)
+            graphdef, frozen, params = nnx.split(model, state.frozen_filter(config), ...)
             like = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
             )
@@ -130,8 +107,6 @@ def export(workdir: str, step: int | None, out: str, dtype: str | None = None) -
 def define_flags() -> None:
     """The command line's flags (defined only when run as a program: `visionr1_jax.main`
     defines a `--workdir` of its own)."""
-    from absl import flags
-
     flags.DEFINE_string("workdir", None, "The run's directory (local or gs://).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest complete one).")
     flags.DEFINE_string("out", None, "Output directory (the Hugging Face checkpoint).")
@@ -140,8 +115,6 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags, logging
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
@@ -149,7 +122,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
     app.run(main)
