@@ -55,6 +55,7 @@ from flax import nnx
 
 from visionr1_jax import sharding
 from visionr1_jax.models import rope
+from visionr1_jax.sections import model as model_section
 
 Cache = list[dict[str, jax.Array]]
 
@@ -224,7 +225,7 @@ class LoRAParam(nnx.Param):
 
 
 # The decoder projections that can carry adapters (`QwenVLConfig.lora_targets`).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = model_section.LORA_TARGETS  # the names a config may list (`model.lora.targets`)
 
 
 class Dense(nnx.Module):
@@ -291,7 +292,7 @@ class LayerNorm(nnx.Module):
         return (y * self.weight[...] + self.bias[...]).astype(self.dtype)
 
 
-def _attention(q, k, v, mask, scale):
+def masked_attention(q, k, v, mask, scale):
     """Softmax attention with float32 scores. q [B, Tq, H, D], k/v [B, S, KV, D], mask
     bool[B, 1, Tq, S] (or broadcastable). The G = H / KV query heads of a group are folded into
     the query axis (one [G * Tq, S] matmul per KV head), which XLA:CPU runs ~2x faster than a
@@ -330,7 +331,7 @@ def causal_attention(q, k, v, key_valid, scale):
         hi = min(lo + chunk, t)
         causal = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]  # [hi - lo, hi]
         mask = causal[None, None] & key_valid[:, None, None, :hi]
-        outs.append(_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask, scale))
+        outs.append(masked_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask, scale))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
@@ -420,7 +421,7 @@ def aligned_attention(q, k, v, plan, align: int, scale: float) -> jax.Array:
 
     qa = scatter(q).reshape(nb, align, *q.shape[1:])
     ka, va = scatter(k)[key_idx], scatter(v)[key_idx]  # [nb, width, H, D]
-    o = _attention(qa, ka, va, key_ok[:, None, None, :], scale)
+    o = masked_attention(qa, ka, va, key_ok[:, None, None, :], scale)
     return o.reshape(total, *q.shape[1:])[jnp.clip(slot, 0, total - 1)]
 
 
@@ -439,7 +440,7 @@ def segment_attention(q, k, v, segments, block: int, scale: float) -> jax.Array:
     p = q.shape[0]
     if block >= p:
         mask = segments[:, None] == segments[None, :]
-        return _attention(q[None], k[None], v[None], mask[None, None], scale)[0]
+        return masked_attention(q[None], k[None], v[None], mask[None, None], scale)[0]
     nb = -(-p // block)
     pad = nb * block - p
     # Fresh ids for padding so that padded queries attend only to themselves.
@@ -457,7 +458,7 @@ def segment_attention(q, k, v, segments, block: int, scale: float) -> jax.Array:
     qb, kb, vb = blocks(q), neighbours(blocks(k)), neighbours(blocks(v))
     seg_kb = jnp.concatenate([seg_k[:-2], seg_k[1:-1], seg_k[2:]], axis=1)
     mask = seg.reshape(nb, block)[:, None, :, None] == seg_kb[:, None, None, :]
-    o = _attention(qb, kb, vb, mask, scale)  # [nb, block, H, D]
+    o = masked_attention(qb, kb, vb, mask, scale)  # [nb, block, H, D]
     return o.reshape(nb * block, *q.shape[1:])[:p]
 
 
@@ -679,7 +680,7 @@ class TextAttention(nnx.Module):
             s = k.shape[1]
             causal = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
             mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
-            o = _attention(q, k, v, mask, hd**-0.5)
+            o = masked_attention(q, k, v, mask, hd**-0.5)
         o = o.astype(x.dtype).reshape(b, t, cfg.num_heads * hd)
         return self.o_proj(o), new_cache
 
