@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -85,8 +86,6 @@ def make_mesh(
     types = (AxisType.Auto,) * len(MESH_AXES)
     if n_slices == 1:
         return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
-    from jax.experimental import mesh_utils
-
     arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
     return Mesh(arr, MESH_AXES, axis_types=types)
 
