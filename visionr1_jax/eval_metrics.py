@@ -152,51 +152,9 @@ def detection_metrics(
     if len(max_dets) != 3 or not 0 < max_dets[0] < max_dets[1] < max_dets[2]:
         raise ValueError(f"max_dets must be three increasing positive ints, got {max_dets}")
 
-    categories: dict[str, int] = {}  # key → id, first-seen order
-    images, gt_anns = [], []
-    for image_id, target in enumerate(ground_truth, start=1):
-        height, width = target.image_size
-        images.append({"id": image_id, "height": height, "width": width})
-        for box, label in zip(target.boxes, target.labels, strict=True):
-            cat = categories.setdefault(_label_key(label), len(categories) + 1)
-            xywh = _xywh(box)
-            gt_anns.append(
-                {
-                    "id": len(gt_anns) + 1,
-                    "image_id": image_id,
-                    "category_id": cat,
-                    "bbox": xywh,
-                    "area": xywh[2] * xywh[3],
-                    "iscrowd": 0,
-                }
-            )
+    images, gt_anns, categories = _coco_ground_truth(ground_truth)
+    detections, dropped = _coco_detections(predictions, categories)
     cats = [{"id": i, "name": name} for name, i in categories.items()]
-
-    detections, dropped = [], 0
-    for image_id, (boxes, labels, scores) in enumerate(predictions, start=1):
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-        if not len(boxes) == len(labels) == len(scores):
-            raise ValueError(
-                f"image {image_id - 1}: {len(boxes)} boxes, {len(labels)} labels, "
-                f"{len(scores)} scores; they must match"
-            )
-        if not (np.all(np.isfinite(boxes)) and np.all(np.isfinite(scores))):
-            raise ValueError(f"image {image_id - 1}: boxes and scores must be finite")
-        for box, label, score in zip(boxes, labels, scores, strict=True):
-            cat = categories.get(_label_key(label))
-            if cat is None:
-                dropped += 1
-                continue
-            detections.append(
-                {
-                    "image_id": image_id,
-                    "category_id": cat,
-                    "bbox": _xywh(box),
-                    "score": float(score),
-                }
-            )
-
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = _coco_from({"images": images, "categories": cats, "annotations": gt_anns})
         if detections:
@@ -220,6 +178,48 @@ def detection_metrics(
     out["num_dropped_labels"] = dropped
     out["num_detections"] = len(detections)
     return out
+
+
+def _coco_ground_truth(ground_truth: Sequence[Target]) -> tuple[list, list, dict[str, int]]:
+    """COCO `images` and `annotations` of the targets (image ids from 1) and the categories:
+    label key → id, in first-seen order."""
+    categories: dict[str, int] = {}
+    images, gt_anns = [], []
+    for image_id, target in enumerate(ground_truth, start=1):
+        height, width = target.image_size
+        images.append({"id": image_id, "height": height, "width": width})
+        for box, label in zip(target.boxes, target.labels, strict=True):
+            cat = categories.setdefault(_label_key(label), len(categories) + 1)
+            xywh = _xywh(box)
+            gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id, "category_id": cat,
+                            "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0})  # fmt: skip
+    return images, gt_anns, categories
+
+
+def _coco_detections(
+    predictions: Sequence[Prediction], categories: dict[str, int]
+) -> tuple[list[dict], int]:
+    """COCO detections of the predictions, in their order, and how many were dropped (a label
+    outside the ground-truth categories)."""
+    detections, dropped = [], 0
+    for image_id, (boxes, labels, scores) in enumerate(predictions, start=1):
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if not len(boxes) == len(labels) == len(scores):
+            raise ValueError(
+                f"image {image_id - 1}: {len(boxes)} boxes, {len(labels)} labels, "
+                f"{len(scores)} scores; they must match"
+            )
+        if not (np.all(np.isfinite(boxes)) and np.all(np.isfinite(scores))):
+            raise ValueError(f"image {image_id - 1}: boxes and scores must be finite")
+        for box, label, score in zip(boxes, labels, scores, strict=True):
+            cat = categories.get(_label_key(label))
+            if cat is None:
+                dropped += 1
+                continue
+            detections.append({"image_id": image_id, "category_id": cat, "bbox": _xywh(box),
+                               "score": float(score)})  # fmt: skip
+    return detections, dropped
 
 
 def odinw_queries(target: Target) -> list[tuple[str, Target]]:
