@@ -271,32 +271,11 @@ def _abstract(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 # ------------------------------------------------------------------------------ programs
 
 
-def lowered_programs(
-    config: ml_collections.ConfigDict, hf_config: Mapping[str, Any], mesh: jax.sharding.Mesh
-) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
-    """Thunks lowering each of `PROGRAMS` for the run on `mesh`, and the facts the estimate
-    needs (parameter counts, tokens)."""
-    c = config.grpo
+def _rollout_programs(rollout_model, batch, cfg, c, key, big_l: int, mesh) -> dict[str, Callable]:
+    """Thunks lowering the rollout's programs: the whole rollout (`sampler.lower`), its
+    prefill, and one decoding step of the B x G rows."""
     g = int(c.num_generations)
-    objective = config.get("objective", "grpo")
-    beta = 0.0 if objective == "sft" else float(c.beta)
-    # Outside `jax.set_mesh`: eager operations (the state's step counter) stay on the CPU.
-    model = abstract_model(config, hf_config, mesh)
-    cfg = model.cfg
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=_replicated(mesh))
-    graphdef, state = state_lib.init_train_state(model, config, key, beta=beta, abstract=True)
-    state = _abstract(state, mesh)
-    batch = abstract_batch(config, cfg, mesh)
     b, t = batch["input_ids"].shape
-    big_l = sampler.completion_width(int(c.max_new_tokens))
-    rollout_params, rollout_frozen = state_lib.rollout_shapes_of(
-        config, (state.params, state.frozen)
-    )
-
-    def rollout_model():
-        return nnx.merge(graphdef, rollout_params, rollout_frozen)
-
     sample_kwargs = dict(
         rng=key, num_generations=g, max_new_tokens=int(c.max_new_tokens),
         temperature=float(c.temperature), top_k=int(c.top_k), top_p=float(c.top_p),
@@ -341,6 +320,34 @@ def lowered_programs(
             st, sds((r,), jnp.int32), pos, cache(b, ts), sds((b, ts), jnp.bool_), cache(r, big_l)
         )
 
+    return {"rollout": rollout, "prefill": prefill, "decode_step": decode_step}
+
+
+def lowered_programs(
+    config: ml_collections.ConfigDict, hf_config: Mapping[str, Any], mesh: jax.sharding.Mesh
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+    """Thunks lowering each of `PROGRAMS` for the run on `mesh`, and the facts the estimate
+    needs (parameter counts, tokens)."""
+    c = config.grpo
+    g = int(c.num_generations)
+    objective = config.get("objective", "grpo")
+    beta = 0.0 if objective == "sft" else float(c.beta)
+    # Outside `jax.set_mesh`: eager operations (the state's step counter) stay on the CPU.
+    model = abstract_model(config, hf_config, mesh)
+    cfg = model.cfg
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=_replicated(mesh))
+    graphdef, state = state_lib.init_train_state(model, config, key, beta=beta, abstract=True)
+    state = _abstract(state, mesh)
+    batch = abstract_batch(config, cfg, mesh)
+    b, t = batch["input_ids"].shape
+    big_l = sampler.completion_width(int(c.max_new_tokens))
+    rollout_params, rollout_frozen = state_lib.rollout_shapes_of(
+        config, (state.params, state.frozen)
+    )
+
+    rollout_model = lambda: nnx.merge(graphdef, rollout_params, rollout_frozen)
+    programs = _rollout_programs(rollout_model, batch, cfg, c, key, big_l, mesh)
     with jax.set_mesh(mesh):
         update = step_lib.update_shapes(config, mesh, batch)
 
@@ -355,13 +362,7 @@ def lowered_programs(
         )
         return step.lower(state, update)
 
-    programs = {
-        "rollout": rollout,
-        "prefill": prefill,
-        "decode_step": decode_step,
-        "reference": reference,
-        "train_step": train_step,
-    }
+    programs |= {"reference": reference, "train_step": train_step}
     if beta == 0:
         programs.pop("reference")
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
@@ -553,7 +554,6 @@ def report(
         raise ValueError(f"no peak figures for {kind!r}; known: {sorted(CHIPS)}")
     per_chip = chip.cores // max(int(getattr(devices[0], "num_cores", 1) or 1), 1)
     hbm = available_hbm(devices)
-    budget = (1.0 - headroom) * hbm
     mesh = run_mesh(config, devices)
     hf_config = architecture(config, architecture_name)
     thunks, facts = lowered_programs(config, hf_config, mesh)
@@ -572,59 +572,69 @@ def report(
     )
     results: dict[str, dict[str, Any]] = {}
     for name in programs:
-        if name not in thunks:
-            continue
-        t0 = time.perf_counter()
-        with jax.set_mesh(mesh):
-            try:
-                compiled = thunks[name]().compile()
-            except Exception as e:  # the compiler refuses programs that do not fit
-                found = re.search(r"Ran out of memory[^\n]*", str(e))
-                if found is None:
-                    raise
-                results[name] = {"fits": False, "error": found.group(0)}
-                log(f"  {name:<12} DOES NOT FIT: {found.group(0)}")
-                continue
-        r = analyse(compiled)
-        r["compile_seconds"] = time.perf_counter() - t0
-        r["resident"] = float(facts["resident"].get(name, 0.0))
-        r["fits"] = r["peak"] + r["resident"] <= budget
-        results[name] = r
-        log(
-            f"  {name:<12} peak {_size(r['peak'])} ({100 * r['peak'] / hbm:5.1f}%) = args "
-            f"{_size(r['argument'])} + out {_size(r['output'])} - alias {_size(r['alias'])} "
-            f"+ temp {_size(r['temp'])} + code {_size(r['generated_code'])}; "
-            f"{r['flops']:.3g} FLOP; HBM floor {_size(r['hbm_floor'])} (XLA: "
-            f"{_size(r['bytes_accessed'])} accessed, VMEM included)"
-            + (
-                f"; with the train state held meanwhile {_size(r['peak'] + r['resident'])} "
-                f"({100 * (r['peak'] + r['resident']) / hbm:.1f}%)"
-                if r["resident"]
-                else ""
-            )
-            + (f"; host memory args {_size(r['host_argument'])}" if r["host_argument"] else "")
-            + ("" if r["fits"] else f"  DOES NOT FIT with {headroom:.0%} headroom")
-            + f" [{r['compile_seconds']:.0f} s]"
-        )
+        if name in thunks:
+            results[name] = _compile_program(name, thunks[name], mesh, facts, hbm, headroom, log)
     est = estimate(results, facts, chip, per_chip, len(devices))
     fits = all(r["fits"] for r in results.values())
-    if not results:
-        log("  no program compiled (--programs is empty)")
-    else:
-        for k, v in est.items():
-            if k.startswith("seconds/"):
-                log(f"  roofline {k[8:]:<12} {v:.4g} s")
-        if "mfu" in est:
-            log(f"  step model FLOPs {est['model_flops/step'] / 1e15:.2f} PFLOP; MFU at the "
-                f"roofline {100 * est['mfu']:.1f}%")  # fmt: skip
-        else:
-            log("  step time and MFU: not every program of the step was compiled")
-        log(f"  {'fits' if fits else 'DOES NOT FIT'} ({headroom:.0%} headroom)")
+    _log_estimate(est, results, fits, headroom, log)
     return dict(
         topology=topology, devices=len(devices), device_kind=kind, hbm_bytes=hbm,
         mesh=dict(mesh.shape), facts=facts, programs=results, estimate=est, fits=fits,
         per_chip_devices=per_chip,
     )  # fmt: skip
+
+
+def _compile_program(name, thunk, mesh, facts, hbm: float, headroom: float, log) -> dict:
+    """Compiles one program (`thunk()` lowers it) and returns its analysis (`analyse`) with
+    the train state held beside it (`resident`) and whether both fit in `hbm` less
+    `headroom`; a program the compiler refuses for memory is reported as not fitting."""
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        try:
+            compiled = thunk().compile()
+        except Exception as e:  # the compiler refuses programs that do not fit
+            found = re.search(r"Ran out of memory[^\n]*", str(e))
+            if found is None:
+                raise
+            log(f"  {name:<12} DOES NOT FIT: {found.group(0)}")
+            return {"fits": False, "error": found.group(0)}
+    r = analyse(compiled)
+    r["compile_seconds"] = time.perf_counter() - t0
+    r["resident"] = float(facts["resident"].get(name, 0.0))
+    r["fits"] = r["peak"] + r["resident"] <= (1.0 - headroom) * hbm
+    log(
+        f"  {name:<12} peak {_size(r['peak'])} ({100 * r['peak'] / hbm:5.1f}%) = args "
+        f"{_size(r['argument'])} + out {_size(r['output'])} - alias {_size(r['alias'])} "
+        f"+ temp {_size(r['temp'])} + code {_size(r['generated_code'])}; "
+        f"{r['flops']:.3g} FLOP; HBM floor {_size(r['hbm_floor'])} (XLA: "
+        f"{_size(r['bytes_accessed'])} accessed, VMEM included)"
+        + (
+            f"; with the train state held meanwhile {_size(r['peak'] + r['resident'])} "
+            f"({100 * (r['peak'] + r['resident']) / hbm:.1f}%)"
+            if r["resident"]
+            else ""
+        )
+        + (f"; host memory args {_size(r['host_argument'])}" if r["host_argument"] else "")
+        + ("" if r["fits"] else f"  DOES NOT FIT with {headroom:.0%} headroom")
+        + f" [{r['compile_seconds']:.0f} s]"
+    )
+    return r
+
+
+def _log_estimate(est, results, fits: bool, headroom: float, log) -> None:
+    """The roofline lines of a report."""
+    if not results:
+        log("  no program compiled (--programs is empty)")
+        return
+    for k, v in est.items():
+        if k.startswith("seconds/"):
+            log(f"  roofline {k[8:]:<12} {v:.4g} s")
+    if "mfu" in est:
+        log(f"  step model FLOPs {est['model_flops/step'] / 1e15:.2f} PFLOP; MFU at the "
+            f"roofline {100 * est['mfu']:.1f}%")  # fmt: skip
+    else:
+        log("  step time and MFU: not every program of the step was compiled")
+    log(f"  {'fits' if fits else 'DOES NOT FIT'} ({headroom:.0%} headroom)")
 
 
 def merge_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
