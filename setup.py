@@ -36,6 +36,8 @@ setup(
     ],
     extras_require={
         # torch is pinned to the CPU build that lies on local disk; never let pip pick another.
+        # trl, accelerate and datasets: the benchmarks' PyTorch references, which the tests'
+        # smoke runs of benchmarks/ need too (tests/test_bench_*.py).
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -44,7 +46,10 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "trl==1.16.0",
+            "accelerate>=1.16.0",
+            "datasets>=5.2.0",
         ],
-        "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate", "datasets"],
+        "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate>=1.16.0", "datasets>=5.2.0"],
     },
 )

@@ -9,8 +9,12 @@ replica. Each variant saves the same tree in a fresh process: `--arrays` float32
 replicated over `data`; CPU seconds and wall seconds of the blocking part of the save, and
 the write to completion.
 
+`--smoke` (the test suite runs it: tests/test_bench_checkpoint.py) saves 2 arrays per handler: it
+only checks that both still save and the table still prints.
+
     .venv/bin/python benchmarks/checkpoint_first_save.py               # 100 arrays
     .venv/bin/python benchmarks/checkpoint_first_save.py --arrays 200
+    .venv/bin/python benchmarks/checkpoint_first_save.py --smoke       # does it still run?
 """
 
 from __future__ import annotations
@@ -68,7 +72,10 @@ def measure(variant: str, arrays: int, directory: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arrays", type=int, default=100)
+    parser.add_argument("--smoke", action="store_true", help="does it still run: 2 arrays")
     args = parser.parse_args()
+    if args.smoke:
+        args.arrays = 2
     with tempfile.TemporaryDirectory() as d:
         got = {v: measure(v, args.arrays, d) for v in ("orbax_default", "ours")}
     print(f"first save of {args.arrays} float32 arrays, (2, 2, 2) CPU mesh, replicated over data")

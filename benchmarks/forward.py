@@ -4,8 +4,12 @@ Both sides get 2 threads, the same tiny checkpoint and the same processor batch 
 two images each of different sizes, left padding). transformers' log-probs are computed the way
 TRL does it (full logits, `log_softmax`, gather); ours with `QwenVL.token_logprobs` (chunked).
 
+`--smoke` (the test suite runs it: tests/test_bench_model.py) only checks that both sides still
+run and the table still prints: qwen2_5_vl_tiny, batch 1, one timed call per contender.
+
     .venv/bin/python benchmarks/forward.py                  # all tiny configs, batch 8
     .venv/bin/python benchmarks/forward.py --configs qwen2_5_vl_tiny --batch 16 --tokenizer qwen
+    .venv/bin/python benchmarks/forward.py --smoke          # does it still run?
 """
 
 from __future__ import annotations
@@ -80,7 +84,9 @@ def interleaved(fns: dict, repeats: int, block: int = 5) -> dict[str, float]:
     return out
 
 
-def bench_config(name: str, batch_size: int, repeats: int, tokenizer: str, workdir: str):
+def bench_config(
+    name: str, batch_size: int, repeats: int, tokenizer: str, workdir: str, block: int = 5
+):
     from transformers import AutoModelForImageTextToText
 
     path = tiny.write_tiny_checkpoint(os.path.join(workdir, name), name, tokenizer=tokenizer)
@@ -124,6 +130,7 @@ def bench_config(name: str, batch_size: int, repeats: int, tokenizer: str, workd
             "hf_lp": hf_lp,
         },
         repeats,
+        block,
     )
     tokens = int(b["attention_mask"].sum())
     return dict(
@@ -141,7 +148,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--tokenizer", default="small", choices=["small", "qwen"])
     ap.add_argument("--default-malloc", action="store_true", help="skip host.keep_freed_memory()")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="does it still run: qwen2_5_vl_tiny, batch 1, 1 timed call per contender",
+    )
     a = ap.parse_args()
+    block = 5
+    if a.smoke:
+        a.configs, a.batch, a.repeats, block = ["qwen2_5_vl_tiny"], 1, 1, 1
     torch.set_num_threads(2)
     kept = host.keep_freed_memory() if not a.default_malloc else False
     platform = jax.devices()[0].platform
@@ -157,7 +172,7 @@ def main():
     )
     with tempfile.TemporaryDirectory() as workdir:
         for name in a.configs:
-            r = bench_config(name, a.batch, a.repeats, a.tokenizer, workdir)
+            r = bench_config(name, a.batch, a.repeats, a.tokenizer, workdir, block)
             cells = []
             for k in ("fwd", "lp"):
                 o, h = r[f"ours_{k}"], r[f"hf_{k}"]

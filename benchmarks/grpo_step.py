@@ -38,8 +38,15 @@ steps/s of each side's best run, the ratio of the best runs and the median of th
 ratios, our phases (rollout / reward / reference / update), and each process's peak resident memory
 (VmHWM over the whole run: imports, compilation and steps; the larger of the rounds).
 
+Our side runs the plain GRPO job of `configs/demo_cpu.py:experiment=False` with the settings
+above. `--smoke` (the test suite runs it: tests/test_bench_grpo_step.py) checks that both sides
+still run and the table still prints, nothing more: one round of one step per side (no
+warm-up: its time includes the compilation), small vocabulary, B x G = 1 x 2 completions of 4
+tokens, 8 training images.
+
     .venv/bin/python benchmarks/grpo_step.py                      # small and real vocabulary
     .venv/bin/python benchmarks/grpo_step.py --vocab small --rounds 3 --steps 12
+    .venv/bin/python benchmarks/grpo_step.py --smoke              # does it still run? (<1 min)
 """
 
 from __future__ import annotations
@@ -69,7 +76,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SHAPES_CONFIG = "detection"
+SHAPES_CONFIG = "detection"  # synthetic_shapes' registered config (4,096 training images)
+SMOKE_SHAPES_CONFIG = "smoke"  # the same images' recipe, 8 of them (`--smoke`)
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # configs/demo_cpu.py's resize bounds
 
 
@@ -88,15 +96,20 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------- data
 
 
-def build_data(data_dir: str) -> None:
-    """Builds `synthetic_shapes/detection` (tfds, array_record) under `data_dir`."""
+def build_data(data_dir: str, name: str) -> None:
+    """Builds `synthetic_shapes/<name>` (tfds, array_record) under `data_dir`: the registered
+    `detection` config, or `smoke` (the same recipe, 8 training images)."""
     from visionr1_jax.data.builders import synthetic_shapes
 
-    builder = synthetic_shapes.SyntheticShapes(config=SHAPES_CONFIG, data_dir=data_dir)
+    if name == SMOKE_SHAPES_CONFIG:
+        config = synthetic_shapes.ShapesConfig(name=name, num_train=8, num_validation=1)
+    else:
+        config = name
+    builder = synthetic_shapes.SyntheticShapes(config=config, data_dir=data_dir)
     builder.download_and_prepare()
 
 
-def export_records(data_dir: str, count: int, path: str) -> None:
+def export_records(data_dir: str, name: str, count: int, path: str) -> None:
     """The first `count` training records in file order, as JSON lines for the TRL side
     (which must not import tfds / jax): PNG bytes (hex), prompt, boxes, labels, label map,
     image size and the model-input size of the smart resize (for the `qwen25_abs` frame)."""
@@ -107,7 +120,7 @@ def export_records(data_dir: str, count: int, path: str) -> None:
     from visionr1_jax.data import records
 
     source = tfds.data_source(
-        f"synthetic_shapes/{SHAPES_CONFIG}", split="train", data_dir=data_dir, download=False
+        f"synthetic_shapes/{name}", split="train", data_dir=data_dir, download=False
     )
     with open(path, "w", encoding="utf-8") as f:
         for i in range(count):
@@ -262,6 +275,8 @@ def run_trl(args) -> dict:
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
             ends.append(time.perf_counter())  # the first step's start
+            if args.warmup == 0:
+                mem["warmup_peak_mb"] = peak_rss_mb()
 
         def on_step_end(self, *a, **k):
             ends.append(time.perf_counter())
@@ -295,27 +310,21 @@ def run_trl(args) -> dict:
 # ------------------------------------------------------------------------------- our side
 
 
-def _load_config(name: str):
-    """`get_config()` of `configs/<name>.py` (configs/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+DEMO_GRPO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.py") + ":experiment=False"
 
 
 def run_ours(args) -> dict:
-    """One `train.run` of `args.steps` steps (configs/demo_cpu.py with the benchmark's
-    settings); returns the per-step `time/step` and memory."""
-    from visionr1_jax import sampler, train
+    """One `train.run` of `args.steps` steps (the plain GRPO job of configs/demo_cpu.py, with
+    the benchmark's settings); returns the per-step `time/step` and memory."""
+    from visionr1_jax import config_lib, sampler, train
 
-    config = _load_config("demo_cpu")
+    config = config_lib.load_config(DEMO_GRPO_CONFIG)
     config.seed = 0
     config.total_steps = args.steps
     config.progress = False
     config.model.checkpoint = args.checkpoint
     config.data.data_dir = args.data_dir
+    config.data.builder_config = args.shapes_config
     config.data.batch_size = args.b
     config.data.shuffle = False  # file order, as the TRL side reads the records
     config.data.min_pixels, config.data.max_pixels = MIN_PIXELS, MAX_PIXELS
@@ -347,6 +356,7 @@ def run_ours(args) -> dict:
 
     sampler.generate = full_length_generate
     rows = train.run(config, args.workdir)
+    assert len(rows) == args.steps and len(calls) == args.steps, (len(rows), len(calls))
     lengths = [r["completion/length"] for r in rows]
     assert all(x == args.new for x in lengths), lengths
     return dict(
@@ -378,6 +388,7 @@ def spawn(side: str, args, checkpoint: str, workdir: str) -> dict:
         "--workdir", workdir, "--records", args.records, "--data-dir", args.data_dir,
         "--b", str(args.b), "--g", str(args.g), "--new", str(args.new),
         "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--shapes-config", args.shapes_config,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
@@ -395,36 +406,43 @@ def main() -> None:
     p.add_argument("--b", type=int, default=2, help="prompts per step")
     p.add_argument("--g", type=int, default=4, help="completions per prompt")
     p.add_argument("--new", type=int, default=32, help="tokens per completion")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="does it still run: 1 round of 1 step per side, small vocabulary, B x G = 1 x 2, "
+        "4 tokens, 8 images (overrides the options above)",
+    )
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--records", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
+    p.add_argument("--shapes-config", default=SHAPES_CONFIG, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
         return
+    if args.smoke:
+        args.vocab, args.rounds, args.steps, args.warmup = "small", 1, 1, 0
+        args.b, args.g, args.new = 1, 2, 4
+        args.shapes_config = SMOKE_SHAPES_CONFIG
 
-    import jax
-    import torch
-    import transformers
-    import trl
+    from importlib.metadata import version  # the parent needs neither torch nor trl
 
     from visionr1_jax.models import tiny
 
     print(
-        f"{cpu_model()}, {os.cpu_count()} cores, load average {load()}; jax {jax.__version__}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"trl {trl.__version__}",
+        f"{cpu_model()}, {os.cpu_count()} cores, load average {load()}; "
+        + ", ".join(f"{m} {version(m)}" for m in ("jax", "torch", "transformers", "trl")),
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
         args.data_dir = os.path.join(tmp, "tfds")
-        build_data(args.data_dir)
+        build_data(args.data_dir, args.shapes_config)
         vocabs = args.vocab.split(",")
         max_steps = max(args.steps or (12 if v == "small" else 5) for v in vocabs)
         args.records = os.path.join(tmp, "records.jsonl")
-        export_records(args.data_dir, max_steps * args.b, args.records)
+        export_records(args.data_dir, args.shapes_config, max_steps * args.b, args.records)
         table = []
         for vocab in vocabs:
             steps = args.steps or (12 if vocab == "small" else 5)

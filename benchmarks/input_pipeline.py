@@ -16,7 +16,12 @@ Scenarios:
         also measures how long a train loop waits on data per step, with a simulated step
         that keeps the CPU busy for ``--step_ms``.
 
+``--smoke`` (the test suite runs it: tests/test_bench_model.py) only checks that both sides
+still run and the table still prints: both scenarios, 4 coco / 8 demo records, batch 4, one
+round, a 2-step simulated loop.
+
     python benchmarks/input_pipeline.py            # both scenarios, prints a Markdown table
+    python benchmarks/input_pipeline.py --smoke    # does it still run?
 """
 
 from __future__ import annotations
@@ -229,7 +234,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--num_threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="does it still run: 4 coco / 8 demo records, batch 4, 1 round, 2 simulated steps",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.coco_records, args.demo_records, args.batch_size = 4, 8, 4
+        args.rounds, args.steps, args.step_ms = 1, 2, [5.0]
     print(f"host: {os.cpu_count()} cores, load average {os.getloadavg()}, jax {jax.devices()}")
     table = [
         "| scenario | reference: HF datasets + processor, 1 row | ours: host batches "

@@ -2,6 +2,7 @@
 
     python benchmarks/rewards.py                 # 512 and 4,096 completions
     python benchmarks/rewards.py --sizes 4096 --repeats 5
+    python benchmarks/rewards.py --smoke         # does it still run? (16 completions, once)
 
 Both sides score the same synthetic completions (1–30 predicted boxes each, 1–30 ground-truth
 boxes, jittered, duplicated, missed and spurious boxes, some unknown labels):
@@ -16,6 +17,9 @@ It also times the matching alone: our jitted ``matching.hungarian`` on the padde
 the same 4,096 box-prior cost matrices vs a loop of ``linear_sum_assignment`` over them, on
 one device and with the batch split over the host's CPU devices (one per core; the reward is
 per completion, so it shards like the rest of the batch). Each ratio is printed.
+
+``--smoke`` (the test suite runs it: tests/test_bench_grpo_step.py) only checks that every side
+still runs and every line still prints: 16 completions, each side timed once.
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ import re
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Two CPU devices (one per core) unless XLA_FLAGS already sets a count; other flags are kept.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
@@ -230,6 +238,7 @@ def end_to_end(size: int, repeats: int) -> None:
 
 
 def matching_alone(size: int, repeats: int) -> None:
+    """Our jitted Hungarian (one device, all devices) vs a scipy loop, `repeats` rounds."""
     samples = synthetic(size, seed=size)
     config = rewards.default_config("official")
     pred, gt, _ = rewards.prepare([t for t, _ in samples], [g for _, g in samples], config)
@@ -283,7 +292,12 @@ def main(argv):
     parser.add_argument(
         "--default-malloc", action="store_true", help="skip host.keep_freed_memory()"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="does it still run: 16 completions, each side once"
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.repeats = [16], 1
     torch.set_num_threads(2)
     kept = False if args.default_malloc else host.keep_freed_memory()
     print(
@@ -292,7 +306,7 @@ def main(argv):
     )
     for size in args.sizes:
         end_to_end(size, args.repeats)
-    matching_alone(max(args.sizes), max(args.repeats, 7))
+    matching_alone(max(args.sizes), args.repeats if args.smoke else max(args.repeats, 7))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ after the warm-up call, is its own); the parent alternates calls between the two
 (A B A B ...) so that load from other processes on a shared machine hits both alike, and reports
 best-of-rounds and median-of-rounds ratios plus the ratio of process CPU time.
 
+`--smoke` (the test suite runs it: tests/test_bench_model.py) only checks that both sides still
+run and the table still prints: B x G = 1 x 2, 4 tokens, one timed call per side.
+
     .venv/bin/python benchmarks/sampler.py                       # B*G = 32 and 128, 128 tokens
     .venv/bin/python benchmarks/sampler.py --shapes 8x4 --new 64 --repeats 2
+    .venv/bin/python benchmarks/sampler.py --smoke               # does it still run?
 """
 
 from __future__ import annotations
@@ -212,6 +216,9 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128, help="tokens per completion")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cache-dtype", default="float32")
+    p.add_argument(
+        "--smoke", action="store_true", help="does it still run: 1x2, 4 tokens, 1 call per side"
+    )
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--b", type=int, help=argparse.SUPPRESS)
@@ -221,6 +228,8 @@ def main() -> None:
         args.side = args.child
         child(args)
         return
+    if args.smoke:
+        args.shapes, args.new, args.repeats = "1x2", 4, 1
 
     from visionr1_jax.models import tiny
 
