@@ -47,12 +47,12 @@ _spec.loader.exec_module(_demo)
 
 
 def get_config():
-    from visionr1_jax import checkpoint, evaluate
+    from visionr1_jax import sections
 
     config = _demo.get_config("experiment=False")
     config.log_rollouts = 0
-    config.checkpoint = checkpoint.checkpoint_config()
-    config.eval = evaluate.eval_config()  # every = 0: no evaluation unless overridden
+    config.checkpoint = sections.checkpoint_config()
+    config.eval = sections.eval_config()  # every = 0: no evaluation unless overridden
     return config
 """
 

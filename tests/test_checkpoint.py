@@ -30,9 +30,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from visionr1_jax import checkpoint, config_lib, train
+from visionr1_jax import checkpoint, config_lib, loading, rollout, sections, train
 from visionr1_jax.metrics import read_jsonl
 from visionr1_jax.models import hf_weights, tiny
+from visionr1_jax.state import TrainState, init_train_state, shardings_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,8 +50,8 @@ def run_config(ckpt: str = "", data_dir: str = "", **over) -> ml_collections.Con
     config.grpo.num_generations = 2
     config.grpo.max_new_tokens = 8
     config.optim.learning_rate = 1e-3
-    config.mesh = config_lib.mesh_config(ici=(1, 1, 1))
-    config.checkpoint = checkpoint.checkpoint_config()
+    config.mesh = sections.mesh_config(ici=(1, 1, 1))
+    config.checkpoint = sections.checkpoint_config()
     config.checkpoint.every = 1
     for key, value in over.items():
         node = config
@@ -90,11 +91,11 @@ def ckpt(tmp_path_factory):
 
 def state_on(ckpt: str, ici: tuple[int, int, int], seed: int = 0):
     config = run_config(ckpt)
-    config.mesh = config_lib.mesh_config(ici=ici)
-    mesh = train.make_run_mesh(config)
+    config.mesh = sections.mesh_config(ici=ici)
+    mesh = loading.make_run_mesh(config)
     with jax.set_mesh(mesh):
         model = hf_weights.from_pretrained(ckpt, mesh=mesh)
-        _, state = train.init_train_state(model, config, jax.random.key(seed))
+        _, state = init_train_state(model, config, jax.random.key(seed))
     return config, mesh, state
 
 
@@ -106,7 +107,7 @@ def test_restore_onto_other_meshes_gives_the_same_state(ckpt, tmp_path, monkeypa
     config, _, state = state_on(ckpt, (2, 2, 2), seed=7)
     # A state that is not the start one: parameters and Adam moments moved, step 5.
     bump = lambda x: x + jnp.asarray(0.25, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-    state = train.TrainState(
+    state = TrainState(
         params=jax.tree.map(bump, state.params),
         frozen=state.frozen,
         opt_state=jax.tree.map(bump, state.opt_state),
@@ -120,7 +121,7 @@ def test_restore_onto_other_meshes_gives_the_same_state(ckpt, tmp_path, monkeypa
     saver.close()
     want = host_tree(state)
     assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(
-        train.shardings_of(state.params)))  # fmt: skip  # really sharded when saved
+        shardings_of(state.params)))  # fmt: skip  # really sharded when saved
     for ici in ((1, 1, 1), (1, 4, 2)):
         _, _, like = state_on(ckpt, ici, seed=0)
         loader = checkpoint.Checkpointer("run", config)
@@ -133,7 +134,7 @@ def test_restore_onto_other_meshes_gives_the_same_state(ckpt, tmp_path, monkeypa
         for g, w in zip(host_tree(got.state), want, strict=True):
             np.testing.assert_array_equal(g, w)  # bit-identical: a copy, no arithmetic
         # the restored arrays live on the restoring run's mesh, with its shardings
-        assert train.shardings_of(got.state.params) == train.shardings_of(like.params)
+        assert shardings_of(got.state.params) == shardings_of(like.params)
         assert got.state.ref_params is like.ref_params
 
 
@@ -292,17 +293,17 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(assets, tmp_path):
     c = run_config(assets["checkpoint"], assets["data_dir"], total_steps=6)
     c.optim.max_bad_steps = 2
     c.checkpoint.keep = None
-    r = train.setup(c, str(tmp_path))
+    job = train.setup(c, str(tmp_path))
 
-    def score(run, host_batch, completions, step):
-        terms = train.score_rows(run, host_batch, completions, step)
+    def score(host_batch, completions, step):
+        terms = rollout.score_rows(host_batch, completions, job.config.reward, step)
         if step >= 2:
             terms["reward/total"] = np.full_like(terms["reward/total"], np.nan)
         return terms
 
-    r.score_fn = score
+    job.programs.score_fn = score
     with pytest.raises(FloatingPointError, match=r"2 optimizer steps in a row .* step 3") as e:
-        train.train_loop(r)
+        train.train_loop(job)
     assert "The last checkpoint (step 3) is intact" in str(e.value)
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [m["bad_step"] for m in rows] == [0, 0, 1, 1]
@@ -326,13 +327,18 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(assets, tmp_path):
 # ------------------------------------------------------------------- reference in host memory
 
 
-def _text_score(run, host_batch, completions, step):
-    """The loop's scores with a reward that varies between an untrained model's completions
-    (the share of their characters that are vowels), so that the policy moves."""
-    terms = train.score_rows(run, host_batch, completions, step)
-    vowels = [sum(ch in "aeiou" for ch in t) / max(len(t), 1) for t in completions]
-    terms["reward/total"] = np.asarray(vowels, np.float32) * terms["valid"]
-    return terms
+def _text_score(reward_config):
+    """The loop's scores (`reward_config`) with a reward that varies between an untrained
+    model's completions (the share of their characters that are vowels), so that the policy
+    moves."""
+
+    def score(host_batch, completions, step):
+        terms = rollout.score_rows(host_batch, completions, reward_config, step)
+        vowels = [sum(ch in "aeiou" for ch in t) / max(len(t), 1) for t in completions]
+        terms["reward/total"] = np.asarray(vowels, np.float32) * terms["valid"]
+        return terms
+
+    return score
 
 
 def test_reference_in_host_memory_trains_and_resumes_like_the_device_one(assets, tmp_path):
@@ -346,22 +352,22 @@ def test_reference_in_host_memory_trains_and_resumes_like_the_device_one(assets,
         c = run_config(assets["checkpoint"], assets["data_dir"], total_steps=4)
         c.grpo.reference_memory = memory
         c.checkpoint.keep = None
-        r = train.setup(c, str(tmp_path / memory))
-        r.score_fn = _text_score
-        assert {x.sharding.memory_kind for x in jax.tree.leaves(r.state.ref_params)} == {
+        job = train.setup(c, str(tmp_path / memory))
+        job.programs.score_fn = _text_score(c.reward)
+        assert {x.sharding.memory_kind for x in jax.tree.leaves(job.state.ref_params)} == {
             "pinned_host" if memory == "host" else "device"
         }
-        train.train_loop(r)
+        train.train_loop(job)
         ends[memory] = read_jsonl(str(tmp_path / memory / "metrics.jsonl"))
     assert launch.committed(str(tmp_path / "host")) == [1, 2, 3, 4]
     for step in (3, 4):  # as if the run had died before these were written
         shutil.rmtree(tmp_path / "host" / "checkpoints" / str(step))
     c = run_config(assets["checkpoint"], assets["data_dir"], total_steps=4)
     c.grpo.reference_memory = "host"
-    r = train.setup(c, str(tmp_path / "host"))
-    r.score_fn = _text_score
-    assert int(r.state.step) == 2
-    train.train_loop(r)
+    job = train.setup(c, str(tmp_path / "host"))
+    job.programs.score_fn = _text_score(c.reward)
+    assert int(job.state.step) == 2
+    train.train_loop(job)
     for g, w in zip(final_params(str(tmp_path / "host"), assets["checkpoint"], 4),
                     final_params(str(tmp_path / "device"), assets["checkpoint"], 4),
                     strict=True):  # fmt: skip

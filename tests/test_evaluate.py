@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from visionr1_jax import evaluate
+from visionr1_jax import eval_metrics, evaluate
 from visionr1_jax.rewards.parse import Target
 
 # pycocotools' precision is tp / (tp + fp + np.spacing(1)): a perfect precision is 1 - 2^-52,
@@ -252,11 +252,11 @@ def test_constant_scores_respect_output_order():
 
 def test_constant_scores_helper():
     predictions, _, _ = _fixture(constant=False)
-    const = evaluate.constant_scores(predictions)
+    const = eval_metrics.constant_scores(predictions)
     for (b0, l0, _), (b1, l1, s1) in zip(predictions, const, strict=True):
         np.testing.assert_array_equal(b0, b1)
         assert l0 == l1 and s1.dtype == np.float32 and np.all(s1 == np.float32(0.99))
-    assert np.all(evaluate.constant_scores(predictions, value=0.5)[0][2] == 0.5)
+    assert np.all(eval_metrics.constant_scores(predictions, value=0.5)[0][2] == 0.5)
 
 
 def test_detection_metrics_rejects_bad_input():
@@ -277,7 +277,7 @@ def test_detection_metrics_rejects_bad_input():
 def test_odinw_queries_one_per_present_category():
     boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 20], [1, 2, 3, 4], [7, 7, 9, 9], [2, 2, 8, 8]])
     target = Target(boxes, ["cat", "dog", "Cat", "bird", "dog"], (60, 80), (56, 84))
-    queries = evaluate.odinw_queries(target)
+    queries = eval_metrics.odinw_queries(target)
     assert [name for name, _ in queries] == ["cat", "dog", "bird"]
     (_, cat), (_, dog), (_, bird) = queries
     np.testing.assert_array_equal(cat.boxes, boxes[[0, 2]])
@@ -288,7 +288,7 @@ def test_odinw_queries_one_per_present_category():
     assert maps == ({"cat": 1}, {"dog": 2}, {"bird": 3})
     assert all(q.image_size == (60, 80) and q.input_size == (56, 84) for _, q in queries)
     negative = Target(np.zeros((0, 4)), [], (60, 80), (56, 84))
-    assert evaluate.odinw_queries(negative) == []
+    assert eval_metrics.odinw_queries(negative) == []
 
 
 def test_odinw_average():
@@ -297,14 +297,14 @@ def test_odinw_average():
         "pets": {"AP": 0.25, "AP50": 0.5, "AP75": 0.125},
         "pothole": {"AP": 0.125, "AP50": 0.25, "AP75": 0.0},
     }
-    got = evaluate.odinw_average(per_set)  # dyadic values: the means are exact
+    got = eval_metrics.odinw_average(per_set)  # dyadic values: the means are exact
     assert got["AP"] == 0.875 / 3 and got["AP50"] == 0.5 and got["AP75"] == 0.625 / 3
     assert got["num_sets"] == 3 and got["AP/pets"] == 0.25
-    assert "AP50" not in evaluate.odinw_average({"a": {"AP": 0.5}, "b": {"AP": 0.5, "AP50": 1}})
+    assert "AP50" not in eval_metrics.odinw_average({"a": {"AP": 0.5}, "b": {"AP": 0.5, "AP50": 1}})
     with pytest.raises(ValueError, match="undefined"):
-        evaluate.odinw_average({"a": {"AP": 0.5}, "b": {"AP": -1.0}})
+        eval_metrics.odinw_average({"a": {"AP": 0.5}, "b": {"AP": -1.0}})
     with pytest.raises(ValueError):
-        evaluate.odinw_average({})
+        eval_metrics.odinw_average({})
 
 
 # --- REC -------------------------------------------------------------------------------------
@@ -331,11 +331,11 @@ def test_rec_accuracy_hand_computed():
         None,  # no prediction → miss
         np.zeros((0, 4)),  # parsed nothing → miss
     ]
-    assert evaluate.rec_accuracy(preds, gt) == 3 / 8
-    assert evaluate.rec_accuracy(preds, np.array(gt), threshold=0.3) == 5 / 8  # + 0.5 - ε, 1/3
-    assert evaluate.rec_accuracy([[[0, 0, 10, 10]]], [[0, 0, 10, 10]]) == 1.0
-    assert evaluate.rec_accuracy([[[5, 5, 5, 9]]], [[5, 5, 5, 9]]) == 0.0  # empty union: IoU 0
+    assert eval_metrics.rec_accuracy(preds, gt) == 3 / 8
+    assert eval_metrics.rec_accuracy(preds, np.array(gt), threshold=0.3) == 5 / 8  # + 0.5 - ε, 1/3
+    assert eval_metrics.rec_accuracy([[[0, 0, 10, 10]]], [[0, 0, 10, 10]]) == 1.0
+    assert eval_metrics.rec_accuracy([[[5, 5, 5, 9]]], [[5, 5, 5, 9]]) == 0.0  # empty union: IoU 0
     with pytest.raises(ValueError):
-        evaluate.rec_accuracy(preds[:2], gt)
+        eval_metrics.rec_accuracy(preds[:2], gt)
     with pytest.raises(ValueError):
-        evaluate.rec_accuracy([], np.zeros((0, 4)))
+        eval_metrics.rec_accuracy([], np.zeros((0, 4)))

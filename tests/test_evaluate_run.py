@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from visionr1_jax import config_lib, evaluate, processing, sampler, sft
+from visionr1_jax import config_lib, eval_metrics, evaluate, processing, sampler, sections
 from visionr1_jax.data import config as data_config_lib
 from visionr1_jax.data import pipeline
 from visionr1_jax.data.builders import synthetic_shapes
@@ -82,7 +82,7 @@ def _qwen_tokenizer():
 
 def _answer(rid, text, target, boxes, labels, truncated=False):
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    scores = np.full(len(labels), evaluate.PAPER_SCORE, np.float32)
+    scores = np.full(len(labels), eval_metrics.PAPER_SCORE, np.float32)
     return evaluate.Answer(rid, text, target, boxes, list(labels), scores, truncated)
 
 
@@ -90,7 +90,7 @@ def _config(name="synthetic_shapes", **eval_over):
     c = ml_collections.ConfigDict()
     c.data = data_config_lib.data_config()
     c.data.name = name
-    c.eval = evaluate.eval_config()
+    c.eval = sections.eval_config()
     c.eval.update(eval_over)
     return c
 
@@ -146,7 +146,7 @@ def test_odinw_metrics_per_set_and_rec_accuracy():
         "SetA": evaluate.detection_metrics(preds[:2], TARGETS[:2]),
         "SetB/large": evaluate.detection_metrics(preds[2:], TARGETS[2:]),
     }
-    want = evaluate.odinw_average(per_set)
+    want = eval_metrics.odinw_average(per_set)
     assert {k: got[k] for k in want} == want and want["num_sets"] == 2
 
     rec = [_answer(f"r/{i}", _json(boxes[i], labels[i]), TARGETS[i], boxes[i], labels[i])
@@ -177,7 +177,7 @@ def test_eval_config_is_validated(over, message):
 def test_eval_every_must_be_a_rollout_boundary():
     c = config_lib.load_config(os.path.join(ROOT, "configs", "demo_cpu.py:experiment=False"))
     c.grpo.num_iterations = 2
-    c.eval = evaluate.eval_config()
+    c.eval = sections.eval_config()
     c.eval.every = 3
     with pytest.raises(ValueError, match=r"multiple of grpo\.num_iterations=2"):
         config_lib.validate(c)
@@ -207,8 +207,8 @@ def run_config(ckpt, data_dir, ici=(1, 1, 1)):
     c.model.tiny = "qwen2_5_vl_tiny"
     c.data.name, c.data.builder_config, c.data.data_dir = "synthetic_shapes", "evalrun", data_dir
     c.data.batch_size = 8
-    c.mesh = config_lib.mesh_config(ici=ici)
-    c.eval = evaluate.eval_config()
+    c.mesh = sections.mesh_config(ici=ici)
+    c.eval = sections.eval_config()
     c.eval.max_new_tokens = MAX_NEW
     c.eval.score = "logprob"
     return c
@@ -253,7 +253,13 @@ def test_command_line_answers_are_the_samplers_greedy_answers(assets, tmp_path):
     from visionr1_jax.models import hf_weights
 
     model = hf_weights.from_pretrained(ckpt)
-    normalize = sft._normalizer(processor)  # the pipeline's uint8 patches → pixel_values
+    ip = processor.image_processor  # the pipeline's uint8 patches → pixel_values
+    normalize = pipeline.PixelNormalizer(
+        mean=tuple(float(v) for v in ip.image_mean),
+        std=tuple(float(v) for v in ip.image_std),
+        rescale=float(ip.rescale_factor),
+        temporal=int(ip.temporal_patch_size),
+    )
     texts, ids = [], []
     for hb in pipeline.InputPipeline(data_config_lib.eval_config(c.data), processor):
         batch = {k: hb.arrays[k] for k in ("input_ids", "attention_mask", "image_grid_thw")}

@@ -14,7 +14,7 @@ import launch
 import numpy as np
 import pytest
 
-from visionr1_jax import config_lib, experiment, metrics
+from visionr1_jax import config_lib, experiment, metrics, sections
 from visionr1_jax.models import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +74,7 @@ def small(tmp_path_factory):
     c.grpo.num_generations = 2
     c.grpo.max_new_tokens = 8
     c.eval.max_new_tokens = 8
-    c.mesh = config_lib.mesh_config(ici=(1, 1, 1))
+    c.mesh = sections.mesh_config(ici=(1, 1, 1))
     c.metrics.render_every = 0
     c.checkpoint.every = 1
     c.experiment.sft_steps = 2

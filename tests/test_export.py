@@ -28,7 +28,7 @@ from flax import nnx
 from test_checkpoint import ROOT, run_config
 from test_train_loop import data_dir  # noqa: F401  (a fixture of this module too)
 
-from visionr1_jax import processing, train
+from visionr1_jax import checkpoint, loading, processing, rollout, train
 from visionr1_jax.models import hf_weights, testing
 from visionr1_jax.tools import export
 
@@ -56,13 +56,17 @@ def _hf_model(path: str, **kwargs):
     return model.eval(), info
 
 
-def _length_reward(run, host_batch, completions, step):
+def _length_reward(reward_config):
     """A reward that differs within a group (the completions' lengths), so the updates move the
     trained weights; the Vision-R1 reward of a random model is 0 for every completion."""
-    terms = train.score_rows(run, host_batch, completions, step)
-    lengths = np.asarray([len(text) for text in completions], np.float32)
-    terms["reward/total"] = lengths / max(lengths.max(), 1.0) * terms["valid"]
-    return terms
+
+    def score(host_batch, completions, step):
+        terms = rollout.score_rows(host_batch, completions, reward_config, step)
+        lengths = np.asarray([len(text) for text in completions], np.float32)
+        terms["reward/total"] = lengths / max(lengths.max(), 1.0) * terms["valid"]
+        return terms
+
+    return score
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +78,11 @@ def trained(tmp_path_factory, data_dir):  # noqa: F811  (the fixture)
     config.grpo.beta = 0.0  # no reference pass to compile: the export never reads it
     if config.get("metrics") is not None:
         config.metrics.render_every = 0  # no renderings: not what this test is about
-    r = train.setup(config, workdir)
-    r.score_fn = _length_reward
-    train.train_loop(r)
-    policy = r.policy
-    start = train.checkpoint_path(config, workdir)
+    job = train.setup(config, workdir)
+    job.programs.score_fn = _length_reward(config.reward)
+    train.train_loop(job)
+    policy = job.policy
+    start = loading.checkpoint_path(config, workdir)
     batch = testing.prompt_batch(start)
     logits = testing.jit_forward()(
         policy, batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
@@ -160,7 +164,7 @@ def test_errors_name_what_is_there(trained, tmp_path):
     with pytest.raises(ValueError, match="dtype='int8'"):
         export.export(trained["workdir"], None, str(tmp_path / "x"), dtype="int8")
     assert not os.path.exists(tmp_path / "x")
-    assert export.checkpoint_steps(trained["workdir"]) == [1, 2]
+    assert checkpoint.checkpoint_steps(trained["workdir"]) == [1, 2]
 
 
 def test_a_save_in_flight_is_left_alone(trained):

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (issue #10, sft.py): targets, config, evaluation, and that it learns.
+"""Supervised fine-tuning (issue #10, sft.py): targets, config, evaluation (through the one
+evaluator, `evaluate.py`), and that it learns.
 
 References are independent of `sft.py`: target strings are written out from the reference's
 SFT collate (Vision-R1 `vision_r1/sft_qwen.py`: `[\\n\\t` + items joined by `,\\n\\t` +
@@ -18,10 +19,22 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from visionr1_jax import config_lib, processing, rewards, sampler, sft, train
+from visionr1_jax import (
+    config_lib,
+    evaluate,
+    processing,
+    rewards,
+    sampler,
+    scoring,
+    sections,
+    sft,
+    sharding,
+    train,
+)
 from visionr1_jax.data import data_config, eval_config, pipeline
 from visionr1_jax.data.builders import synthetic_shapes
-from visionr1_jax.models import model_config, testing
+from visionr1_jax.models import testing
+from visionr1_jax.sections.training import validate_sft
 
 F32_U = testing.F32_U
 
@@ -40,13 +53,13 @@ def _config(**data) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.objective = "sft"
     c.total_steps = 10
-    c.model = model_config()
+    c.model = sections.model_config()
     c.model.dtype = "float32"
-    c.grpo = train.grpo_config()
-    c.optim = train.optim_config()
+    c.grpo = sections.grpo_config()
+    c.optim = sections.optim_config()
     c.data = data_config()
     c.data.update(data)
-    c.sft = sft.sft_config()
+    c.sft = sections.sft_config()
     return c
 
 
@@ -219,37 +232,62 @@ def test_pipeline_targets_continue_the_chat_prompt(tmp_path_factory, processor):
 # ----------------------------------------------------------------------------- config
 
 
+# SFT's evaluation settings are the one evaluator's `eval` section now: the old `sft.eval_*`
+# keys are rejected naming the key that replaced them, and the `eval` section's own checks
+# reject the values the old keys' checks rejected.
 @pytest.mark.parametrize(
-    "key, value, match",
+    "section, key, value, match",
     [
-        ("max_answer_len", 0, "sft.max_answer_len=0 must be an int >= 1"),
-        ("max_answer_len", 1.5, "sft.max_answer_len=1.5"),
-        ("eval_every", -1, "sft.eval_every=-1"),
-        ("eval_max_new_tokens", 0, "sft.eval_max_new_tokens=0"),
-        ("eval_batches", 4, "sft.eval_batches=4 has no effect with sft.eval_every=0"),
-        ("eval_max_new_tokens", 64, "sft.eval_max_new_tokens=64 has no effect"),
-        ("max_answr_len", 64, "sft.max_answr_len=64 is not an sft key"),
+        ("sft", "max_answer_len", 0, "sft.max_answer_len=0 must be an int >= 1"),
+        ("sft", "max_answer_len", 1.5, "sft.max_answer_len=1.5"),
+        ("eval", "every", -1, "eval.every=-1"),
+        ("eval", "max_new_tokens", 0, "eval.max_new_tokens=0"),
+        ("sft", "eval_batches", 4, "sft.eval_batches=4 was replaced by eval.batches"),
+        (
+            "sft",
+            "eval_max_new_tokens",
+            64,
+            "sft.eval_max_new_tokens=64 was replaced by eval.max_new_tokens",
+        ),
+        ("sft", "max_answr_len", 64, "sft.max_answr_len=64 is not a key of the sft section"),
     ],
 )
-def test_validation_rejects(key, value, match):
+def test_validation_rejects(section, key, value, match):
+    c = _config()
+    c.eval = sections.eval_config()
+    with c[section].ignore_type():
+        c[section][key] = value
+    with pytest.raises(ValueError, match=re.escape(match)):
+        config_lib.validate(c)
+
+
+def test_validation_rejects_the_old_eval_every_naming_eval_every():
+    """`sft.eval_every` (SFT's own evaluator, gone) is rejected by `config_lib.validate` with
+    a message naming `eval.every`, the one evaluator's key that replaced it; the sft section's
+    own validator says the same."""
     c = _config()
     with c.sft.ignore_type():
-        c.sft[key] = value
-    with pytest.raises(ValueError, match=re.escape(match)):
-        sft.validate_config(c)
+        c.sft.eval_every = 100
+    want = "sft.eval_every=100 was replaced by eval.every; set that instead"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match=re.escape(want)):
+        validate_sft(c)
 
 
 def test_validation_accepts_and_rejects_by_objective():
     c = _config()
-    c.sft.eval_every = 100
-    c.sft.eval_batches = 2
-    c.sft.eval_max_new_tokens = 64
-    assert sft.validate_config(c) is c
+    c.sft.max_answer_len = 64
+    c.eval = sections.eval_config()  # SFT's held-out evaluation: the `eval` section
+    c.eval.every = 100
+    c.eval.batches = 2
+    c.eval.max_new_tokens = 64
+    assert config_lib.validate(c) is c
     c.objective = "grpo"
     with pytest.raises(ValueError, match="has no effect with objective='grpo'"):
-        sft.validate_config(c)
-    c.sft = sft.sft_config()  # the defaults are harmless
-    sft.validate_config(c)
+        config_lib.validate(c)
+    c.sft = sections.sft_config()  # the defaults are harmless
+    config_lib.validate(c)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -353,25 +391,46 @@ def test_score_completions_match_an_independent_parser_and_hungarian():
         "```json\n[]\n```",
     ]
     targets = [target] * len(completions)
-    got = sft.score_completions(completions, targets, _config(max_pixels=56 * 56))
+    config = _config(max_pixels=56 * 56)
+    got = scoring.score(completions, targets, scoring.reward_config(config))
     want = _oracle_scores(completions, targets)
-    assert got["parsed"].tolist() == [True, True, False, True, False, False, False]
-    assert float(got["parsed"].mean()) == want["parse_rate"]
-    pairs = got["num_matched"].sum()
+    parsed = (got["parse_rate"] == 1.0) & (got["boxes/parsed"] >= 1)
+    assert parsed.tolist() == [True, True, False, True, False, False, False]
+    assert float(parsed.mean()) == want["parse_rate"]
+    pairs = got["boxes/matched"].sum()
     assert pairs == want["num_matched"] == 6
-    iou = float((got["matched_iou"].astype(np.float64) * got["num_matched"]).sum() / pairs)
+    iou = float((got["matched_iou"].astype(np.float64) * got["boxes/matched"]).sum() / pairs)
     assert abs(iou - want["matched_iou"]) <= IOU_ATOL
+    # ...and the evaluator's metrics of the same answers (`compute_metrics`, the one path)
+    answers = [
+        evaluate.Answer(str(k), text, target, np.zeros((0, 4), np.float32), [],
+                        np.zeros((0,), np.float32), False)
+        for k, text in enumerate(completions)
+    ]  # fmt: skip
+    metrics = evaluate.compute_metrics(answers, config)
+    assert metrics["parse_rate"] == want["parse_rate"]
+    assert metrics["num_matched"] == want["num_matched"]
+    assert abs(metrics["matched_iou"] - want["matched_iou"]) <= IOU_ATOL
 
 
-def test_like_rows_shards_targets_as_the_batch():
-    """`sft_iteration`'s targets become global arrays laid out as the batch's rows."""
+def test_sft_update_shards_targets_as_the_batch(processor):
+    """`sft_update`'s targets become global arrays laid out as the batch's rows (the rows
+    sharding of the batch's mesh), holding `answer_tokens` of the host batch."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     spec = jax.sharding.PartitionSpec("data", None)
     ids = jax.device_put(np.zeros((8, 5), np.int32), jax.sharding.NamedSharding(mesh, spec))
-    local = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
-    out = sft._like_rows(local, ids)
-    assert out.sharding == ids.sharding and out.shape == (8, 3)
-    np.testing.assert_array_equal(np.asarray(out), local)
+    hb = _host_batch(ROWS, pad_rows=5)
+    c = _config()
+    update, extra = sft.sft_update(hb, {"input_ids": ids}, processor.tokenizer, c, step=0)
+    tokens, mask = sft.answer_tokens(hb, processor.tokenizer, c)
+    rows = sharding.rows_sharding(mesh)
+    for out, local in ((update.tokens, tokens), (update.mask, mask)):
+        assert out.sharding == rows and out.shape == local.shape
+        assert out.sharding.is_equivalent_to(ids.sharding, 2)  # laid out as the batch's rows
+        np.testing.assert_array_equal(np.asarray(out), local)
+    assert list(update.prompts) == ["input_ids"] and update.prompts["input_ids"] is ids
+    assert update.advantages is None
+    assert extra == {"sft/answer_len": float(tokens.shape[1]), "sft/truncated": 0.0}
 
 
 # ----------------------------------------------------------------------------- learning
@@ -384,8 +443,10 @@ def test_sft_raises_parse_rate_and_matched_iou_on_held_out_images(tmp_path_facto
     """The tiny model (random weights) trained by SFT on `synthetic_shapes` (one shape per
     112 px image, answers in the 56 px model-input frame): on 32 held-out validation images its
     greedy answers go from never parsing to parsing, and the matched IoU from 0 (no pair) to
-    clearly positive. evaluate's numbers equal an independent parser + scipy Hungarian on the
-    same greedy answers.
+    clearly positive. The one evaluator (`evaluate.evaluate`, reading the validation split
+    through the pipeline) gives greedy answers equal to the sampler's own greedy decoding of
+    the held-out batches, and its numbers equal an independent parser + scipy Hungarian on
+    those answers.
 
     Seeds 0, 1, 2 (checkpoint and data order) after 200 steps: parse rate 0 -> 1.0 each,
     matched IoU 0 -> 0.19 / 0.16 / 0.24 (150-180 s each on 2 heavily shared cores; 120 s of
@@ -406,21 +467,23 @@ def test_sft_raises_parse_rate_and_matched_iou_on_held_out_images(tmp_path_facto
     c.model.checkpoint = ckpt
     c.data.builder_config = "sft_learn"
     c.data.data_dir = _shapes.data_dir
-    c.mesh = config_lib.mesh_config(ici=(1, 1, 1))
+    c.mesh = sections.mesh_config(ici=(1, 1, 1))
+    c.eval = sections.eval_config()  # the evaluator's budget; no evaluation in the loop
+    c.eval.max_new_tokens = MAX_NEW_TOKENS
     processor = processing.load_processor(ckpt)
     tok = processor.tokenizer
     held_out = list(
         pipeline.InputPipeline(eval_config(c.data), processor, source=src["validation"])
     )
-    run = train.setup(c, str(tmp_path_factory.mktemp("sft_run")))
-    before = sft.evaluate(run.policy, processor, held_out, c, max_new_tokens=MAX_NEW_TOKENS)
-    rows = train.train_loop(run)
+    job = train.setup(c, str(tmp_path_factory.mktemp("sft_run")))
+    before, _ = evaluate.evaluate(job.policy, processor, c, job.mesh)
+    rows = train.train_loop(job)
     losses = [m["loss"] for m in rows]
     assert [m["step"] for m in rows] == list(range(LEARN_STEPS))
-    model = run.policy
-    after = sft.evaluate(model, processor, held_out, c, max_new_tokens=MAX_NEW_TOKENS)
+    model = job.policy
+    after, answers = evaluate.evaluate(model, processor, c, job.mesh)
 
-    # The same greedy answers scored by the oracle.
+    # The same greedy answers (decoded here from the held-out batches) scored by the oracle.
     completions, targets = [], []
     for hb in held_out:
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
@@ -431,6 +494,9 @@ def test_sft_raises_parse_rate_and_matched_iou_on_held_out_images(tmp_path_facto
         for i in np.nonzero(hb.arrays["valid"])[0]:
             completions.append(tok.decode(tokens[i][mask[i]], skip_special_tokens=True))
         targets += hb.targets()
+    assert [a.completion for a in answers] == completions
+    ids = [hb.record_ids[i] for hb in held_out for i in np.nonzero(hb.arrays["valid"])[0]]
+    assert [a.record_id for a in answers] == ids
     oracle = _oracle_scores(completions, targets)
     assert after["num_examples"] == len(completions) == 32
     assert after["parse_rate"] == oracle["parse_rate"]

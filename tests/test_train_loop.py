@@ -18,18 +18,19 @@ import numpy as np
 import pytest
 
 from visionr1_jax import (
-    config_lib,
-    evaluate,
     host,
     metrics,
     processing,
     rewards,
+    rollout,
     sampler,
+    scoring,
+    sections,
     train,
 )
 from visionr1_jax.data import data_config
 from visionr1_jax.data.builders import synthetic_shapes
-from visionr1_jax.models import model_config, testing, tiny
+from visionr1_jax.models import testing, tiny
 
 MAX_PIXELS = 112 * 112
 
@@ -59,7 +60,7 @@ def loop_config(ckpt: str, data_dir: str, **grpo) -> object:
     c.total_steps = 4
     c.progress = False
     c.log_rollouts = 2
-    c.model = model_config()
+    c.model = sections.model_config()
     c.model.checkpoint = ckpt
     c.model.dtype = "float32"
     c.data = data_config()
@@ -71,13 +72,13 @@ def loop_config(ckpt: str, data_dir: str, **grpo) -> object:
     c.data.num_threads = 0
     c.data.prefetch = 0
     c.reward = rewards.default_config("official")
-    c.grpo = train.grpo_config()
+    c.grpo = sections.grpo_config()
     c.grpo.num_generations = 2
     c.grpo.max_new_tokens = 8
     c.grpo.update(grpo)
-    c.optim = train.optim_config()
+    c.optim = sections.optim_config()
     c.optim.learning_rate = 1e-4
-    c.mesh = config_lib.mesh_config(ici=(1, 1, 1))
+    c.mesh = sections.mesh_config(ici=(1, 1, 1))
     return c
 
 
@@ -92,7 +93,7 @@ def test_decode_skips_special_tokens_and_official_format_passes(ckpt):
     mask = np.zeros(tokens.shape, bool)
     tokens[0, : len(row)], mask[0, : len(row)] = row, True
     tokens[1, : len(ids)], mask[1, : len(ids)] = ids, True
-    texts = train.decode_completions(tok, tokens, mask)
+    texts = scoring.decode(tok, tokens, mask)
     assert texts == [answer, answer]
     target = rewards.Target([[1, 2, 30, 40]], ["circle"], (112, 112), (112, 112))
     parsed = rewards.parse.parse_answer(texts[0], frame="qwen25_abs", input_size=(112, 112))
@@ -110,7 +111,7 @@ def test_truncated_counts_rows_cut_at_the_budget():
     # row 0 stopped on 7, row 1 ran out of budget, row 2 stopped on 9, row 3 is empty (cut at
     # 0 tokens), row 4 stopped on its last allowed token.
     expected = [False, True, False, True, False]
-    assert train.truncated(tokens, mask, eos).tolist() == expected
+    assert scoring.truncated(tokens, mask, eos).tolist() == expected
 
 
 def logit_bound(params) -> float:
@@ -121,10 +122,10 @@ def logit_bound(params) -> float:
     return float(np.sqrt(w.shape[0]) * np.abs(g).max() * np.linalg.norm(w, axis=0).max())
 
 
-def _digit_share(run, host_batch, completions, step):
+def _digit_share(reward_config, host_batch, completions, step):
     """A simple verifiable reward: the share of decimal digits among non-space characters.
     The Vision-R1 terms of the same completions are kept as metrics (`score_rows`)."""
-    terms = train.score_rows(run, host_batch, completions, step)
+    terms = rollout.score_rows(host_batch, completions, reward_config, step)
     share = []
     for text in completions:
         chars = [ch for ch in text if not ch.isspace()]
@@ -147,15 +148,15 @@ def test_grpo_loop_learns_a_verifiable_reward_from_random_init(ckpt, data_dir, t
     c.optim.learning_rate = 3e-3
     before = sampler.compile_count()
     compiled = host.compile_counts().get("jit(train_step)", 0)
-    r = train.setup(c, str(tmp_path))
+    job = train.setup(c, str(tmp_path))
     bounds = {}  # rollout step -> bound on the policy's |logits| when it sampled
 
-    def score(run, host_batch, completions, step):
-        bounds[step] = logit_bound(run.state.params)
-        return _digit_share(run, host_batch, completions, step)
+    def score(host_batch, completions, step):
+        bounds[step] = logit_bound(job.state.params)
+        return _digit_share(job.config.reward, host_batch, completions, step)
 
-    r.score_fn = score
-    rows = train.train_loop(r)
+    job.programs.score_fn = score
+    rows = train.train_loop(job)
 
     reward = np.array([m["reward/total"] for m in rows])
     first, last = reward[:6].mean(), reward[-6:].mean()
@@ -164,12 +165,12 @@ def test_grpo_loop_learns_a_verifiable_reward_from_random_init(ckpt, data_dir, t
     # of the first steps); the margin asks for several times that.
     assert last > first + 0.15, (first, last)
 
-    assert [m["step"] for m in rows] == list(range(24)) and int(r.state.step) == 24
+    assert [m["step"] for m in rows] == list(range(24)) and int(job.state.step) == 24
     assert sampler.compile_count() - before == 1
-    assert r.train_step._cache_size() == 1
+    assert job.programs.train_step._cache_size() == 1
     # compiled once, at start-up (memory_analysis), and that executable served every call
     assert host.compile_counts()["jit(train_step)"] - compiled == 1
-    assert r.memory["temp"] > 0  # memory_analysis was logged at start-up
+    assert job.programs.memory["temp"] > 0  # memory_analysis was logged at start-up
     written = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [m["step"] for m in written] == list(range(24))
     for key in ("reward/total", "reward/format", "reward/recall", "reward/precision", "loss",
@@ -179,7 +180,7 @@ def test_grpo_loop_learns_a_verifiable_reward_from_random_init(ckpt, data_dir, t
         assert key in written[0], key
     # The old log-probs are a separate jit of the same float32 computation as the step's own:
     # the ratio is exp(Δ), |Δ| within the float32 log-prob tolerance at the policy's logit scale.
-    vocab = r.policy.cfg.vocab_size
+    vocab = job.policy.cfg.vocab_size
     atol = {
         k: np.expm1(testing.logprob_atol(b / c.grpo.temperature, vocab)) for k, b in bounds.items()
     }
@@ -253,10 +254,10 @@ def test_telemetry_in_metrics_jsonl_tensorboard_and_renderings(ckpt, data_dir, t
     from PIL import Image
 
     c = loop_config(ckpt, data_dir, beta=0.04)
-    c.metrics = metrics.metrics_config()
+    c.metrics = sections.metrics_config()
     c.metrics.render_every = 2
     c.metrics.render_count = 2
-    c.eval = evaluate.eval_config()  # greedy evaluation after steps 2 and 4 (the last)
+    c.eval = sections.eval_config()  # greedy evaluation after steps 2 and 4 (the last)
     c.eval.every = 2
     c.eval.max_new_tokens = 8
     c.eval.score = "logprob"
