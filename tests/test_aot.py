@@ -172,13 +172,13 @@ def test_lora_run_state_trains_the_adapters_only():
     lowers. Nothing compiles here."""
     import jax
 
-    from visionr1_jax import config_lib
+    from visionr1_jax import config_lib, sections
     from visionr1_jax.models import qwen_vl
     from visionr1_jax.tools import aot
 
     rank = 4
     c = config_lib.load_config(CONFIG)
-    c.mesh = config_lib.mesh_config(ici=(1, 4, 1))
+    c.mesh = sections.mesh_config(ici=(1, 4, 1))
     hf, mesh = aot.architecture(c), aot.run_mesh(c, jax.devices()[:4])
     _, base = aot.lowered_programs(c, hf, mesh)
     c.model.lora.rank = rank
@@ -209,14 +209,14 @@ def test_train_state_per_device_falls_as_1_over_the_fsdp_axis():
     tiny model's few dimensions N does not divide stay whole). Abstract only."""
     import jax
 
-    from visionr1_jax import config_lib
+    from visionr1_jax import config_lib, sections
     from visionr1_jax.tools import aot
 
     c = config_lib.load_config(CONFIG)
     hf = aot.architecture(c)
     held = {}
     for n in (1, 2, 4, 8):
-        c.mesh = config_lib.mesh_config(ici=(1, n, 1))
+        c.mesh = sections.mesh_config(ici=(1, n, 1))
         _, facts = aot.lowered_programs(c, hf, aot.run_mesh(c, jax.devices()[:n]))
         sb = facts["state_bytes"]
         held[n] = sb["params"] + sb["optimizer"]

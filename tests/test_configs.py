@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from visionr1_jax import config_lib
+from visionr1_jax import config_lib, sections
 
 CONFIGS = sorted(str(p) for p in pathlib.Path(__file__).parent.parent.glob("configs/*.py"))
 # The configs that take the reward args (variant, schedule, switch_step): all but the SFT and
@@ -126,10 +126,8 @@ def test_parse_arg_casts_to_default_types():
 
 
 def test_grpo_and_optim_sections_are_validated_with_the_run_config():
-    from visionr1_jax import train
-
     config = config_lib.load_config("configs/demo_cpu.py")
-    config.grpo, config.optim = train.grpo_config(), train.optim_config()
+    config.grpo, config.optim = sections.grpo_config(), sections.optim_config()
     assert config.model.freeze_vision_tower is False
     config_lib.validate(config)
     config.grpo.epsilon_high = 0.28  # no effect with one update per rollout

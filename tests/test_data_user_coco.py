@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionr1_jax import config_lib, processing, train
+from visionr1_jax import config_lib, processing, sections, train
 from visionr1_jax.data import data_config, eval_config, pipeline, records
 from visionr1_jax.data.builders import user_coco
 from visionr1_jax.models import testing
@@ -343,7 +343,7 @@ def test_trains_by_config_alone(files, ckpt, tmp_path):
     config.data.max_prompt_len = 128
     config.sft.max_answer_len = 64  # one target length L for every batch: one compile
     config.metrics.render_every = 0
-    config.mesh = config_lib.mesh_config(ici=(1, 1, 1))
+    config.mesh = sections.mesh_config(ici=(1, 1, 1))
     del config["checkpoint"]
     config_lib.validate(config)
     rows = train.run(config, str(tmp_path / "workdir"))

@@ -18,8 +18,9 @@ import pytest
 import test_train_loop
 from flax import nnx
 
-from visionr1_jax import checkpoint, config_lib, train
+from visionr1_jax import checkpoint, config_lib, sections, train
 from visionr1_jax.models import hf_weights
+from visionr1_jax.state import frozen_filter, init_train_state
 
 ckpt, data_dir = test_train_loop.ckpt, test_train_loop.data_dir  # the loop tests' fixtures
 loop_config = test_train_loop.loop_config
@@ -35,9 +36,9 @@ def source(ckpt, data_dir, tmp_path_factory):
     the start checkpoint's (noise added), and those parameters of step 5."""
     workdir = str(tmp_path_factory.mktemp("source_run"))
     config = loop_config(ckpt, data_dir, beta=0.0)
-    config.checkpoint = checkpoint.checkpoint_config()
+    config.checkpoint = sections.checkpoint_config()
     model = hf_weights.from_pretrained(ckpt, dtype=jnp.float32, compute_dtype=jnp.float32)
-    _, state = train.init_train_state(model, config, jax.random.key(0), beta=0.0)
+    _, state = init_train_state(model, config, jax.random.key(0), beta=0.0)
     saver = checkpoint.Checkpointer(workdir, config)
     for step in (2, 5):
         noise = lambda x, s=step: x + s * 1e-2 * jax.random.normal(jax.random.key(s), x.shape)
@@ -53,18 +54,18 @@ def test_run_starts_from_another_runs_checkpoint_and_resumes_without_it(
     src, want = source
     c = loop_config(ckpt, data_dir, beta=0.04)
     c.model.init_from = src
-    c.checkpoint = checkpoint.checkpoint_config()
-    r = train.setup(c, str(tmp_path))
+    c.checkpoint = sections.checkpoint_config()
+    job = train.setup(c, str(tmp_path))
     start = hf_weights.from_pretrained(ckpt, dtype=jnp.float32, compute_dtype=jnp.float32)
-    _, _, start_params = nnx.split(start, train.frozen_filter(c), ...)
-    for got, w, s in zip(leaves(r.state.params), want, leaves(start_params), strict=True):
+    _, _, start_params = nnx.split(start, frozen_filter(c), ...)
+    for got, w, s in zip(leaves(job.state.params), want, leaves(start_params), strict=True):
         np.testing.assert_array_equal(got, w)  # the newest checkpoint's (step 5), exactly
         assert not np.array_equal(got, s)
-    for got, w in zip(leaves(r.state.ref_params), want, strict=True):
+    for got, w in zip(leaves(job.state.ref_params), want, strict=True):
         np.testing.assert_array_equal(got, w)  # ...which is the reference
-    train.save_checkpoint(r)
-    r.checkpointer.close()
-    r.pipe.close()
+    train.save_checkpoint(job, {})  # before any rollout: no thresholds
+    job.io.checkpointer.close()
+    job.io.pipe.close()
 
     # This run's checkpoint holds the reference: a resume (`setup` restores with the run's
     # own Checkpointer and never reads init_from then) gets it back with the other run gone.
@@ -73,7 +74,9 @@ def test_run_starts_from_another_runs_checkpoint_and_resumes_without_it(
     try:
         loader = checkpoint.Checkpointer(str(tmp_path), c)
         assert loader.latest_step() == 0
-        like = dataclasses.replace(r.state, ref_params=jax.tree.map(jnp.zeros_like, r.state.params))
+        like = dataclasses.replace(
+            job.state, ref_params=jax.tree.map(jnp.zeros_like, job.state.params)
+        )
         got = loader.restore(0, like).state
         loader.close()
         for a, w in zip(leaves(got.ref_params), want, strict=True):

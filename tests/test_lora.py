@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from visionr1_jax import config_lib, train
-from visionr1_jax.models import from_pretrained, model_config, qwen_vl, save_pretrained, testing
+from visionr1_jax import config_lib, sections
+from visionr1_jax.models import from_pretrained, qwen_vl, save_pretrained, testing
+from visionr1_jax.sections.model import lora_options
+from visionr1_jax.state import init_train_state
+from visionr1_jax.step import UpdateBatch, make_logprob_fn, make_train_step
 
 G, L, RANK, ALPHA = 2, 8, 4, 8.0
 
@@ -30,15 +33,15 @@ G, L, RANK, ALPHA = 2, 8, 4, 8.0
 def _config(**lora) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.total_steps = 10
-    c.model = model_config()
+    c.model = sections.model_config()
     c.model.dtype = "float32"
     c.model.lora.rank = RANK
     c.model.lora.alpha = ALPHA
     c.model.lora.update(lora)
-    c.grpo = train.grpo_config()
+    c.grpo = sections.grpo_config()
     c.grpo.num_generations = G
     c.grpo.beta = 0.04
-    c.optim = train.optim_config()
+    c.optim = sections.optim_config()
     c.optim.learning_rate = 1e-2  # large: the adapters move visibly in three steps
     return c
 
@@ -76,19 +79,19 @@ def _forward(model, batch) -> np.ndarray:
 
 
 def _load(ckpt, config):
-    return from_pretrained(ckpt, dtype=jnp.float32, **train.lora_options(config))
+    return from_pretrained(ckpt, dtype=jnp.float32, **lora_options(config))
 
 
 @pytest.fixture(scope="module")
 def trained(ckpt, rollout):
     config = _config()
     model = _load(ckpt, config)
-    graphdef, state = train.init_train_state(model, config, jax.random.key(0))
+    graphdef, state = init_train_state(model, config, jax.random.key(0))
     start_params, start_frozen = _flat(state.params), _flat(state.frozen)
-    step = train.make_train_step(graphdef, config)
+    step = make_train_step(graphdef, config)
     batch, tokens, mask, adv = rollout
     for _ in range(3):
-        state, metrics = step(state, batch, tokens, mask, adv)
+        state, metrics = step(state, UpdateBatch(batch, tokens, mask, adv))
         assert np.isfinite(float(metrics["loss"]))
     return config, graphdef, state, start_params, start_frozen
 
@@ -114,13 +117,11 @@ def test_only_the_adapters_train(trained):
 def test_reference_is_the_base_model(ckpt, rollout, trained):
     config, graphdef, state, _, _ = trained
     batch, tokens, mask, _ = rollout
-    logps = train.make_logprob_fn(graphdef, config)
+    logps = make_logprob_fn(graphdef, config)
     ref = np.asarray(logps(state.ref_params, state.frozen, batch, tokens, mask))
     base_config = _config(rank=0)
-    bgraph, bstate = train.init_train_state(
-        _load(ckpt, base_config), base_config, jax.random.key(0)
-    )
-    base_logps = train.make_logprob_fn(bgraph, base_config)
+    bgraph, bstate = init_train_state(_load(ckpt, base_config), base_config, jax.random.key(0))
+    base_logps = make_logprob_fn(bgraph, base_config)
     want = np.asarray(base_logps(bstate.params, bstate.frozen, batch, tokens, mask))
     # Zero adapters add exactly 0.0 to every adapted projection: the same bits.
     np.testing.assert_array_equal(ref, want)

@@ -29,16 +29,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from visionr1_jax import config_lib, sampler, sharding, train
-from visionr1_jax.models import from_pretrained, model_config, testing
+from visionr1_jax import config_lib, sampler, sections, sharding
+from visionr1_jax.models import from_pretrained, testing
+from visionr1_jax.sections.training import rollout_dtype
+from visionr1_jax.state import init_train_state, make_rollout_copy, shardings_of
+from visionr1_jax.step import UpdateBatch, make_logprob_fn, make_train_step
 
 
 def _config(dtype: str, copy: bool | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.total_steps = 1
-    c.model = model_config()
+    c.model = sections.model_config()
     c.model.dtype = dtype
-    c.grpo = train.grpo_config()
+    c.grpo = sections.grpo_config()
     c.grpo.rollout_copy = copy
     return c
 
@@ -50,12 +53,12 @@ def ckpt(tmp_path_factory):
 
 def test_copy_is_bf16_matrices_with_their_shardings_and_samples_the_same(ckpt):
     config = _config("bfloat16")
-    assert train.rollout_dtype(config) == jnp.bfloat16
+    assert rollout_dtype(config) == "bfloat16"  # the dtype's name
     mesh = sharding.make_mesh((1, 4, 2))
     with jax.set_mesh(mesh):
         model = from_pretrained(ckpt, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=mesh)
         graphdef, frozen, params = nnx.split(model, nnx.Nothing, ...)
-        copy_params, copy_frozen = train.make_rollout_copy(config)((params, frozen))
+        copy_params, copy_frozen = make_rollout_copy(config)((params, frozen))
         for (path, x), y in zip(
             jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(copy_params), strict=True
         ):
@@ -79,9 +82,9 @@ def test_copy_is_bf16_matrices_with_their_shardings_and_samples_the_same(ckpt):
 
 
 def test_rollout_copy_settings():
-    assert train.rollout_dtype(_config("float32")) is None  # nothing to narrow: no copy
-    assert train.rollout_dtype(_config("bfloat16", copy=False)) is None
-    assert train.make_rollout_copy(_config("float32")) is None
+    assert rollout_dtype(_config("float32")) is None  # nothing to narrow: no copy
+    assert rollout_dtype(_config("bfloat16", copy=False)) is None
+    assert make_rollout_copy(_config("float32")) is None
     config_lib.validate(_config("bfloat16", copy=True))
     with pytest.raises(ValueError, match=r"grpo\.rollout_copy=True has no effect"):
         config_lib.validate(_config("float32", copy=True))
@@ -113,7 +116,7 @@ def two_steps(ckpt):
         config = _config("float32")
         config.total_steps = 10
         config.grpo.num_generations = g
-        config.optim = train.optim_config()
+        config.optim = sections.optim_config()
         config.optim.learning_rate = LR
         for key, value in overrides.items():
             section, field = key.split(".")
@@ -121,20 +124,20 @@ def two_steps(ckpt):
         config_lib.validate(config)
         with jax.set_mesh(mesh):
             model = from_pretrained(ckpt, dtype=jnp.float32, mesh=mesh)
-            graphdef, state = train.init_train_state(model, config, jax.random.key(0))
+            graphdef, state = init_train_state(model, config, jax.random.key(0))
             adam = state.opt_state[1][0]  # clip_by_global_norm, then adamw's ScaleByAdamState
             r = {
                 "mu": {x.dtype for x in jax.tree.leaves(adam.mu)},
                 "nu": {x.dtype for x in jax.tree.leaves(adam.nu)},
                 "ref_kinds": [{x.sharding.memory_kind for x in jax.tree.leaves(state.ref_params)}],
                 "params": [jax.device_get(state.params)],
-                "ref_logps": jax.device_get(train.make_logprob_fn(graphdef, config)(
+                "ref_logps": jax.device_get(make_logprob_fn(graphdef, config)(
                     state.ref_params, state.frozen, batch, tokens, mask)),
                 "metrics": [],
             }  # fmt: skip
-            step = train.make_train_step(graphdef, config, state_sharding=train.shardings_of(state))
+            step = make_train_step(graphdef, config, state_sharding=shardings_of(state))
             for i in range(2):
-                state, metrics = step(state, batch, tokens, mask, adv)
+                state, metrics = step(state, UpdateBatch(batch, tokens, mask, adv))
                 if i == 0:  # Adam's second moment after step 1: (1 - b2) g^2
                     r["nu1"] = jax.device_get(state.opt_state[1][0].nu)
                 r["params"].append(jax.device_get(state.params))

@@ -339,7 +339,7 @@ def test_causal_block_attention_equals_dense_masked_attention(monkeypatch, chunk
     k, v = (rng.normal(size=(b, t, kv, d)).astype(np.float32) for _ in range(2))
     key_valid = np.arange(t)[None] >= np.array([[0], [37], [149]])  # left padding
     mask = (np.arange(t)[None, :] <= np.arange(t)[:, None])[None, None] & key_valid[:, None, None]
-    want = qwen_vl._attention(q, k, v, mask, d**-0.5)
+    want = qwen_vl.masked_attention(q, k, v, mask, d**-0.5)
     got = jax.jit(qwen_vl.causal_attention, static_argnums=4)(q, k, v, key_valid, d**-0.5)
     rows = key_valid  # padded query rows are never read
     # First-order worst case of a float32 attention row: the d-term scores and the T-term

@@ -31,7 +31,10 @@ def test_presets_match_spec():
             "strictly increasing",
         ),
         (
-            [reward_section.stage(0, 0.5, 0, 1, 0, 1), reward_section.stage(10, 0.5, 0, 1, 0, 1)][::-1],
+            [
+                reward_section.stage(0, 0.5, 0, 1, 0, 1),
+                reward_section.stage(10, 0.5, 0, 1, 0, 1),
+            ][::-1],
             r"\[0\].start_step must be 0",
         ),
         ([{**reward_section.stage(0, 0.5, 0, 1, 0, 1), "recall_lo": 1.5}], r"\[0\].recall_lo=1.5"),
@@ -212,7 +215,10 @@ def test_validation_rejects_schedule_values_without_effect(config, message):
 def test_custom_stages():
     config = rewards.default_config("official")
     config.schedule = "custom"
-    config.stages = [reward_section.stage(0, 0.5, 0, 1, 0, 1), reward_section.stage(7, 0.6, 0, 1, 0, 1)]
+    config.stages = [
+        reward_section.stage(0, 0.5, 0, 1, 0, 1),
+        reward_section.stage(7, 0.6, 0, 1, 0, 1),
+    ]
     rewards.validate_config(config)
     out = rewards.score(["[]"], [rewards.Target([[0, 0, 1, 1]], ["a"], (9, 9), (9, 9))], step=7,
                         config=config)  # fmt: skip

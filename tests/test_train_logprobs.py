@@ -1,5 +1,5 @@
-"""Teacher-forced completion log-probs (`train.completion_logprobs`) and the sampler's vision
-token suppression (issue #10, acceptance 3).
+"""Teacher-forced completion log-probs (`models.logprobs.completion_logprobs`) and the
+sampler's vision token suppression (issue #10, acceptance 3).
 
 References are independent of the shared-prefix code: the model's plain full forward
 (`QwenVL.token_logprobs`, itself compared with transformers in test_models_qwen_vl) over each
@@ -21,8 +21,9 @@ import pytest
 import torch
 from flax import nnx
 
-from visionr1_jax import processing, sampler, train
+from visionr1_jax import processing, sampler
 from visionr1_jax.models import QwenVL, from_pretrained, qwen_vl, save_pretrained, testing
+from visionr1_jax.models.logprobs import completion_logprobs
 
 G, L = 2, 12
 TEMPERATURE = 0.7  # the log-prob passes below divide the logits by it
@@ -69,9 +70,7 @@ def _completions(model, rng, rows):
 
 def _ours(m, batch, tokens, mask, weights):
     """(sum of weights * log-probs, log-probs) of the shared-prefix pass."""
-    lp = train.completion_logprobs(
-        m, batch, tokens, mask, num_generations=G, temperature=TEMPERATURE
-    )
+    lp = completion_logprobs(m, batch, tokens, mask, num_generations=G, temperature=TEMPERATURE)
     return jnp.sum(weights * lp), lp
 
 

@@ -4,7 +4,7 @@
 Fixed rollouts, built once with numpy from a seed: 4 image prompts in the input pipeline's
 per-row layout (pixel_values f32[B, S, F], image_grid_thw i32[B, 3]), left-padded to different
 lengths; G = 2 random text completions of L = 16 tokens per prompt with ragged masks; GRPO
-advantages of seeded rewards. They go through 3 steps of `train.make_train_step` twice, at
+advantages of seeded rewards. They go through 3 steps of `step.make_train_step` twice, at
 β = 0.04 (reference forward inside the step) and at β = 0: on one device, and with the model
 loaded sharded on the mesh (`from_pretrained(mesh=...)` under `jax.set_mesh`) and every rollout
 array split over the batch axes ('data', 'fsdp'). The one-device run is the reference: the
@@ -37,14 +37,16 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from visionr1_jax import host, processing, sharding, train
-from visionr1_jax.models import QwenVLConfig, from_pretrained, model_config, testing
+from visionr1_jax import host, processing, sections, sharding
+from visionr1_jax.models import QwenVLConfig, from_pretrained, testing
+from visionr1_jax.state import init_train_state
+from visionr1_jax.step import UpdateBatch, make_train_step
 
 B, G, L = 4, 2, 16  # prompts, completions per prompt, completion length
 ROWS = B * G
 STEPS = 3
 LR, TOTAL = 1e-3, 10  # large enough that every trained entry moves by ~lr per step
-B1, B2, ADAM_EPS = 0.9, 0.999, 1e-8  # train.make_optimizer's AdamW
+B1, B2, ADAM_EPS = 0.9, 0.999, 1e-8  # state.make_optimizer's AdamW
 U = testing.F32_U
 # A gradient entry of the sharded run vs the one-device run: twice the logits' relative
 # rounding (forward and its transpose) plus sqrt(R·L) u for the R·L per-token terms summed in
@@ -57,12 +59,12 @@ BATCH_AXES = ("data", "fsdp")
 def _config(beta: float) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.total_steps = TOTAL
-    c.model = model_config()
+    c.model = sections.model_config()
     c.model.dtype = "float32"
-    c.grpo = train.grpo_config()
+    c.grpo = sections.grpo_config()
     c.grpo.num_generations = G
     c.grpo.beta = beta
-    c.optim = train.optim_config()
+    c.optim = sections.optim_config()
     c.optim.learning_rate = LR
     return c
 
@@ -138,11 +140,11 @@ def _run(ckpt, rollout, beta: float, mesh=None) -> dict:
     config = _config(beta)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         model = from_pretrained(ckpt, mesh=mesh)
-        graphdef, state = train.init_train_state(model, config, jax.random.key(0))
+        graphdef, state = init_train_state(model, config, jax.random.key(0))
         inputs = rollout
         if mesh is not None:  # every array split over the batch axes on its leading dim
             inputs = jax.device_put(rollout, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
-        step_fn = train.make_train_step(graphdef, config)
+        step_fn = make_train_step(graphdef, config)
         params, mus, nus, metrics, compiles = [_flat(state.params)], [], [], [], []
 
         def listener(event, duration, **kwargs):
@@ -152,7 +154,7 @@ def _run(ckpt, rollout, beta: float, mesh=None) -> dict:
         jax.monitoring.register_event_duration_secs_listener(listener)
         try:
             for _ in range(STEPS):
-                state, m = step_fn(state, *inputs)
+                state, m = step_fn(state, UpdateBatch(*inputs))
                 params.append(_flat(state.params))
                 mu, nu = _adam_moments(state.opt_state)
                 mus.append(mu)

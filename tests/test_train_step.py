@@ -1,4 +1,4 @@
-"""The GRPO train step (issue #10, train.py): state, optimizer, frozen tower, reference model.
+"""The GRPO train step (issue #10, step.py): state, optimizer, frozen tower, reference model.
 
 References are independent of `make_train_step`: the loss is rebuilt from `grpo.loss` and
 `completion_logprobs` with its own `jax.grad`, and AdamW (clip by global norm, bias-corrected
@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from visionr1_jax import grpo, host, train
-from visionr1_jax.models import QwenVL, QwenVLConfig, from_pretrained, model_config, testing
+from visionr1_jax import grpo, host, sections
+from visionr1_jax.models import QwenVL, QwenVLConfig, from_pretrained, testing
+from visionr1_jax.models.logprobs import completion_logprobs
+from visionr1_jax.sections.training import validate_training
+from visionr1_jax.state import init_train_state, learning_rate_schedule
+from visionr1_jax.step import UpdateBatch, make_train_step
 
 G, L = 2, 8
 STEPS = 3
@@ -44,14 +48,14 @@ class _CountingQwenVL(QwenVL):
 def _config(*, beta: float, freeze: bool, **optim) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.total_steps = TOTAL
-    c.model = model_config()
+    c.model = sections.model_config()
     c.model.dtype = "float32"
     c.model.freeze_vision_tower = freeze
-    c.grpo = train.grpo_config()
+    c.grpo = sections.grpo_config()
     c.grpo.num_generations = G
     c.grpo.beta = beta
     c.grpo.temperature = TEMPERATURE
-    c.optim = train.optim_config()
+    c.optim = sections.optim_config()
     c.optim.learning_rate = LR
     c.optim.weight_decay = WD
     c.optim.update(optim)
@@ -106,9 +110,9 @@ def _run(ckpt, rollout, config, steps):
     model = from_pretrained(ckpt)
     model.__class__ = _CountingQwenVL
     start_model = _flat(nnx.state(model))
-    graphdef, state = train.init_train_state(model, config, jax.random.key(0))
+    graphdef, state = init_train_state(model, config, jax.random.key(0))
     start = _flat(state.params)
-    step_fn = train.make_train_step(graphdef, config)
+    step_fn = make_train_step(graphdef, config)
     compiles, params, metrics, calls = [], [], [], []
 
     def listener(event, duration, **kwargs):
@@ -119,7 +123,7 @@ def _run(ckpt, rollout, config, steps):
     try:
         for _ in range(steps):
             _CountingQwenVL.calls = []
-            state, m = step_fn(state, batch, tokens, mask, adv, None, None)
+            state, m = step_fn(state, UpdateBatch(batch, tokens, mask, adv, None, None))
             jax.block_until_ready((state, m))
             jax.effects_barrier()
             calls.append(len(_CountingQwenVL.calls))
@@ -157,7 +161,7 @@ def reference_grad(plain, rollout):
     def fn(params):
         def loss(p):
             model = nnx.merge(graphdef, p, empty)
-            lp = train.completion_logprobs(
+            lp = completion_logprobs(
                 model, batch, tokens, mask, num_generations=G, temperature=TEMPERATURE
             )
             value, _ = grpo.loss(lp, None, None, adv, mask, beta=0.0, epsilon=0.2)
@@ -347,7 +351,7 @@ def test_step_compiles_once(plain):
 def test_learning_rate_schedule_with_warmup_matches_hf_formula():
     """HF `get_linear_schedule_with_warmup`: s / W for s < W, then (T − s) / (T − W), 0 after T."""
     config = _config(beta=0.0, freeze=False, warmup_steps=3)
-    schedule = train.learning_rate_schedule(config)
+    schedule = learning_rate_schedule(config)
     want = [LR * (s / 3 if s < 3 else max(0.0, (TOTAL - s) / (TOTAL - 3))) for s in range(12)]
     got = [float(schedule(s)) for s in range(12)]
     np.testing.assert_allclose(got, want, rtol=LR_RTOL, atol=0)
@@ -369,15 +373,15 @@ def test_validation_rejects(section, key, value, match):
     config = _config(beta=0.0, freeze=False)
     config[section][key] = value
     with pytest.raises(ValueError, match=match):
-        train.validate_config(config)
+        validate_training(config)
 
 
 def test_validation_accepts_defaults_and_clip_higher_with_iterations():
     config = _config(beta=0.0, freeze=False)
-    train.validate_config(config)
+    validate_training(config)
     config.grpo.num_iterations = 2
     config.grpo.epsilon_high = 0.28
-    train.validate_config(config)
+    validate_training(config)
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -404,8 +408,8 @@ def test_gradient_accumulation_equals_the_full_batch(ckpt):
         c = _config(beta=0.04, freeze=False)
         c.grpo.aggregation = "token-mean"
         c.optim.accumulation_steps = k
-        graphdef, state = train.init_train_state(from_pretrained(ckpt), c, jax.random.key(0))
-        _, m = train.make_train_step(graphdef, c)(state, batch, tokens, mask, adv)
+        graphdef, state = init_train_state(from_pretrained(ckpt), c, jax.random.key(0))
+        _, m = make_train_step(graphdef, c)(state, UpdateBatch(batch, tokens, mask, adv))
         out[k] = {key: float(v) for key, v in m.items()}
     # Rows are computed alike in both; only the final sums over ≤ 10^4 gradient terms (and
     # 2 micro-batch partial sums) are reordered: relative error ≲ √n·u ≈ 6e-6 per sum.

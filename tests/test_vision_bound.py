@@ -13,6 +13,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from visionr1_jax import config_lib
 from visionr1_jax.models import QwenVL, testing
 from visionr1_jax.models.qwen_vl import QwenVLConfig
+from visionr1_jax.sections.model import data_max_patches, max_image_patches
 
 
 def _resize_patches(height: int, width: int, max_pixels: int) -> int | None:
@@ -29,7 +30,7 @@ def _resize_patches(height: int, width: int, max_pixels: int) -> int | None:
 @pytest.mark.parametrize("max_pixels", [112 * 112, 401_408, 12_845_056])
 def test_derived_bound_is_the_most_patches_the_resize_produces(max_pixels):
     data = ml_collections.ConfigDict({"max_pixels": max_pixels})
-    bound = config_lib.data_max_patches(data)
+    bound = data_max_patches(data)
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(28, 5000, (2000, 2))]
     # Shapes that fill each max_pixels exactly (112², 448·896, 3584²), near misses, extremes.
@@ -40,11 +41,11 @@ def test_derived_bound_is_the_most_patches_the_resize_produces(max_pixels):
 
 def test_run_configs_bound_the_tower_by_their_data():
     tpu = config_lib.validate(config_lib.load_config("configs/tpu_v4_64.py"))
-    assert config_lib.max_image_patches(tpu) == 2048  # SPEC §5: 401,408 pixels / 14²
+    assert max_image_patches(tpu) == 2048  # SPEC §5: 401,408 pixels / 14²
     demo = config_lib.validate(config_lib.load_config("configs/demo_cpu.py"))
-    assert config_lib.max_image_patches(demo) == 64  # 112² pixels
+    assert max_image_patches(demo) == 64  # 112² pixels
     tpu.model.max_image_patches = 4096  # settable above what the data needs
-    assert config_lib.max_image_patches(config_lib.validate(tpu)) == 4096
+    assert max_image_patches(config_lib.validate(tpu)) == 4096
 
 
 @pytest.mark.parametrize("value", [1024, 2047, True])

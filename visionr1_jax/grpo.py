@@ -266,9 +266,45 @@ def loss(
     agg = _lookup(AGGREGATIONS, aggregation, "loss aggregation")
     kl_fn = _lookup(KL_ESTIMATORS, kl, "KL estimator")
     use_kl = not (isinstance(beta, int | float) and beta == 0)
+    _check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, entropy, use_kl=use_kl)
+    keep = jnp.asarray(mask) > 0
+    m = keep.astype(jnp.float32)
+    logp = _clean(logps, keep)
+    old = jax.lax.stop_gradient(logp) if old_logps is None else _clean(old_logps, keep)
+    adv = jnp.asarray(advantages, jnp.float32)[:, None]
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+
+    # 1. ratio
+    ratio = jnp.exp(logp - old)
+    # 2. clipped surrogate, piecewise (see docstring)
+    per_token, low_clipped, high_clipped = _clipped_surrogate(ratio, adv, epsilon, eps_high)
+    # 3. KL
+    aux: dict[str, Array] = {}
+    if use_kl:
+        per_token, aux["kl"] = _add_kl(per_token, kl_fn(logp, _clean(ref_logps, keep)), beta, m)
+    # 4. aggregation
+    value = agg(per_token, m)
+    # 5. metrics
+    aux |= _loss_metrics(ratio, low_clipped, high_clipped, keep, m)
+    if entropy is not None:
+        aux["entropy"] = _masked_mean(jax.lax.stop_gradient(_clean(entropy, keep)), m)
+    return value, aux
+
+
+def _check_loss_inputs(
+    logps: Array,
+    old_logps: Array | None,
+    ref_logps: Array | None,
+    advantages: Array,
+    mask: Array,
+    entropy: Array | None,
+    *,
+    use_kl: bool,
+) -> None:
+    """``loss``'s argument checks: the reference when the KL term is used, then every array's
+    shape against ``logps`` f32[B*G, L] (``ref_logps`` only when used)."""
     if use_kl and ref_logps is None:
         raise ValueError("ref_logps is None but beta != 0: the KL term needs the reference")
-
     logps = jnp.asarray(logps)
     if logps.ndim != 2:
         raise ValueError(f"logps must be f32[B*G, L], got shape {logps.shape}")
@@ -281,44 +317,46 @@ def loss(
     if jnp.shape(advantages) != shape[:1]:
         raise ValueError(f"advantages must be f32[{shape[0]}], got shape {jnp.shape(advantages)}")
 
-    keep = jnp.asarray(mask) > 0
-    m = keep.astype(jnp.float32)
 
-    def clean(x: Array) -> Array:
-        # Zero the padding *before* any arithmetic, so inf/NaN there cannot reach the loss or,
-        # through a where's unselected branch, the gradient.
-        return jnp.where(keep, jnp.asarray(x, jnp.float32), 0.0)
+def _clean(x: Array, keep: Array) -> Array:
+    """``x`` as f32 with the padding (``~keep``) zeroed *before* any arithmetic, so inf/NaN
+    there cannot reach the loss or, through a where's unselected branch, the gradient."""
+    return jnp.where(keep, jnp.asarray(x, jnp.float32), 0.0)
 
-    logp = clean(logps)
-    old = jax.lax.stop_gradient(logp) if old_logps is None else clean(old_logps)
-    adv = jnp.asarray(advantages, jnp.float32)[:, None]
-    eps_low = epsilon
-    eps_high = epsilon if epsilon_high is None else epsilon_high
 
-    # 1. ratio
-    ratio = jnp.exp(logp - old)
-    # 2. clipped surrogate, piecewise (see docstring)
+def _clipped_surrogate(
+    ratio: Array, adv: Array, eps_low: float | Array, eps_high: float | Array
+) -> tuple[Array, Array, Array]:
+    """Stage 2 of ``loss``, in its piecewise form (see there): ``ℓ_pg`` f32[B*G, L] and the
+    clipped tokens ``bool[B*G, L]`` below (``A < 0``) and above (``A > 0``) the clip range,
+    for the ratio ``ρ`` f32[B*G, L] and the advantages ``A`` f32[B*G, 1]."""
     low_clipped = (ratio < 1.0 - eps_low) & (adv < 0)
     high_clipped = (ratio > 1.0 + eps_high) & (adv > 0)
     bound = jnp.where(high_clipped, 1.0 + eps_high, 1.0 - eps_low)
     per_token = -jnp.where(low_clipped | high_clipped, bound, ratio) * adv
-    # 3. KL
-    aux: dict[str, Array] = {}
-    if use_kl:
-        per_token_kl = kl_fn(logp, clean(ref_logps))
-        per_token = per_token + beta * per_token_kl
-        aux["kl"] = _masked_mean(jax.lax.stop_gradient(per_token_kl), m)
-    # 4. aggregation
-    value = agg(per_token, m)
-    # 5. metrics
+    return per_token, low_clipped, high_clipped
+
+
+def _add_kl(
+    per_token: Array, per_token_kl: Array, beta: float | Array, m: Array
+) -> tuple[Array, Array]:
+    """Stage 3 of ``loss``: ``ℓ + β·KL`` per token, and the KL's token mean over the mask
+    (a metric: no gradient)."""
+    return per_token + beta * per_token_kl, _masked_mean(jax.lax.stop_gradient(per_token_kl), m)
+
+
+def _loss_metrics(
+    ratio: Array, low_clipped: Array, high_clipped: Array, keep: Array, m: Array
+) -> dict[str, Array]:
+    """Stage 5 of ``loss``: the clip fractions and the ratio's mean, min and max, token
+    statistics over the mask (all 0 when it is empty), without gradient."""
     ratio = jax.lax.stop_gradient(ratio)
     any_token = jnp.any(keep)
-    aux["clip_frac_low"] = _masked_mean(low_clipped.astype(jnp.float32), m)
-    aux["clip_frac_high"] = _masked_mean(high_clipped.astype(jnp.float32), m)
-    aux["clip_frac"] = _masked_mean((low_clipped | high_clipped).astype(jnp.float32), m)
-    aux["ratio_mean"] = _masked_mean(ratio, m)
-    aux["ratio_min"] = jnp.where(any_token, jnp.min(jnp.where(keep, ratio, jnp.inf)), 0.0)
-    aux["ratio_max"] = jnp.where(any_token, jnp.max(jnp.where(keep, ratio, -jnp.inf)), 0.0)
-    if entropy is not None:
-        aux["entropy"] = _masked_mean(jax.lax.stop_gradient(clean(entropy)), m)
-    return value, aux
+    return {
+        "clip_frac_low": _masked_mean(low_clipped.astype(jnp.float32), m),
+        "clip_frac_high": _masked_mean(high_clipped.astype(jnp.float32), m),
+        "clip_frac": _masked_mean((low_clipped | high_clipped).astype(jnp.float32), m),
+        "ratio_mean": _masked_mean(ratio, m),
+        "ratio_min": jnp.where(any_token, jnp.min(jnp.where(keep, ratio, jnp.inf)), 0.0),
+        "ratio_max": jnp.where(any_token, jnp.max(jnp.where(keep, ratio, -jnp.inf)), 0.0),
+    }

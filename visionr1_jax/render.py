@@ -92,29 +92,8 @@ def images_from_pixel_values(
             f"{copies}·{patch}·{patch} (temporal copies · patch²)"
         )
     channels = feat // (copies * patch * patch)
-    if pv.ndim == 3:
-        if pv.shape[0] != grids.shape[0]:
-            raise ValueError(
-                f"per-row pixel_values has {pv.shape[0]} rows but image_grid_thw has "
-                f"{grids.shape[0]}"
-            )
-        starts = np.zeros(len(grids), np.int64)
-    elif pv.ndim == 2:
-        starts = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))[:-1]])
-    else:
-        raise ValueError(f"pixel_values must be [B, S, F] or [P, F], got {pv.shape}")
-
-    if raw:
-        mean, std, rescale = np.zeros(channels), np.ones(channels), 1.0
-    else:
-        mean = np.broadcast_to(np.asarray(image_processor.image_mean, np.float64), (channels,))
-        std = np.broadcast_to(np.asarray(image_processor.image_std, np.float64), (channels,))
-        if not getattr(image_processor, "do_normalize", True):
-            mean, std = np.zeros(channels), np.ones(channels)
-        rescale = float(image_processor.rescale_factor)
-        if not getattr(image_processor, "do_rescale", True):
-            rescale = 1.0
-
+    starts = _patch_starts(pv, grids)
+    mean, std, rescale = _normalisation(image_processor, channels, raw)
     images = []
     for i, (grid, start) in enumerate(zip(grids, starts, strict=True)):
         t, h, w = (int(v) for v in grid)
@@ -135,6 +114,39 @@ def images_from_pixel_values(
         x = (x * std + mean) / rescale
         images.append(np.clip(np.rint(x), 0, 255).astype(np.uint8))
     return images
+
+
+def _patch_starts(pv: np.ndarray, grids: np.ndarray) -> np.ndarray:
+    """i64[I]: where each grid row's patches start, in its own row of per-row ``pv``
+    f32[B, S, F] (0) or in packed ``pv`` f32[P, F] (after the previous rows' ``t·h·w``)."""
+    if pv.ndim == 3:
+        if pv.shape[0] != grids.shape[0]:
+            raise ValueError(
+                f"per-row pixel_values has {pv.shape[0]} rows but image_grid_thw has "
+                f"{grids.shape[0]}"
+            )
+        return np.zeros(len(grids), np.int64)
+    if pv.ndim == 2:
+        return np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))[:-1]])
+    raise ValueError(f"pixel_values must be [B, S, F] or [P, F], got {pv.shape}")
+
+
+def _normalisation(
+    image_processor: Any, channels: int, raw: bool
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(mean f64[channels], std f64[channels], rescale_factor)`` the processor applied
+    (``v = (x·rescale − mean) / std``); the identity for raw u8 patches and where the
+    processor's ``do_normalize`` / ``do_rescale`` are off."""
+    if raw:
+        return np.zeros(channels), np.ones(channels), 1.0
+    mean = np.broadcast_to(np.asarray(image_processor.image_mean, np.float64), (channels,))
+    std = np.broadcast_to(np.asarray(image_processor.image_std, np.float64), (channels,))
+    if not getattr(image_processor, "do_normalize", True):
+        mean, std = np.zeros(channels), np.ones(channels)
+    rescale = float(image_processor.rescale_factor)
+    if not getattr(image_processor, "do_rescale", True):
+        rescale = 1.0
+    return mean, std, rescale
 
 
 # ---------------------------------------------------------------------------------- drawing
@@ -288,7 +300,7 @@ def render_examples(
 
     Args:
       images: K model-input images uint8[h_in, w_in, 3] (``images_from_pixel_values``).
-      targets: K ``visionr1_jax.rewards.Target``: ``boxes`` f[N, 4] xyxy in original-image
+      targets: K ``visionr1_jax.data.target.Target``: ``boxes`` f[N, 4] xyxy in original-image
         pixels, ``labels``, ``image_size`` = (H, W) original, ``input_size`` = (h_in, w_in).
       predictions: K pairs (boxes f32[M, 4] xyxy in ORIGINAL-image pixels, M labels), e.g.
         the parsed completions of a prompt.

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -220,6 +221,10 @@ class _Static:
 def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature, top_p, eos, st):
     """The rollout of B prompts x G completions (traced once per bucket; see module doc).
 
+    Stages: 1. encode the images and prefill the prompts (`prefill`); 2. share the prefix
+    with the G completions of each group; 3. decode (`_decode`); 4. mask each row after its
+    first EOS (`_finish`).
+
     Args:
       ids, mask: i32[B, T] prompt tokens / validity (any padding side); pixels f32[P, F]
       with grid i32[I, 3] (packed), or f32[B, S, F] with i32[B, 3] (per row); rng: PRNG key;
@@ -231,9 +236,8 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
     rules = cfg.logical_axis_rules
-    b = ids.shape[0]
-    g, big_l = st.num_generations, st.completion_len
-    r = b * g
+    g = st.num_generations
+    r = ids.shape[0] * g
     cache_dtype = jnp.dtype(st.cache_dtype)
     ids = sharding.constrain(ids, ("batch", "length"), rules)
     mask = sharding.constrain(mask, ("batch", "length"), rules)
@@ -244,17 +248,47 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     # 2. Share the prefix with the G completions of each group (row b * G + g): the prompt
     # KV cache stays [B, T] and is read once per group; completions get their own [B*G, L].
     logits = sharding.constrain(jnp.repeat(logits, g, axis=0), ("batch", "act_vocab"), rules)
-    gen_kv = _constrain_cache(qwen_vl.init_cache(cfg, r, big_l, cache_dtype), rules)
+    gen_kv = _constrain_cache(qwen_vl.init_cache(cfg, r, st.completion_len, cache_dtype), rules)
     next_pos = jnp.repeat(mask.sum(1).astype(jnp.int32) + delta[:, 0], g)  # position of token 0
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(r))
-    top_p_arg = top_p if st.use_top_p else None
-    prompt_valid = mask.astype(bool)
-    suppressed = None
-    if st.suppress_ids:  # a constant of the program: the ids are static (stable over a run)
-        suppressed = np.zeros((cfg.vocab_size,), bool)
-        suppressed[list(st.suppress_ids)] = True
+    prompt = (prompt_kv, mask.astype(bool))
 
     # 3. Decode until every row stopped or the budget is spent.
+    sampling = (max_new, temperature, top_p if st.use_top_p else None, eos)
+    steps, tokens, logps, ents = _decode(
+        model, st, logits, gen_kv, prompt, next_pos, row_keys, sampling
+    )
+
+    # 4. A row's tokens are valid up to and including its first EOS, within the steps run.
+    return _finish(tokens, logps, ents, steps, eos, st, rules)
+
+
+def _decode(model, st, logits, gen_kv, prompt, next_pos, row_keys, sampling):
+    """Stage 3 of `_rollout`: the decode loop of B*G rows (a `lax.while_loop`).
+
+    Each step samples a token per row from `logits` f32[B*G, V] (suppressed tokens removed
+    first, `sample_tokens`), records it with its log-prob and entropy, stops rows at EOS and
+    feeds the token back at M-RoPE position `next_pos + i` (`decode_step`). The loop exits once
+    every row has stopped or after `max_new` steps.
+
+    Args:
+      model, st: the policy and the `_Static` options; gen_kv: the completion caches
+      [B*G, L]; prompt: (prompt KV cache [B, T], prompt validity bool[B, T]); next_pos:
+      i32[B*G] position of token 0; row_keys: one PRNG key per row; sampling: (max_new i32[],
+      temperature f32[], top_p f32[] or None, eos i32[E]).
+    Returns:
+      steps i32[] run, tokens i32[B*G, L] (`st.pad_id` after a row stopped), log-probs and
+      entropies f32[B*G, L] (0 after a row stopped).
+    """
+    rules = model.cfg.logical_axis_rules
+    prompt_kv, prompt_valid = prompt
+    max_new, temperature, top_p, eos = sampling
+    r, big_l = next_pos.shape[0], st.completion_len
+    suppressed = None
+    if st.suppress_ids:  # a constant of the program: the ids are static (stable over a run)
+        suppressed = np.zeros((model.cfg.vocab_size,), bool)
+        suppressed[list(st.suppress_ids)] = True
+
     def cond(c):
         i, _, _, _, _, _, done = c
         return (i < max_new) & ~jnp.all(done)
@@ -266,7 +300,7 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
             logits = jnp.where(suppressed, -jnp.inf, logits.astype(jnp.float32))
         tok, lp, ent = sample_tokens(
             logits, keys, greedy=st.greedy, temperature=temperature, top_k=st.top_k,
-            top_p=top_p_arg,
+            top_p=top_p,
         )  # fmt: skip
         tok = jnp.where(done, st.pad_id, tok)
         lp = jnp.where(done, 0.0, lp)
@@ -284,7 +318,13 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
     done = jnp.zeros((r,), bool)
     carry = (jnp.int32(0), logits, gen_kv, tokens, logps, logps, done)
     steps, _, _, tokens, logps, ents, _ = jax.lax.while_loop(cond, body, carry)
-    # A row's tokens are valid up to and including its first EOS, within the steps run.
+    return steps, tokens, logps, ents
+
+
+def _finish(tokens, logps, ents, steps, eos, st, rules) -> Rollout:
+    """Stage 4 of `_rollout`: the `Rollout`, a row's tokens valid up to and including its
+    first EOS, within the `steps` run; log-probs and entropies zeroed elsewhere."""
+    big_l = st.completion_len
     ar = jnp.arange(big_l)[None]
     is_eos = jnp.isin(tokens, eos) & (ar < steps)
     first_eos = jnp.min(jnp.where(is_eos, ar, big_l), axis=1)
@@ -298,7 +338,7 @@ def _rollout(graphdef, state, ids, mask, pixels, grid, rng, max_new, temperature
         num_tokens=num,
         steps=steps,
         entropy=sharding.constrain(jnp.where(out_mask, ents, 0.0), names, rules),
-        num_generations=g,
+        num_generations=st.num_generations,
     )
 
 
@@ -512,7 +552,10 @@ def pad_batch(
         grid = np.zeros((0, 3), np.int32)
     t = ids.shape[1]
     t2 = bucket(t, prompt_buckets) if prompt_buckets else t
-    if t2 != t:
+    if t2 != t and isinstance(ids, jax.Array):  # on the devices, where the batch is
+        ids = _pad_left(ids, t2 - t, int(pad_token_id))
+        mask = _pad_left(jnp.asarray(mask), t2 - t, 0)
+    elif t2 != t:
         ids = np.pad(np.asarray(ids), ((0, 0), (t2 - t, 0)), constant_values=pad_token_id)
         mask = np.pad(np.asarray(mask), ((0, 0), (t2 - t, 0)))
     if pixels.ndim == 2:
@@ -530,6 +573,13 @@ def pad_batch(
         "pixel_values": pixels,
         "image_grid_thw": grid,
     }
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pad_left(x: jax.Array, width: int, value: int) -> jax.Array:
+    """`x` [B, T] padded on the left to [B, T + width] with `value`, on x's devices (a
+    device batch never comes to the host to be padded)."""
+    return jnp.pad(x, ((0, 0), (width, 0)), constant_values=value)
 
 
 def repeat_prompts(batch: Mapping[str, np.ndarray], n: int, image_token_id: int) -> dict:
@@ -670,6 +720,7 @@ def generate(
         patch_buckets=patch_buckets, image_buckets=image_buckets,
         completion_buckets=completion_buckets, suppress_token_ids=suppress_token_ids,
     )  # fmt: skip
+    args = (*args[:6], *jax.device_put(args[6:]))  # the sampling settings: explicitly sent
     return _program(graphdef, args, st)(*args)
 
 
@@ -702,28 +753,13 @@ def _prepare(
 ) -> tuple[nnx.GraphDef, tuple[Any, ...], _Static]:
     """`generate`'s checks and padding: the program's graph definition, arguments and static
     options."""
-    eos_default, pad_default = default_token_ids(model)
-    if eos_token_id is None:
-        eos_ids = eos_default
-    elif isinstance(eos_token_id, int):
-        eos_ids = (int(eos_token_id),)
-    else:
-        eos_ids = tuple(int(e) for e in eos_token_id)
-    pad = pad_default if pad_token_id is None else int(pad_token_id)
+    eos_ids, pad = _stop_and_pad_ids(model, eos_token_id, pad_token_id)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     big_l = completion_width(max_new_tokens, completion_buckets)
-    if isinstance(batch["input_ids"], np.ndarray) and batch.get("pixel_values") is not None:
-        rope.check_image_tokens(
-            batch["input_ids"],
-            batch["image_grid_thw"],
-            batch.get("attention_mask"),
-            image_token_id=model.cfg.image_token_id,
-            spatial_merge_size=model.cfg.spatial_merge_size,
-            per_row=np.ndim(batch["pixel_values"]) == 3,
-        )
+    _check_host_batch(model, batch)
     padded = pad_batch(
         batch,
         pad_token_id=pad,
@@ -731,13 +767,7 @@ def _prepare(
         patch_buckets=patch_buckets,
         image_buckets=image_buckets,
     )
-    if suppress_token_ids is None:
-        suppress = vision_token_ids(model)
-    else:
-        suppress = tuple(sorted({int(i) for i in suppress_token_ids}))
-    if any(not 0 <= i < model.cfg.vocab_size for i in suppress):
-        v = model.cfg.vocab_size
-        raise ValueError(f"suppress_token_ids {list(suppress)} outside the vocabulary [0, {v})")
+    suppress = _suppressed_ids(model, suppress_token_ids)
     greedy = temperature == 0.0
     st = _Static(
         num_generations=int(num_generations),
@@ -763,6 +793,51 @@ def _prepare(
         np.asarray(eos_ids or (-1,), np.int32),
     )
     return graphdef, args, st
+
+
+def _stop_and_pad_ids(
+    model: qwen_vl.QwenVL, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None
+) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of `generate`'s arguments, the checkpoint's (`default_token_ids`)
+    where they are None."""
+    eos_default, pad_default = default_token_ids(model)
+    if eos_token_id is None:
+        eos_ids = eos_default
+    elif isinstance(eos_token_id, int):
+        eos_ids = (int(eos_token_id),)
+    else:
+        eos_ids = tuple(int(e) for e in eos_token_id)
+    pad = pad_default if pad_token_id is None else int(pad_token_id)
+    return eos_ids, pad
+
+
+def _check_host_batch(model: qwen_vl.QwenVL, batch: Mapping[str, Any]) -> None:
+    """A host (numpy) batch with images: its image tokens against its grids
+    (`rope.check_image_tokens`); device arrays are not fetched to be checked."""
+    if isinstance(batch["input_ids"], np.ndarray) and batch.get("pixel_values") is not None:
+        rope.check_image_tokens(
+            batch["input_ids"],
+            batch["image_grid_thw"],
+            batch.get("attention_mask"),
+            image_token_id=model.cfg.image_token_id,
+            spatial_merge_size=model.cfg.spatial_merge_size,
+            per_row=np.ndim(batch["pixel_values"]) == 3,
+        )
+
+
+def _suppressed_ids(
+    model: qwen_vl.QwenVL, suppress_token_ids: Sequence[int] | None
+) -> tuple[int, ...]:
+    """The sorted ids never sampled: the checkpoint's vision special tokens for None
+    (`vision_token_ids`); each must lie in the vocabulary."""
+    if suppress_token_ids is None:
+        suppress = vision_token_ids(model)
+    else:
+        suppress = tuple(sorted({int(i) for i in suppress_token_ids}))
+    if any(not 0 <= i < model.cfg.vocab_size for i in suppress):
+        v = model.cfg.vocab_size
+        raise ValueError(f"suppress_token_ids {list(suppress)} outside the vocabulary [0, {v})")
+    return suppress
 
 
 def _as_int32(x):

@@ -213,8 +213,8 @@ def _accumulated(grads: Callable[..., Any], k: int, token_weighted: bool):
         if pixels is not None and pixels.ndim != 3:
             raise ValueError("gradient accumulation needs per-row images (pixel_values [B,S,F])")
         split = lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:])
-        prompts = {key: split(jnp.asarray(v)) for key, v in u.prompts.items() if jnp.ndim(v) >= 1}
-        micro = jax.tree.map(split, dataclasses.replace(u, prompts=prompts))
+        prompts = {key: jnp.asarray(v) for key, v in u.prompts.items() if jnp.ndim(v) >= 1}
+        micro = jax.tree.map(split, dataclasses.replace(u, prompts=prompts))  # split once
         counts = jnp.sum(micro.mask, axis=(1, 2), dtype=jnp.float32)
         weights = counts / jnp.maximum(counts.sum(), 1.0) if token_weighted else jnp.full(k, 1 / k)
 

@@ -6,6 +6,7 @@ import copy
 import re
 
 import ml_collections
+from etils import epath
 
 from visionr1_jax.data import templates
 
@@ -160,8 +161,6 @@ def split_bases(split: str) -> list[str]:
 def _validate_files(c: ml_collections.ConfigDict) -> None:
     """The ``coco_format`` keys: required there (existing files and folders, one annotation
     file per split read), an error anywhere else (they would be silently ignored)."""
-    from etils import epath
-
     for key in FILE_KEYS:
         value = c.get(key)
         if value is not None and not hasattr(value, "items"):

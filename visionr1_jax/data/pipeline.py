@@ -67,15 +67,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 from grain.experimental import ThreadPrefetchIterDataset
+from jax.experimental import multihost_utils
 from PIL import Image
+from tokenizers import Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+import visionr1_jax.data.builders  # noqa: F401  (registers the builders with tfds)
+from visionr1_jax import host, sharding
 from visionr1_jax.data import config as config_lib
 from visionr1_jax.data import records
+from visionr1_jax.data.builders import user_coco
+from visionr1_jax.data.target import Target
 
 ARRAY_KEYS = (
     "input_ids", "attention_mask", "image_grid_thw", "gt_boxes", "gt_classes", "gt_mask",
@@ -84,7 +94,6 @@ ARRAY_KEYS = (
 PIXEL_KEYS = {"float32": "pixel_values", "uint8": "pixel_patches"}
 _PROMPT_SENTINEL = "\x00PROMPT\x00"
 _PIPELINES = itertools.count()  # names each pipeline's bucket agreements (same on every host)
-_AGREE_TIMEOUT_MS = 3_600_000  # how long a host waits for the others' bucket choices
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -129,8 +138,6 @@ class Encoder:
     """
 
     def __init__(self, processor: Any, c: ml_collections.ConfigDict):
-        from tokenizers import Tokenizer
-
         ip = processor.image_processor
         self.patch = int(ip.patch_size)
         self.merge = int(ip.merge_size)
@@ -323,10 +330,8 @@ class HostBatch:
     prompts: tuple[str, ...]
     pad_id: int = 0
 
-    def targets(self) -> list[Any]:
-        """``visionr1_jax.rewards.Target`` per valid row (original-pixel boxes, sizes, map)."""
-        from visionr1_jax.rewards import Target
-
+    def targets(self) -> list[Target]:
+        """``Target`` per valid row (original-pixel boxes, sizes, map)."""
         a = self.arrays
         out = []
         for i in np.nonzero(a["valid"])[0]:
@@ -550,13 +555,7 @@ def open_source(
     build them beforehand (``python -m visionr1_jax.data.tfds_cli prepare --config=...``), and
     every other dataset with ``python -m visionr1_jax.data.tfds_cli build``.
     """
-    import tensorflow_datasets as tfds
-
-    import visionr1_jax.data.builders  # noqa: F401  (registers the builders)
-
     if c.name == "coco_format":
-        from visionr1_jax.data.builders import user_coco
-
         return user_coco.open_source(c, split or c.split, build_missing=build_synthetic)
     name = f"{c.name}/{c.builder_config}"
     build = build_synthetic and c.name == "synthetic_shapes"
@@ -651,8 +650,6 @@ class InputPipeline:
         process_count: int | None = None,
     ):
         if process_index is None or process_count is None:
-            import jax
-
             process_index, process_count = jax.process_index(), jax.process_count()
         config_lib.validate_data_config(c, num_processes=process_count)
         self.config = c
@@ -866,16 +863,12 @@ class DevicePrefetch:
 
 def state_path(directory: Any, process_index: int, process_count: int) -> Any:
     """Where one host's iterator state lives inside a checkpoint step directory."""
-    from etils import epath
-
     return epath.Path(directory) / "data" / f"process_{process_index}-of-{process_count}.json"
 
 
 def save_state(directory: Any, pipe: InputPipeline | DevicePrefetch) -> None:
     """Writes this host's iterator state next to the model checkpoint (local or gs://); every
     host writes its own file, as in grain's orbax handler."""
-    import jax
-
     path = state_path(directory, jax.process_index(), jax.process_count())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pipe.get_state())
@@ -920,8 +913,6 @@ class PixelNormalizer:
     temporal: int
 
     def __call__(self, patches: Any) -> Any:
-        import jax.numpy as jnp
-
         *lead, s, f = patches.shape
         x = patches.astype(jnp.float32).reshape(*lead, s, 3, 1, f // 3)
         mean = jnp.asarray(self.mean, jnp.float32)[:, None, None]
@@ -929,15 +920,6 @@ class PixelNormalizer:
         x = (x * jnp.float32(self.rescale) - mean) / std
         x = jnp.broadcast_to(x, (*lead, s, 3, self.temporal, f // 3))
         return x.reshape(*lead, s, 3 * self.temporal * (f // 3))
-
-
-def rows_sharding(mesh: Any, batch_axes: Sequence[str] = ("data", "fsdp")) -> Any:
-    """Rows sharded over ``batch_axes`` present in ``mesh`` (the ``batch`` logical axis),
-    other dims replicated: the layout of every per-row array of a batch and a rollout."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes or None))
 
 
 def global_arrays(
@@ -954,16 +936,14 @@ def global_arrays(
     (uint8 mode) are normalised on the devices into ``pixel_values`` f32[B, S, F] with
     ``normalizer`` (``InputPipeline.normalizer``), so the result always has ``pixel_values``.
     """
-    import jax
-
-    sharding = rows_sharding(mesh, batch_axes)
+    rows = sharding.rows_sharding(mesh, batch_axes)
     arrays = batch.arrays
     if jax.process_count() > 1:
         arrays = agree_on_buckets(batch, agree)
     out = {}
     for key, local in arrays.items():
         shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-        out[key] = jax.make_array_from_process_local_data(sharding, local, shape)
+        out[key] = jax.make_array_from_process_local_data(rows, local, shape)
     if "pixel_patches" in out:
         if normalizer is None:
             raise ValueError("uint8 pixel_patches need the pipeline's PixelNormalizer")
@@ -980,17 +960,18 @@ def agree_on_buckets(
     shape to the global arrays. Prompts stay left-padded, patches and boxes right-padded.
 
     The hosts exchange their choices through the key-value store under ``agree`` (a key
-    prefix and the batch's index: `_kv_allgather`, safe from any thread), or without it by an
-    all-gather (an XLA collective: call it from the thread that launches the programs)."""
+    prefix and the batch's index: `host.kv_allgather`, safe from any thread), or without it by
+    an all-gather (an XLA collective: call it from the thread that launches the programs)."""
     a = dict(batch.arrays)
     pixel_key = "pixel_patches" if "pixel_patches" in a else "pixel_values"
     mine = np.array([a["input_ids"].shape[1], a[pixel_key].shape[1], a["gt_mask"].shape[1]])
     if agree is None:  # an XLA collective: only from the thread that runs the programs
-        from jax.experimental import multihost_utils
-
         t, s, n = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3).max(0)
     else:
-        t, s, n = _kv_allgather(*agree, mine).max(0)
+        prefix, index = agree
+        drop = f"{prefix}/{index - 1}" if index else None  # every host has read it by now
+        rows = host.kv_allgather(f"{prefix}/{index}", [int(v) for v in mine], drop=drop)
+        t, s, n = np.asarray(rows, np.int64).max(0)
     if n > mine[2]:  # N differs only without an upper selection bound (evaluation)
         extra = int(n - mine[2])
         for key in ("gt_boxes", "gt_classes", "gt_mask"):
@@ -1004,31 +985,6 @@ def agree_on_buckets(
     return a
 
 
-def _kv_allgather(prefix: str, index: int, mine: np.ndarray) -> np.ndarray:
-    """Every process's small int vector ``mine`` (row p: process p's), exchanged through the
-    ``jax.distributed`` key-value store under ``prefix/index``: host-side RPCs, safe from any
-    thread. (Not an XLA collective: XLA:CPU runs a process's collective programs one at a
-    time in launch order and gloo pairs the processes' collectives by that order, so one
-    launched from a background thread while the main thread launches its own can meet a
-    different collective on another host: a hang, or gloo's "Received data size doesn't match
-    expected size" abort.)"""
-    import jax
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    me = jax.process_index()
-    client.key_value_set(f"{prefix}/{index}/{me}", json.dumps([int(v) for v in mine]))
-    rows = [
-        json.loads(client.blocking_key_value_get(f"{prefix}/{index}/{p}", _AGREE_TIMEOUT_MS))
-        for p in range(jax.process_count())
-    ]
-    if index:  # every host has set `index`, so every host has read `index - 1`: drop ours
-        client.key_value_delete(f"{prefix}/{index - 1}/{me}")
-    return np.asarray(rows, np.int64)
-
-
 @functools.cache
-def _normalize_jit(normalizer: PixelNormalizer, sharding: Any) -> Any:
-    import jax
-
-    return jax.jit(normalizer, out_shardings=sharding)
+def _normalize_jit(normalizer: PixelNormalizer, out_sharding: Any) -> Any:
+    return jax.jit(normalizer, out_shardings=out_sharding)

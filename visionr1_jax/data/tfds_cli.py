@@ -27,6 +27,12 @@ import importlib.util
 import sys
 import types
 
+from absl import flags, logging
+from ml_collections import config_flags
+
+from visionr1_jax.data import config as data_config_lib
+from visionr1_jax.data import pipeline
+
 _OPTIONAL = {
     # command module -> the package it needs at import time
     "tensorflow_datasets.scripts.cli.convert_format": "tensorflow",
@@ -55,12 +61,6 @@ def prepare(argv: list[str]) -> None:
     """``prepare --config=CONFIG[:ARGS] [--config.data.KEY=VALUE ...]``: builds (unless built)
     the dataset of the run config's ``data`` section and opens its training and evaluation
     splits (``argv[0]`` is the program name)."""
-    from absl import flags, logging
-    from ml_collections import config_flags
-
-    from visionr1_jax.data import config as data_config_lib
-    from visionr1_jax.data import pipeline
-
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", None, "the run config file[:args]", flag_values=flag_values, sys_argv=argv
@@ -87,7 +87,9 @@ def main() -> None:
         return
     for module, needs in _OPTIONAL.items():
         _stub(module, needs)
-    from tensorflow_datasets.scripts.cli import main as tfds_main
+    # tfds's CLI imports its commands (TensorFlow, mlcroissant) at import time, so it comes
+    # after the stubs above stand in for the missing ones
+    from tensorflow_datasets.scripts.cli import main as tfds_main  # lazy: after the stubs
 
     tfds_main.launch_cli()
 

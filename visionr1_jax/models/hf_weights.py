@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from visionr1_jax import sharding
 from visionr1_jax.models.qwen_vl import Dense, LoRAParam, QwenVL, QwenVLConfig
@@ -289,8 +290,6 @@ def save_pretrained(model: QwenVL, path: str, *, dtype=None) -> None:
             continue  # merged into its kernel below
         arr = merged.get(pth, var[...])
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             arr = multihost_utils.process_allgather(arr, tiled=True)
         w = np.asarray(jax.device_get(arr))
         if dtype is not None:

@@ -22,7 +22,10 @@ import os
 import re
 
 import numpy as np
+from flax import nnx
+from PIL import Image
 
+from visionr1_jax import processing
 from visionr1_jax.models import tiny
 
 _CACHE: dict[tuple, str] = {}
@@ -92,9 +95,6 @@ def tiny_checkpoint(tmp_path_factory, name: str, **kwargs) -> str:
 
 def random_images(rng, sizes):
     """PIL images of the given (height, width) sizes with uniform random pixels."""
-    import numpy as np
-    from PIL import Image
-
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
@@ -106,10 +106,6 @@ def prompt_batch(
     Returns the numpy dict of `processing.encode_batch` (3 rows, 4 images; plus a row without
     image if `text_only_row`).
     """
-    import numpy as np
-
-    from visionr1_jax import processing
-
     proc = processing.load_processor(path)
     rng = np.random.default_rng(seed)
     ims = random_images(rng, [(100, 150), (224, 168), (60, 60), (300, 120)])
@@ -127,7 +123,7 @@ def prompt_batch(
 
 def hf_inputs(batch, hf_model) -> dict:
     """The keyword tensors a transformers Qwen-VL model takes for a processor batch."""
-    import torch
+    import torch  # optional: torch is a test-only dependency
 
     ids = torch.tensor(batch["input_ids"]).long()
     return dict(
@@ -141,9 +137,8 @@ def hf_inputs(batch, hf_model) -> dict:
 
 def hf_logits(path: str, batch, hf_model=None):
     """Logits f32[B, T, V] of the transformers (PyTorch, fp32, CPU) model at `path`."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForImageTextToText
+    import torch  # optional: torch is a test-only dependency
+    from transformers import AutoModelForImageTextToText  # optional: imports torch
 
     model = hf_model
     if model is None:
@@ -155,6 +150,4 @@ def hf_logits(path: str, batch, hf_model=None):
 
 def jit_forward():
     """`nnx.jit` of `model(input_ids, pixel_values, image_grid_thw, attention_mask)`."""
-    from flax import nnx
-
     return nnx.jit(lambda m, ids, pv, g, am: m(ids, pv, g, am))

@@ -17,6 +17,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import tokenizers
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+)
+
+from visionr1_jax import processing
+
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -161,15 +172,12 @@ def small_tokenizer(vocab_size: int = 384):
 
     Deterministic (same corpus, same merges), so checkpoints written twice tokenize alike.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size - len(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tk.train_from_iterator([_BPE_CORPUS] * 4, trainer=trainer)
@@ -186,8 +194,6 @@ def hf_config_dict(name: str, tokenizer: str = "small", vocab_size: int | None =
     """The `config.json` contents `write_tiny_checkpoint(path, name, tokenizer=...)` writes,
     without torch or weights (`tools.aot` builds the tiny configs' shapes from it)."""
     if tokenizer == "qwen":
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
         vocab_size = vocab_size or 151936
     else:
@@ -196,8 +202,6 @@ def hf_config_dict(name: str, tokenizer: str = "small", vocab_size: int | None =
 
 
 def _hf_config(name: str, tokenizer, vocab_size: int | None):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
     spec = copy.deepcopy(TINY_CONFIGS[name])
     text = spec["text"]
     mrope = text.pop("mrope_section")
@@ -238,7 +242,7 @@ def _hf_config(name: str, tokenizer, vocab_size: int | None):
 
 def _randomize(model, seed: int, scale: float) -> None:
     """Re-draws every weight so that parity tests see large, non-degenerate activations."""
-    import torch
+    import torch  # optional: torch is a test-only dependency
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -285,15 +289,11 @@ def write_tiny_checkpoint(
         lists as `eos_token_id`; `INSTRUCT_EOS` writes both ids as the Instruct releases do.
         `config.json` keeps only `<|im_end|>`.
     """
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        GenerationConfig,
+    import torch  # optional: torch is a test-only dependency
+    from transformers import (  # optional: transformers' torch models import torch
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
     )
-
-    from visionr1_jax import processing
 
     if name not in TINY_CONFIGS:
         raise KeyError(f"unknown tiny config {name!r}; known: {sorted(TINY_CONFIGS)}")

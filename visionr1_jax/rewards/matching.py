@@ -258,7 +258,8 @@ def hungarian(
     problems the warm start left open are queued, hardest first; (3) ``lanes`` problems are
     solved side by side, one ``_lane_step`` per loop iteration; once ``refill_at`` lanes have
     finished (or all have), their results are written back and they take the next queued
-    problems, so the loop runs about ``Σ_b steps_b / lanes`` times.
+    problems, so the loop runs about ``Σ_b steps_b / lanes`` times (``_solve_lanes``); (4) the
+    assignments are read back in the problems' own orientation.
 
     Args:
       cost: ``f32[B, M, N]`` (non-finite entries of valid pairs are treated as 0).
@@ -272,33 +273,60 @@ def hungarian(
     batch, m, n = cost.shape
     if batch == 0 or m == 0 or n == 0:
         return jnp.full((batch, m), -1, jnp.int32), jnp.full((batch, n), -1, jnp.int32)
+    # 1. orientation and warm start.
     warm = _prepare(cost, row_valid, col_valid)
     lanes = min(lanes, batch)
     refill_at = max(1, min(refill_at, lanes))
+    # 2. the open problems, hardest first.
     order = jnp.argsort(-warm["open_rows"], stable=True).astype(jnp.int32)
     num_open = jnp.sum(warm["open_rows"] > 0)
+    # 3. lanes.
+    solved = _solve_lanes(warm, order, num_open, lanes, refill_at)
+    # 4. back to the problems' orientation.
+    col4row, row4col = (jnp.maximum(x, -1) for x in solved)
+    flip = warm["transposed"][:, None]
+    pred_to_gt = jnp.where(flip, row4col, col4row)[:, :m]
+    gt_to_pred = jnp.where(flip, col4row, row4col)[:, :n]
+    return pred_to_gt, gt_to_pred
+
+
+def _select(take: Array, a: dict[str, Array], b: dict[str, Array]) -> dict[str, Array]:
+    """Lane states ``a`` where ``take bool[lanes]``, else ``b``."""
+    return jax.tree.map(
+        lambda x, y: jnp.where(take.reshape(take.shape + (1,) * (x.ndim - 1)), x, y), a, b
+    )
+
+
+def _write_back(
+    lane_q: Array, state: dict[str, Array], out: tuple[Array, Array]
+) -> tuple[Array, Array]:
+    """``out`` (``col4row``, ``row4col`` i32[B, S]) with the finished lanes' assignments
+    written into their problems' rows (``lane_q i32[lanes]``: -1 for an idle lane)."""
+    batch = out[0].shape[0]
+    target = jnp.where((lane_q >= 0) & (state["mode"] == _DONE), lane_q, batch)
+    return (
+        out[0].at[target].set(state["col4row"], mode="drop"),
+        out[1].at[target].set(state["row4col"], mode="drop"),
+    )
+
+
+def _solve_lanes(
+    warm: dict[str, Array], order: Array, num_open: Array, lanes: int, refill_at: int
+) -> tuple[Array, Array]:
+    """Stage 3 of ``hungarian``: the ``num_open`` problems of ``order`` solved ``lanes`` at a
+    time in one ``while_loop``; returns every problem's ``(col4row, row4col) i32[B, S]``
+    (the warm start's for the problems it left no row open)."""
+    batch = warm["u"].shape[0]
     fresh = jax.vmap(lambda q: _fresh_lane(warm, q))
-
-    def select(take, a, b):
-        return jax.tree.map(
-            lambda x, y: jnp.where(take.reshape(take.shape + (1,) * (x.ndim - 1)), x, y), a, b
-        )
-
-    def write_back(lane_q, state, out):
-        target = jnp.where((lane_q >= 0) & (state["mode"] == _DONE), lane_q, batch)
-        return (
-            out[0].at[target].set(state["col4row"], mode="drop"),
-            out[1].at[target].set(state["row4col"], mode="drop"),
-        )
 
     def refill(carry):
         state, lane_q, ptr, out = carry
-        out = write_back(lane_q, state, out)
+        out = _write_back(lane_q, state, out)
         done = state["mode"] == _DONE
         pos = ptr + jnp.cumsum(done) - 1
         take = done & (pos < num_open)
         new_q = jnp.where(take, order[jnp.clip(pos, 0, batch - 1)], -1)
-        state = select(take, fresh(jnp.maximum(new_q, 0)), state)
+        state = _select(take, fresh(jnp.maximum(new_q, 0)), state)
         lane_q = jnp.where(done, new_q, lane_q)
         return state, lane_q, ptr + jnp.sum(done), out
 
@@ -320,11 +348,7 @@ def hungarian(
     carry = (idle, jnp.full((lanes,), -1, jnp.int32), jnp.int32(0),
              (warm["col4row"], warm["row4col"]))  # fmt: skip
     state, lane_q, _, out = jax.lax.while_loop(cond, body, carry)
-    col4row, row4col = (jnp.maximum(x, -1) for x in write_back(lane_q, state, out))
-    flip = warm["transposed"][:, None]
-    pred_to_gt = jnp.where(flip, row4col, col4row)[:, :m]
-    gt_to_pred = jnp.where(flip, col4row, row4col)[:, :n]
-    return pred_to_gt, gt_to_pred
+    return _write_back(lane_q, state, out)
 
 
 def greedy(cost: Array, row_valid: Array, col_valid: Array) -> tuple[Array, Array]:

@@ -19,6 +19,64 @@ Stages of ``vision_r1_reward`` (mirrored in the body):
 
 Edge cases (SPEC §3): no parsed boxes → recall = precision = 0 if ``N > 0`` else 1; a negative
 sample with predicted boxes → recall = precision = 0.
+
+**Perception-R1** (``perception_r1_reward``; Yu et al., 2025, arXiv 2504.07954; SPEC §9).
+Reference: GitHub ``linkangheng/PR1`` at commit ``b841521`` (PR #12 "detection_update"; the
+later snapshot of that repository lacks it, the fork ``philipmit/PR1`` keeps it):
+``src/open_r1/rewards.py::pr1_detection_reward``, with ``parse_json``, ``HungarianMatcher``,
+``box_iou``, ``generalized_box_iou`` and ``calculate_reward`` of ``src/open_r1/utils.py``, and
+the environment of ``local_scripts/train/train_qwen2_2b_vl_detection.sh``. Written from that
+code, not copied. The paper describes the matching as "maximising the reward"; the code
+matches on DETR's cost and then scores the pairs, which is what is followed here.
+
+Stages of ``perception_r1_reward`` (mirrored in the body):
+
+1. The reference's predictions: ``parse_json`` keeps the items whose label is in the category
+   map, so a box with an unknown label (id 0) is not a prediction here.
+2. Gate: the reference returns 0 for the whole answer when ``json.loads`` fails, when a box
+   cannot be stacked into a tensor, or when no item is kept (``parse_json`` then returns two
+   values to three names, and the exception handler scores 0), so an empty answer ``[]``
+   scores 0. Here: 0 unless the format flag (``format_check``) is 1 and at least one box with
+   a known label was parsed.
+3. Format ``= kept / parsed`` (``1 − wrong_format / len(items)``), weighted 0.25.
+4. Matching (``HungarianMatcher(threshold=0.5)``): cost ``perception_r1_cost`` over the kept
+   predictions and the ground truth, one-to-one (``min(M, N)`` pairs, the configured
+   ``matcher``), then only the pairs with ``IoU > perception_r1_iou`` (0.5, strict) count.
+5. Negative sample (``N = 0``) or no pair left: the total is the weighted format alone (the
+   reference's early ``continue``; no penalty). The reference trains on COCO images with
+   objects and has no negative-sample rule: an answer with boxes scores 0.25 and an empty one
+   0 (stage 2), the opposite of Vision-R1's inverted format. RL data keeps ``N ≥ 1``
+   (SPEC §6), so this only matters when scoring by hand.
+6. Count reward: ``precision = K / M_kept``, ``recall = K / N`` over the ``K`` kept pairs,
+   ``F1 = 2PR / (P + R + 1e-8)``, weighted 0.75 (``F1_SCALE``).
+7. Classification ``= mean over pairs of 1[class ids equal]``, weight 1 (``CLS_COE``);
+   location ``= mean IoU over pairs`` (IoU, not GIoU), weight 1 (``IOU_COE``;
+   ``IS_SIZE_WEIGHT`` is off by default and not offered).
+8. Penalty, only with ``perception_r1_penalty``: ``0.5·((M − K)/M + (N − K)/N)``. The code's
+   default (``DO_PENAIlty="True"``) turns it on, but the released detection script exports
+   ``DO_PENAIlty="False"``, so it is off by default here.
+9. Total ``clamp(0.25·format + 0.75·F1 + cls + loc − penalty, 0, 3)``; the coverage bonus is 0
+   (``COVERAGE_SCALE`` defaults to 0) and not offered. ``combine="mean"`` divides by 3 (range
+   ``[0, 1]``; ours, by analogy with the ``easyr1`` variant).
+
+Deliberate differences from the Perception-R1 reference (each documented there as a defect or
+a difference of the shared pipeline):
+
+* The class term of the matching cost compares the prediction's id with the ground truth's
+  id; the reference reads the softmax at ``target_id − 1`` (DETR's 0-based labels) but puts
+  the predicted one-hot at the 1-based ``pred_id``, so it favours a prediction whose id is one
+  less than the ground truth's. The class term is ≤ 0.019 against pixel L1 × 5, so only exact
+  geometric ties are affected.
+* Parsing is the project's (SPEC §2): fences, the regex fallback for truncated JSON (gated to
+  0 here, as the reference scores invalid JSON 0), digit strings, labels compared after
+  ``strip().lower()``, and ``max_boxes``. An item it drops (no ``bbox_2d``, not four values
+  ``int()`` accepts, ill-ordered, beyond ``max_coord``) is not counted in the format
+  fraction's denominator (``ParsedBatch`` carries no item count); the reference counts an
+  item without ``bbox_2d`` as wrong format, fails on a box with strings (tensor conversion)
+  and, when ``N > 0``, on an ill-ordered box (``generalized_box_iou``'s assertion), scoring
+  the whole answer 0.
+* Boxes are compared in original-image pixels (the reference: in model-input pixels). IoU
+  and GIoU do not change with the frame; the L1 part of the matching cost scales.
 """
 
 from __future__ import annotations
@@ -76,6 +134,12 @@ def _safe_div(num: Array, den: Array) -> Array:
     return num / jnp.maximum(den, 1.0)
 
 
+def _take(pair_values: Array, pred_to_gt: Array) -> Array:
+    """``f32[C, M, N], i32[C, M] -> f32[C, M]``: each prediction's value with its assigned
+    ground truth (that of ground truth 0 where unassigned: the caller masks it)."""
+    return jnp.take_along_axis(pair_values, jnp.clip(pred_to_gt, 0)[..., None], -1)[..., 0]
+
+
 def vision_r1_reward(
     pred: Predictions, gt: GroundTruth, step: Array, *, config: Mapping
 ) -> tuple[Array, dict[str, Array]]:
@@ -103,10 +167,9 @@ def vision_r1_reward(
     matched = (pred_to_gt >= 0) & pred.valid
     assignment = jnp.where(matched, pred_to_gt, -1)
     # 3. overlap of each matched pair.
-    take = lambda x: jnp.take_along_axis(x, jnp.clip(pred_to_gt, 0)[..., None], -1)[..., 0]
-    q = jnp.where(matched, take(pair[config["overlap"]]), 0.0)
-    iou_pairs = jnp.where(matched, take(pair["iou"]), 0.0)
-    giou_pairs = jnp.where(matched, take(pair["giou"]), 0.0)
+    q = jnp.where(matched, _take(pair[config["overlap"]], pred_to_gt), 0.0)
+    iou_pairs = jnp.where(matched, _take(pair["iou"], pred_to_gt), 0.0)
+    giou_pairs = jnp.where(matched, _take(pair["giou"], pred_to_gt), 0.0)
     # 4. thresholds in force.
     th = schedule.lookup(config["stages"], step)
     num_pred, num_gt, num_matched = _count(pred.valid), _count(gt.valid), _count(matched)
@@ -224,8 +287,8 @@ def perception_r1_cost(
     ``C[i, j] = 5·L1_cxcywh(pred_i, gt_j) − 1·p(gt_j | pred_i) − 2·GIoU(pred_i, gt_j)`` with
     ``p`` the softmax of a one-hot over 90 class slots: ``e / (e + 89)`` when the class ids
     agree, ``1 / (e + 89)`` otherwise (the reference offsets the ground-truth ids by one
-    here; see ``perception_r1_reward``). L1 in absolute pixels, so it dominates, as in
-    Vision-R1's box-prior cost.
+    here; see the module docstring's deliberate differences). L1 in absolute pixels, so it
+    dominates, as in Vision-R1's box-prior cost.
 
     Args:
       pred_boxes: ``f32[M, 4]``; pred_labels: ``i32[M]``; gt_boxes: ``f32[N, 4]``;
@@ -248,65 +311,9 @@ def perception_r1_reward(
 ) -> tuple[Array, dict[str, Array]]:
     """Perception-R1's detection reward (Yu et al., 2025, arXiv 2504.07954; SPEC §9).
 
-    Reference: GitHub ``linkangheng/PR1`` at commit ``b841521`` (PR #12 "detection_update";
-    the later snapshot of that repository lacks it, the fork ``philipmit/PR1`` keeps it):
-    ``src/open_r1/rewards.py::pr1_detection_reward``, with ``parse_json``,
-    ``HungarianMatcher``, ``box_iou``, ``generalized_box_iou`` and ``calculate_reward`` of
-    ``src/open_r1/utils.py``, and the environment of
-    ``local_scripts/train/train_qwen2_2b_vl_detection.sh``. Written from that code, not
-    copied. The paper describes the matching as "maximising the reward"; the code matches
-    on DETR's cost and then scores the pairs, which is what is followed here.
-
-    Stages (mirrored in the body):
-
-    1. The reference's predictions: ``parse_json`` keeps the items whose label is in the
-       category map, so a box with an unknown label (id 0) is not a prediction here.
-    2. Gate: the reference returns 0 for the whole answer when ``json.loads`` fails, when
-       a box cannot be stacked into a tensor, or when no item is kept (``parse_json`` then
-       returns two values to three names, and the exception handler scores 0), so an empty
-       answer ``[]`` scores 0. Here: 0 unless the format flag (``format_check``) is 1 and at
-       least one box with a known label was parsed.
-    3. Format ``= kept / parsed`` (``1 − wrong_format / len(items)``), weighted 0.25.
-    4. Matching (``HungarianMatcher(threshold=0.5)``): cost ``perception_r1_cost`` over the
-       kept predictions and the ground truth, one-to-one (``min(M, N)`` pairs, the configured
-       ``matcher``), then only the pairs with ``IoU > perception_r1_iou`` (0.5, strict) count.
-    5. Negative sample (``N = 0``) or no pair left: the total is the weighted format alone
-       (the reference's early ``continue``; no penalty). The reference trains on COCO images
-       with objects and has no negative-sample rule: an answer with boxes scores 0.25 and an
-       empty one 0 (stage 2), the opposite of Vision-R1's inverted format. RL data keeps
-       ``N ≥ 1`` (SPEC §6), so this only matters when scoring by hand.
-    6. Count reward: ``precision = K / M_kept``, ``recall = K / N`` over the ``K`` kept pairs,
-       ``F1 = 2PR / (P + R + 1e-8)``, weighted 0.75 (``F1_SCALE``).
-    7. Classification ``= mean over pairs of 1[class ids equal]``, weight 1 (``CLS_COE``);
-       location ``= mean IoU over pairs`` (IoU, not GIoU), weight 1 (``IOU_COE``;
-       ``IS_SIZE_WEIGHT`` is off by default and not offered).
-    8. Penalty, only with ``perception_r1_penalty``: ``0.5·((M − K)/M + (N − K)/N)``. The
-       code's default (``DO_PENAIlty="True"``) turns it on, but the released detection script
-       exports ``DO_PENAIlty="False"``, so it is off by default here.
-    9. Total ``clamp(0.25·format + 0.75·F1 + cls + loc − penalty, 0, 3)``; the coverage bonus
-       is 0 (``COVERAGE_SCALE`` defaults to 0) and not offered. ``combine="mean"`` divides by
-       3 (range ``[0, 1]``; ours, by analogy with the ``easyr1`` variant).
-
-    Deliberate differences from the reference (each documented there as a defect or a
-    difference of the shared pipeline):
-
-    * The class term of the matching cost compares the prediction's id with the ground
-      truth's id; the reference reads the softmax at ``target_id − 1`` (DETR's 0-based labels)
-      but puts the predicted one-hot at the 1-based ``pred_id``, so it favours a prediction
-      whose id is one less than the ground truth's. The class term is ≤ 0.019 against pixel
-      L1 × 5, so only exact geometric ties are affected.
-    * Parsing is the project's (SPEC §2): fences, the regex fallback for truncated JSON
-      (gated to 0 here, as the reference scores invalid JSON 0), digit strings, labels
-      compared after ``strip().lower()``, and ``max_boxes``. An item it drops (no
-      ``bbox_2d``, not four values ``int()`` accepts, ill-ordered, beyond ``max_coord``) is
-      not counted in the format fraction's denominator (``ParsedBatch`` carries no item
-      count); the reference counts an item without ``bbox_2d`` as wrong format, fails on a
-      box with strings (tensor conversion) and, when ``N > 0``, on an ill-ordered box
-      (``generalized_box_iou``'s assertion), scoring the whole answer 0.
-    * Boxes are compared in original-image pixels (the reference: in model-input pixels).
-      IoU and GIoU do not change with the frame; the L1 part of the matching cost scales.
-
-    ``step`` is unused (no schedule).
+    The reference, the nine stages (mirrored in the body) and the deliberate differences from
+    the reference are in the module docstring ("Perception-R1"). ``step`` is unused (no
+    schedule).
 
     Args:
       pred, gt: padded predictions and ground truth (``C`` rows each).
@@ -335,8 +342,7 @@ def perception_r1_reward(
     # 4. matching, then the IoU threshold.
     cost, pair = jax.vmap(perception_r1_cost)(pred.boxes, pred.labels, gt.boxes, gt.labels)
     pred_to_gt, _ = matching.MATCHERS[config["matcher"]](cost, known, gt.valid)
-    take = lambda x: jnp.take_along_axis(x, jnp.clip(pred_to_gt, 0)[..., None], -1)[..., 0]
-    iou_pairs = take(pair["iou"])
+    iou_pairs = _take(pair["iou"], pred_to_gt)
     matched = (pred_to_gt >= 0) & known & (iou_pairs > threshold) & parsed[:, None]
     num_matched = _count(matched)
     # 5. only format unless there are pairs (N = 0 gives none).
@@ -346,28 +352,16 @@ def perception_r1_reward(
     recall = _safe_div(num_matched, num_gt)
     f1 = 2.0 * precision * recall / (precision + recall + _PR1_F1_EPS)
     # 7. classification and location.
-    cls = _safe_div(jnp.sum(jnp.where(matched, take(pair["class_match"]), 0.0), -1), num_matched)
-    loc = _safe_div(jnp.sum(jnp.where(matched, iou_pairs, 0.0), -1), num_matched)
-    giou_mean = _safe_div(jnp.sum(jnp.where(matched, take(pair["giou"]), 0.0), -1), num_matched)
+    cls = _matched_mean(_take(pair["class_match"], pred_to_gt), matched, num_matched)
+    loc = _matched_mean(iou_pairs, matched, num_matched)
+    giou_mean = _matched_mean(_take(pair["giou"], pred_to_gt), matched, num_matched)
     # 8. penalty.
     if config.get("perception_r1_penalty", False):
-        missed = _safe_div(num_known - num_matched, num_known) + _safe_div(
-            num_gt - num_matched, num_gt
-        )
-        penalty = jnp.where(scored, _PR1_PENALTY_WEIGHT * missed, 0.0)
+        penalty = _pr1_penalty(num_known, num_gt, num_matched, scored)
     else:
         penalty = jnp.zeros_like(fmt)
     # 9. total.
-    full = (
-        _PR1_FORMAT_WEIGHT * fmt
-        + _PR1_F1_WEIGHT * f1
-        + _PR1_CLS_WEIGHT * cls
-        + _PR1_IOU_WEIGHT * loc
-        - penalty
-    )
-    total = jnp.where(scored, jnp.clip(full, 0.0, _PR1_MAX), _PR1_FORMAT_WEIGHT * fmt)
-    if config["combine"] == "mean":
-        total = total / _PR1_MAX
+    total = _pr1_total(fmt, f1, cls, loc, penalty, scored, config["combine"])
     aux = {
         "format": fmt,
         "f1": f1,
@@ -386,6 +380,37 @@ def perception_r1_reward(
         "pred_to_gt": jnp.where((pred_to_gt >= 0) & known, pred_to_gt, -1),
     }
     return total, aux
+
+
+def _matched_mean(per_pred: Array, matched: Array, num_matched: Array) -> Array:
+    """``f32[C, M] -> f32[C]``: the mean of ``per_pred`` over the matched predictions (0 with
+    none)."""
+    return _safe_div(jnp.sum(jnp.where(matched, per_pred, 0.0), -1), num_matched)
+
+
+def _pr1_penalty(num_known: Array, num_gt: Array, num_matched: Array, scored: Array) -> Array:
+    """Stage 8 of ``perception_r1_reward``: ``0.5·((M − K)/M + (N − K)/N)`` where pairs are
+    scored, else 0."""
+    missed = _safe_div(num_known - num_matched, num_known) + _safe_div(num_gt - num_matched, num_gt)
+    return jnp.where(scored, _PR1_PENALTY_WEIGHT * missed, 0.0)
+
+
+def _pr1_total(
+    fmt: Array, f1: Array, cls: Array, loc: Array, penalty: Array, scored: Array, combine: str
+) -> Array:
+    """Stage 9 of ``perception_r1_reward``: the clamped weighted sum where pairs are scored,
+    the weighted format alone elsewhere; ``combine="mean"`` divides by the maximum 3."""
+    full = (
+        _PR1_FORMAT_WEIGHT * fmt
+        + _PR1_F1_WEIGHT * f1
+        + _PR1_CLS_WEIGHT * cls
+        + _PR1_IOU_WEIGHT * loc
+        - penalty
+    )
+    total = jnp.where(scored, jnp.clip(full, 0.0, _PR1_MAX), _PR1_FORMAT_WEIGHT * fmt)
+    if combine == "mean":
+        total = total / _PR1_MAX
+    return total
 
 
 REWARD_FAMILIES: dict[str, Callable[..., tuple[Array, dict[str, Array]]]] = {

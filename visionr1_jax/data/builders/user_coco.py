@@ -59,6 +59,7 @@ from PIL import Image
 from visionr1_jax.data import config as config_lib
 from visionr1_jax.data import records
 from visionr1_jax.data.builders import base, coco_format
+from visionr1_jax.data.builders import synthetic_shapes as shapes
 
 NAME = "coco_format"
 _MAX_LISTED = 5  # missing files named in the build log
@@ -273,8 +274,6 @@ def write_example(
     Returns:
       ``({split: annotation JSON}, {split: image folder})``.
     """
-    from visionr1_jax.data.builders import synthetic_shapes as shapes
-
     if directory is None:
         directory = os.path.join(tempfile.gettempdir(), "visionr1_jax_coco_format_example")
     root = epath.Path(directory)
