@@ -12,7 +12,7 @@ JSON is built anew), then trains as ``configs/demo_cpu.py`` does (Vision-R1 GRPO
 the evaluation split with
 ``python -m visionr1_jax.evaluate --config=<the same> --workdir=/tmp/mine``. Without any
 file arguments it trains on a COCO-format export of the synthetic shapes, written on first
-load to ``<tmp>/visionr1_jax_coco_format_example`` (``user_coco.write_example``).
+load to ``<tmp>/visionr1_jax_coco_format_example`` (``data.shapes.write_coco_example``).
 
 Config args (``key=value,...``):
 
@@ -32,7 +32,7 @@ same ``--config`` (``python -m visionr1_jax.data.tfds_cli prepare --config=...``
 import ml_collections
 
 from visionr1_jax import config_lib, sections
-from visionr1_jax.data.builders import user_coco
+from visionr1_jax.data import shapes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.annotations is None:
         if args.images or args.val_annotations or args.val_images:
             raise ValueError("config args images/val_annotations/val_images need annotations")
-        annotations, images = user_coco.write_example()
+        annotations, images = shapes.write_coco_example()
         args.annotations, args.images = annotations["train"], images["train"]
         args.val_annotations, args.val_images = annotations["validation"], images["validation"]
     data.annotations.train, data.images.train = args.annotations, args.images

@@ -47,11 +47,9 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from typing import Any, ClassVar
 
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 from PIL import Image
@@ -59,7 +57,6 @@ from PIL import Image
 from visionr1_jax.data import config as config_lib
 from visionr1_jax.data import records
 from visionr1_jax.data.builders import base, coco_format
-from visionr1_jax.data.builders import synthetic_shapes as shapes
 
 NAME = "coco_format"
 _MAX_LISTED = 5  # missing files named in the build log
@@ -258,49 +255,3 @@ def open_source(c: ml_collections.ConfigDict, split: str, *, build_missing: bool
             )
         b = build(c)
     return b.as_data_source(split=split)
-
-
-def write_example(
-    directory: str | os.PathLike | None = None, num_train: int = 64, num_validation: int = 16
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Writes ``synthetic_shapes`` images as a COCO-format dataset (unless already there):
-    ``images/<split>_<i>.png``, ``train.json`` and ``validation.json`` (category ids 10..60).
-    The example a ``coco_format`` run trains on without files of its own
-    (``configs/coco_format_example.py``).
-
-    Args:
-      directory: where (None: ``<tmp>/visionr1_jax_coco_format_example``).
-
-    Returns:
-      ``({split: annotation JSON}, {split: image folder})``.
-    """
-    if directory is None:
-        directory = os.path.join(tempfile.gettempdir(), "visionr1_jax_coco_format_example")
-    root = epath.Path(directory)
-    splits = {"train": num_train, "validation": num_validation}
-    annotations = {split: str(root / f"{split}.json") for split in splits}
-    images = {split: str(root / "images") for split in splits}
-    if all(epath.Path(p).exists() for p in annotations.values()):
-        return annotations, images
-    config = shapes.ShapesConfig(name="coco_format_example", texture=False)
-    ids = {name: 10 * (i + 1) for i, name in enumerate(shapes.SHAPES)}  # not 1..K on purpose
-    categories = [{"id": k, "name": name, "supercategory": "shape"} for name, k in ids.items()]
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for split, num in splits.items():
-        entries, anns = [], []
-        for i in range(num):
-            png, boxes, names, _ = shapes.render(config, split, i)
-            file_name = f"{split}_{i:05d}.png"
-            (root / "images" / file_name).write_bytes(png)
-            entries.append({"id": i + 1, "file_name": file_name, "width": config.image_size,
-                            "height": config.image_size})  # fmt: skip
-            for box, name in zip(np.asarray(boxes).tolist(), names, strict=True):
-                x1, y1, x2, y2 = box
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": ids[name],
-                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                             "iscrowd": 0})  # fmt: skip
-        text = json.dumps({"images": entries, "annotations": anns, "categories": categories})
-        tmp = root / f".{split}.json.{os.getpid()}"  # the JSON last: its presence means done
-        tmp.write_text(text)
-        tmp.rename(annotations[split])
-    return annotations, images
