@@ -32,7 +32,7 @@ same ``--config`` (``python -m visionr1_jax.data.tfds_cli prepare --config=...``
 import ml_collections
 
 from visionr1_jax import config_lib, sections
-from visionr1_jax.data import shapes
+from visionr1_jax.data import data_config, shapes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = sections.model_config()
     config.model.dtype = "float32"
 
-    config.data = data = sections.data_config()
+    config.data = data = data_config()
     data.name = "coco_format"
     if args.annotations is None:
         if args.images or args.val_annotations or args.val_images:

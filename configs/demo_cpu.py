@@ -41,6 +41,7 @@ Config args (``key=value,...``):
 import ml_collections
 
 from visionr1_jax import config_lib, sections
+from visionr1_jax.data import data_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_rollouts = 2
     config.model = sections.model_config()
     config.model.dtype = "float32"
-    config.data = sections.data_config()
+    config.data = data_config()
     config.data.batch_size = 4
     config.data.max_pixels = 112 * 112
     config.data.min_pixels = 56 * 56

@@ -25,6 +25,7 @@ command on a pod (each decodes its share of the images; host 0 scores). The pape
 import ml_collections
 
 from visionr1_jax import sections
+from visionr1_jax.data import data_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.tokenizer = "qwen"
     config.model.param_dtype = "bfloat16"  # inference only: no float32 master copy
     config.model.dtype = "bfloat16"
-    config.data = sections.data_config()
+    config.data = data_config()
     config.data.name = "coco_detection"
     config.data.builder_config = "all"
     config.data.eval_split = "validation"

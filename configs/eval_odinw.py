@@ -20,6 +20,7 @@ read is `data.eval_split` (`test`, as GLIP's ODinW protocol). The paper: Qwen2.5
 import ml_collections
 
 from visionr1_jax import sections
+from visionr1_jax.data import data_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -31,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.tokenizer = "qwen"
     config.model.param_dtype = "bfloat16"
     config.model.dtype = "bfloat16"
-    config.data = sections.data_config()
+    config.data = data_config()
     config.data.name = "odinw"
     config.data.builder_config = "grounding"
     config.data.eval_split = "test"

@@ -23,6 +23,7 @@ TensorBoard as in every run.
 import ml_collections
 
 from visionr1_jax import sections
+from visionr1_jax.data import data_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "bfloat16"
     config.model.remat_policy = "dots_no_batch"
     config.model.logprob_chunk = 128
-    config.data = sections.data_config()
+    config.data = data_config()
     config.data.name = "vision_r1_data"
     config.data.builder_config = "qwen25"
     config.data.batch_size = 16

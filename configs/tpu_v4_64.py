@@ -26,6 +26,7 @@ step 1500; ``switch_step`` moves it); ``switch_step`` is rejected for a schedule
 import ml_collections
 
 from visionr1_jax import config_lib, sections
+from visionr1_jax.data import data_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.scan_layers = True
     # 128 positions per log-prob head block: the automatic size assumes one host's rows.
     config.model.logprob_chunk = 128
-    config.data = sections.data_config()
+    config.data = data_config()
     config.data.name = "vision_r1_data"
     config.data.builder_config = "qwen25"
     config.data.batch_size = 16

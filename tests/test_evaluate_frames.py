@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from visionr1_jax import evaluate, rewards, sections
+from visionr1_jax.data import data_config
 from visionr1_jax.models import tiny
 
 IMAGE = (480, 640)  # (height, width) of the original images
@@ -74,7 +75,7 @@ def _answers(frame: str, transform=lambda c: c) -> list[evaluate.Answer]:
 def _config(frame: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.eval = sections.eval_config()
-    config.data = sections.data_config()
+    config.data = data_config()
     config.data.frame = frame
     config.reward = rewards.default_config()
     config.reward.frame = frame

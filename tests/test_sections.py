@@ -13,6 +13,7 @@ import ml_collections
 import pytest
 
 from visionr1_jax import config_lib, grpo, rewards, sections
+from visionr1_jax.data import data_config
 from visionr1_jax.models import qwen_vl
 from visionr1_jax.rewards import matching, parse
 from visionr1_jax.sections import model, reward, training
@@ -34,7 +35,7 @@ def _run_config() -> ml_collections.ConfigDict:
     c.objective = "sft"
     c.total_steps = 10
     c.model = sections.model_config()
-    c.data = sections.data_config()
+    c.data = data_config()
     c.grpo = sections.grpo_config()
     c.optim = sections.optim_config()
     c.sft = sections.sft_config()

@@ -9,6 +9,7 @@ import ml_collections
 from etils import epath
 
 from visionr1_jax.data import templates
+from visionr1_jax.sections.common import is_int
 
 DATASETS = (
     "synthetic_shapes", "vision_r1_data", "coco_detection", "odinw", "refcoco", "coco_format",
@@ -111,10 +112,10 @@ def validate_data_config(c: ml_collections.ConfigDict, *, num_processes: int = 1
         fail("max_pixels", "must be an int >= min_pixels")
     if c.bad_data not in POLICIES:
         fail("bad_data", f"must be one of {POLICIES}")
-    if not _is_int(c.min_instances) or c.min_instances < 0:
+    if not is_int(c.min_instances) or c.min_instances < 0:
         fail("min_instances", "must be an int >= 0 (0 keeps negative samples)")
     if c.max_instances is not None and (
-        not _is_int(c.max_instances) or c.max_instances < max(1, c.min_instances)
+        not is_int(c.max_instances) or c.max_instances < max(1, c.min_instances)
     ):
         fail(
             "max_instances",
@@ -206,10 +207,6 @@ def _validate_files(c: ml_collections.ConfigDict) -> None:
                     f"data.annotations.{base} (annotated splits: {sorted(annotations)}; "
                     f"got {value!r})"
                 )
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

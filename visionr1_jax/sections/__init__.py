@@ -6,7 +6,7 @@ overrides fields; `config_lib.validate` checks every section present before anyt
 
     reward      `reward_config(variant, ...)` (`sections.reward`; `rewards.default_config`)
     model/mesh  `model_config()`, `mesh_config(ici, dcn)` (`sections.model`)
-    data        `data_config()` (`visionr1_jax.data.config`, jax-free as well)
+    data        `visionr1_jax.data.data_config()` (the data's own section, jax-free as well)
     grpo/optim  `grpo_config()`, `optim_config()` (`sections.training`)
     sft         `sft_config()` (`sections.training`)
     eval        `eval_config()` (`sections.run`)
@@ -15,7 +15,6 @@ overrides fields; `config_lib.validate` checks every section present before anyt
     experiment  `experiment_config()` (`sections.run`)
 """
 
-from visionr1_jax.data.config import data_config
 from visionr1_jax.sections.model import mesh_config, model_config
 from visionr1_jax.sections.reward import default_config as reward_config
 from visionr1_jax.sections.run import (
@@ -28,7 +27,6 @@ from visionr1_jax.sections.training import grpo_config, optim_config, sft_config
 
 __all__ = [
     "checkpoint_config",
-    "data_config",
     "eval_config",
     "experiment_config",
     "grpo_config",
