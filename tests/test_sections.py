@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from visionr1_jax import config_lib, grpo, rewards, sections
-from visionr1_jax.data import data_config
+from visionr1_jax.data import data_config, templates
 from visionr1_jax.models import qwen_vl
 from visionr1_jax.rewards import matching, parse
 from visionr1_jax.sections import model, reward, training
@@ -25,7 +25,7 @@ def test_section_choices_are_the_kernels_registries():
     assert training.AGGREGATIONS == tuple(grpo.AGGREGATIONS)
     assert reward.FAMILIES == tuple(rewards.REWARD_FAMILIES)
     assert reward.MATCHERS == tuple(matching.MATCHERS)
-    assert tuple(reward.FRAMES) == tuple(parse.FRAMES)
+    assert parse.FRAMES is reward.FRAMES and templates.FRAMES is reward.FRAMES
     assert model.LORA_TARGETS == qwen_vl.LORA_TARGETS
 
 

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from visionr1_jax.sections.reward import FRAMES
+
 TASKS = ("detection", "grounding", "rec")
 TEMPLATES = ("qwen25", "griffon")
-FRAMES = ("qwen25_abs", "rel1000", "norm01")
 
 # (template, task) -> format string. Detection lists categories, grounding names one category,
 # REC names one referring expression.

@@ -51,8 +51,8 @@ import numpy as np
 import orjson
 
 from visionr1_jax.data.target import Target
+from visionr1_jax.sections.reward import FRAMES
 
-FRAMES = ("qwen25_abs", "rel1000", "norm01")
 _INT_FRAMES = ("qwen25_abs", "rel1000")
 
 _MAX_FINITE = 1e300  # larger integers are rejected before float() could overflow

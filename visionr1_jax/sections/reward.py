@@ -49,11 +49,11 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-from visionr1_jax.data import templates
-
 FAMILIES = ("vision_r1", "visual_rft", "perception_r1")  # `rewards.REWARD_FAMILIES`' names
 MATCHERS = ("hungarian", "greedy")  # `rewards.matching.MATCHERS`' names
-FRAMES = templates.FRAMES  # the answer coordinate frames (`rewards.parse`)
+# The answer coordinate frames: the resized input's pixels, thousandths of the image, fractions
+# of it (`data.templates` writes prompts in them, `rewards.parse` reads answers in them).
+FRAMES = ("qwen25_abs", "rel1000", "norm01")
 
 THRESHOLD_KEYS = ("recall_tp", "recall_lo", "recall_hi", "precision_lo", "precision_hi")
 Stage = Mapping[str, float]
