@@ -150,7 +150,7 @@ def rollout(
     advantages, scored = program(
         host.global_rows(rows_sh, scores, n), jax.device_put(out.mask, rows_sh)
     )
-    per_row = {k: v for k, v in terms.items() if k != "boxes/parsed"}
+    per_row = {k: v for k, v in terms.items() if k not in scoring.EVALUATION_ONLY}
     per_row |= {"mask": mask, "entropy": entropy}
     if gather_tokens:
         per_row["tokens"] = tokens

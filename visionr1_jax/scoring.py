@@ -31,6 +31,9 @@ RENAMED = {
     "num_matched": "boxes/matched",
 }
 
+# Terms the evaluation reads and a rollout's metrics leave out (their keys stay the loop's).
+EVALUATION_ONLY = ("boxes/parsed",)
+
 
 def reward_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The run's reward section, or (a config without one: SFT, evaluation) the `official`
