@@ -87,7 +87,7 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 def saved_tree(state: Any, with_ref: bool = False) -> dict[str, Any]:
-    """The arrays of a `train.TrainState` a checkpoint holds (see the module docstring);
+    """The arrays of a `state.TrainState` a checkpoint holds (see the module docstring);
     `with_ref`: the reference tree too (when it is not the start checkpoint's)."""
     tree = {
         "params": state.params,

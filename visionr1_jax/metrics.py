@@ -23,7 +23,12 @@ The keys the GRPO loop writes each optimizer step (`train.grpo_iteration`, `trai
   the input pipeline), `time/checkpoint` (after a save), `throughput/tokens_per_s`
   (completion tokens per second of the step), `throughput/rollout_tokens_per_s`;
 - health: `compiles` (XLA compilations so far), `bad_step`, `bad_steps_total`,
-  `data/skipped_total`, `data/selected_out_total` and per kind (summed over hosts).
+  `data/skipped_total`, `data/selected_out_total` and per kind (summed over hosts);
+- evaluation, every `eval.every` steps of GRPO or SFT: `eval/<metric>` (`evaluate.
+  compute_metrics`: the protocol's metrics and the reward's view of the answers), `time/eval`.
+
+An SFT step writes `loss`, `grad_norm`, `learning_rate`, `num_tokens`, `sft/answer_len`,
+`sft/truncated`, the time and health keys.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ Suppressed tokens: by default the vision special tokens (`<|image_pad|>`, `<|vid
 their logits are set to -inf before any warper and before greedy's argmax (transformers'
 `generate(suppress_tokens=...)`), and the recorded log-probs are those of this masked
 distribution. A completion token is text to the model anyway (`decode_step` embeds it as
-text, and so does `train.completion_logprobs`), but a sampled `<|image_pad|>` would be read
+text, and so does `models.logprobs.completion_logprobs`), but a sampled `<|image_pad|>` would be read
 as an image placeholder by a naive full forward over prompt + completion, and no image token
 in an answer is meaningful. `suppress_token_ids=()` turns this off.
 

@@ -221,7 +221,7 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, init: str = "normal") -> nnx.Par
 
 class LoRAParam(nnx.Param):
     """A low-rank adapter's weights: with `QwenVLConfig.lora_rank` > 0 the only trained
-    parameters (`train.frozen_filter`); the base weights stay as loaded."""
+    parameters (`state.frozen_filter`); the base weights stay as loaded."""
 
 
 # The decoder projections that can carry adapters (`QwenVLConfig.lora_targets`).
