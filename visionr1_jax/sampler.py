@@ -31,9 +31,9 @@ Suppressed tokens: by default the vision special tokens (`<|image_pad|>`, `<|vid
 their logits are set to -inf before any warper and before greedy's argmax (transformers'
 `generate(suppress_tokens=...)`), and the recorded log-probs are those of this masked
 distribution. A completion token is text to the model anyway (`decode_step` embeds it as
-text, and so does `models.logprobs.completion_logprobs`), but a sampled `<|image_pad|>` would be read
-as an image placeholder by a naive full forward over prompt + completion, and no image token
-in an answer is meaningful. `suppress_token_ids=()` turns this off.
+text, and so does `models.logprobs.completion_logprobs`), but a sampled `<|image_pad|>` would
+be read as an image placeholder by a naive full forward over prompt + completion, and no image
+token in an answer is meaningful. `suppress_token_ids=()` turns this off.
 
 Shapes are static: the prompt length T, the packed patch count P, the number of image slots I
 and the completion length L are padded up to buckets on the host (numpy, before the program), so
