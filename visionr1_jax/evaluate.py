@@ -275,7 +275,7 @@ def gather_answers(answers: list[Answer], tag: str = "eval") -> list[Answer]:
     store, `host.kv_allgather`; one process: as they are)."""
     if jax.process_count() == 1:
         return answers
-    parts = host.kv_allgather(f"visionr1_eval/{tag}", [a.to_json() for a in answers])
+    parts = host.kv_allgather(f"visionr1_eval/{tag}", [a.to_json() for a in answers], series="eval")
     return [Answer.from_json(d) for part in parts for d in part]
 
 

@@ -3,8 +3,8 @@
 **Multi-host.** Every process of a run holds some rows of each batch (`local_rows`). Arrays
 cross between host and devices only through the explicit calls here: `local_values` brings
 this process's rows of a row-sharded array to the host (no all-gather), `global_rows` makes a
-global array from each process's rows, `to_host` gathers a whole array on every process (for
-what every host must see), `kv_allgather` exchanges small JSON values through the
+global array from each process's rows, `gather_rows` gives every process all rows of per-row
+host arrays (what the metrics of a step need), `kv_allgather` exchanges JSON values through the
 `jax.distributed` key-value store (host RPCs, safe from any thread), and `TermSignal` turns a
 SIGTERM into a stop agreed by all processes. `initialize_distributed` starts them.
 
@@ -31,6 +31,7 @@ buffers mapped. `compile_counts()` tells how many programs each jitted function 
 
 from __future__ import annotations
 
+import base64
 import collections
 import ctypes
 import ctypes.util
@@ -51,12 +52,10 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 1 << 30  # 1 GiB: larger blocks than this are still mapped and unmapped
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
-# A program loaded from the persistent compilation cache (JAX_COMPILATION_CACHE_DIR) instead of
-# compiled: jax._src.compiler records this event, without the program's name, on each hit.
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
-# One event per program compiled or loaded from the persistent cache: jax (0.10) times
-# `compile_or_get_cached` as a whole under `_COMPILE_EVENT`, with the program's name, so a
-# cache hit records it too (besides `CACHE_HIT_EVENT`; counting both counted a hit twice).
+# One event per program compiled or loaded from the persistent compilation cache: jax (0.10)
+# times `compile_or_get_cached` as a whole under `_COMPILE_EVENT`, with the program's name, so
+# a cache hit records it too (counting the cache's own retrieval event as well counted a hit
+# twice).
 COMPILE_EVENTS = (_COMPILE_EVENT,)
 _listening = False
 _release = False
@@ -180,22 +179,22 @@ def global_rows(sharding: jax.sharding.Sharding, local: np.ndarray, num_rows: in
     return jax.make_array_from_process_local_data(sharding, local, (num_rows, *local.shape[1:]))
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array in full on every process (one all-gather when multi-process)."""
-    if jax.process_count() == 1:
-        return jax.device_get(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def kv_allgather(key: str, value: Any, *, drop: str | None = None) -> list[Any]:
+def kv_allgather(
+    key: str, value: Any, *, drop: str | None = None, series: str | None = None
+) -> list[Any]:
     """Every process's JSON-serialisable `value` (item p: process p's), exchanged through the
     `jax.distributed` key-value store under `key/<process>`: host-side RPCs, safe from any
     thread. (Not an XLA collective: XLA:CPU runs a process's collective programs one at a
     time in launch order and gloo pairs the processes' collectives by that order, so one
     launched from a background thread while the main thread launches its own can meet a
     different collective on another host: a hang, or gloo's "Received data size doesn't match
-    expected size" abort.) `drop`: a key of an earlier exchange that every process has read by
-    now; this process's entry of it is deleted. One process: `[value]`."""
+    expected size" abort.) One process: `[value]`.
+
+    The store keeps what is set until it is deleted: `drop` names a key of an earlier exchange
+    that every process has read by now (this process's entry of it is deleted); `series` does
+    it for a sequence of exchanges: this process's entry of the series' previous key is
+    deleted once this one is read (every process has set this key, so every process has read
+    the previous one)."""
     if jax.process_count() == 1:
         return [value]
     client = distributed.global_state.client
@@ -205,8 +204,33 @@ def kv_allgather(key: str, value: Any, *, drop: str | None = None) -> list[Any]:
         json.loads(client.blocking_key_value_get(f"{key}/{p}", KV_TIMEOUT_MS))
         for p in range(jax.process_count())
     ]
-    if drop is not None:
+    if series is not None:
+        drop, _last_key[series] = _last_key.get(series), key
+    if drop is not None and drop != key:
         client.key_value_delete(f"{drop}/{me}")
+    return out
+
+
+_last_key: dict[str, str] = {}  # series -> the key of its latest exchange (`kv_allgather`)
+
+
+def gather_rows(series: str, key: str, rows: np.ndarray, num_rows: int, arrays: dict):
+    """Every process's rows of per-row host arrays, as whole arrays of `num_rows` rows in
+    global order (`rows`: the global index of each local row, `local_rows`). One process:
+    `arrays` as they are (its rows are all the rows). Else exchanged through the key-value
+    store (`kv_allgather` in `series`), each array as its raw bytes."""
+    if jax.process_count() == 1:
+        return arrays
+    mine = {"rows": rows.tolist()}
+    mine |= {
+        k: base64.b64encode(np.ascontiguousarray(v).tobytes()).decode() for k, v in arrays.items()
+    }
+    out = {k: np.zeros((num_rows, *v.shape[1:]), v.dtype) for k, v in arrays.items()}
+    for part in kv_allgather(key, mine, series=series):
+        at = np.asarray(part["rows"], np.int64)
+        for k, v in arrays.items():
+            data = np.frombuffer(base64.b64decode(part[k]), v.dtype)
+            out[k][at] = data.reshape(len(at), *v.shape[1:])
     return out
 
 
@@ -234,18 +258,3 @@ class TermSignal:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
-
-
-def gather_rows(key: str, rows: np.ndarray, num_rows: int, arrays: dict[str, np.ndarray]):
-    """Every process's rows of per-row host arrays, as whole arrays of `num_rows` rows in
-    global order (`rows`: the global index of each local row, `local_rows`). One process:
-    `arrays` as they are (its rows are all the rows). Else exchanged as JSON through the
-    key-value store under `key` (small per-row values: rewards, token counts)."""
-    if jax.process_count() == 1:
-        return arrays
-    payload = {"rows": rows.tolist(), **{k: v.tolist() for k, v in arrays.items()}}
-    out = {k: np.zeros((num_rows, *v.shape[1:]), v.dtype) for k, v in arrays.items()}
-    for part in kv_allgather(key, payload):
-        for k in arrays:
-            out[k][np.asarray(part["rows"], np.int64)] = np.asarray(part[k], arrays[k].dtype)
-    return out

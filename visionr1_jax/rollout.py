@@ -154,7 +154,7 @@ def rollout(
     per_row |= {"mask": mask, "entropy": entropy}
     if gather_tokens:
         per_row["tokens"] = tokens
-    every = host.gather_rows(f"visionr1_rollout/{step}", rows, n, per_row)
+    every = host.gather_rows("visionr1_rollout", f"visionr1_rollout/{step}", rows, n, per_row)
     times["time/reward"] = time.perf_counter() - t0
 
     update = UpdateBatch(model_inputs(arrays), seqs, scored, advantages)

@@ -29,7 +29,7 @@ pixel bounds).
 The update is `step.make_train_step(graphdef, config, objective="sft")` (same state, optimizer,
 sharding and step factory as GRPO): `step.sft_loss`, the token-mean NLL of the answer tokens,
 teacher-forced after the prompt, one row per prompt (G = 1). `sft_update` turns a pipeline
-batch into the step's `UpdateBatch` (the targets go to the devices in one explicit transfer).
+batch into the step's `UpdateBatch` (the targets go to the devices by one explicit transfer each).
 Held-out evaluation is the one evaluator's (`evaluate.evaluate`, `eval.every`).
 """
 
@@ -192,7 +192,7 @@ def sft_update(
     """
     tokens, mask, lengths = _answer_tokens(host_batch, tokenizer, config, None)
     truncated = int((lengths > tokens.shape[1]).sum())
-    length = max(host.kv_allgather(f"visionr1_sft/{step}", tokens.shape[1]))
+    length = max(host.kv_allgather(f"visionr1_sft/{step}", tokens.shape[1], series="sft"))
     if length > tokens.shape[1]:  # pad L to the largest of all processes (multi-host runs)
         extra = length - tokens.shape[1]
         tokens = np.pad(tokens, ((0, 0), (0, extra)), constant_values=_pad_id(tokenizer))
