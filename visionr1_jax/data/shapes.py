@@ -35,10 +35,10 @@ COLORS = {
 SPLITS = ("train", "validation")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class ShapeParams:
-    """What `render` draws (the drawing fields of `synthetic_shapes.ShapesConfig`, which
-    `render` also takes).
+    """What `render` draws (`synthetic_shapes.ShapesConfig` is one, with the dataset's own
+    fields).
 
     Attributes:
       image_size: images are ``image_size`` x ``image_size`` pixels.

@@ -16,35 +16,22 @@ from typing import ClassVar
 
 from visionr1_jax.data import records
 from visionr1_jax.data.builders import base
-from visionr1_jax.data.shapes import SHAPES, render
+from visionr1_jax.data.shapes import SHAPES, ShapeParams, render
 
 
 @dataclasses.dataclass(eq=False)
-class ShapesConfig(base.RecordBuilderConfig):
-    """Attributes:
-    image_size: images are ``image_size`` x ``image_size`` pixels.
-    min_shapes, max_shapes: shapes per image, uniform in [min, max].
-    min_scale, max_scale: shape extent as a fraction of the image side.
-    texture: draw a distractor texture (lines and blobs) on the background.
-    max_overlap: largest IoU allowed between two shapes' boxes (0: no occlusion).
+class ShapesConfig(ShapeParams, base.RecordBuilderConfig):
+    """What `shapes.render` draws (`ShapeParams`: image size, shape counts and scales,
+    texture, overlap, seed, shape classes), and:
+
     task: ``detection`` or ``grounding``.
     num_train, num_validation: images per split.
-    seed: the dataset seed.
-    shapes: the shape classes drawn (and listed in the prompt); label ids stay ``SHAPES``'.
+    The label ids of the shape classes stay ``SHAPES``'.
     """
 
-    image_size: int = 112
-    min_shapes: int = 1
-    max_shapes: int = 3
-    min_scale: float = 0.15
-    max_scale: float = 0.5
-    texture: bool = True
-    max_overlap: float = 0.3
     task: str = "detection"
     num_train: int = 4096
     num_validation: int = 256
-    seed: int = 0
-    shapes: tuple[str, ...] = SHAPES
 
 
 class SyntheticShapes(base.RecordBuilder):
