@@ -1,5 +1,4 @@
-"""Completions → reward terms: the one scoring path of training, SFT evaluation and the
-evaluator.
+"""Completions → reward terms: the one scoring path of the rollout and the evaluator.
 
 `score(completions, targets, reward_config, step)` parses each answer as the reward does
 (`rewards.prepare`), runs the jitted reward of `reward_config` with the thresholds of `step`

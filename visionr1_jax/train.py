@@ -74,7 +74,7 @@ class Programs:
       score_fn: `(host_batch, completions, step) -> per-row terms` of a rollout (default:
         `rollout.score_rows` with the run's reward); must give `reward/total` and `valid`.
       eos_ids: the checkpoint's stop ids (a completion without one at its end is truncated).
-      memory: the GRPO train step's compiled `memory_analysis()` (SFT: at its first call).
+      memory: the GRPO train step's compiled `memory_analysis()` (empty for SFT).
     """
 
     graphdef: nnx.GraphDef
