@@ -148,11 +148,16 @@ def make_logprob_fn(
     return jax.jit(logps)
 
 
-def _make_grads(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, sft: bool):
-    """`grads(params, state, update) -> ((loss, aux), grads)` of one (micro-)batch: stage 1
-    (the reference's log-probs, unless given) and stage 2 (the loss and its gradient w.r.t.
-    the trained parameters) of `make_train_step`."""
-    c = config.grpo if "grpo" in config else grpo_config()  # SFT reads none of it
+def _make_grads(
+    graphdef: nnx.GraphDef,
+    config: ml_collections.ConfigDict,
+    c: ml_collections.ConfigDict,
+    sft: bool,
+):
+    """`grads(params, state, update) -> ((loss, aux), grads)` of one (micro-)batch (`c`: the
+    `grpo` section, its defaults for SFT): stage 1 (the reference's log-probs, unless given)
+    and stage 2 (the loss and its gradient w.r.t. the trained parameters) of
+    `make_train_step`."""
     beta = 0.0 if sft else float(c.beta)
     loss_kwargs = dict(
         beta=beta,
@@ -272,13 +277,11 @@ def make_train_step(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} must be one of {OBJECTIVES}")
     sft = objective == "sft"
-    grads = _make_grads(graphdef, config, sft)
+    c = config.grpo if "grpo" in config else grpo_config()  # SFT reads none of it
+    grads = _make_grads(graphdef, config, c, sft)
     k = int((config.get("optim") or {}).get("accumulation_steps", 1) or 1)
     if k > 1:
-        token_weighted = (
-            sft or (config.grpo if "grpo" in config else grpo_config()).aggregation == "token-mean"
-        )
-        grads = _accumulated(grads, k, token_weighted)
+        grads = _accumulated(grads, k, token_weighted=sft or c.aggregation == "token-mean")
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)
 
