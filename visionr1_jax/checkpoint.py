@@ -9,7 +9,8 @@ leaves nothing that `latest_step` would pick):
   the restoring run's own state);
 - `data`: every host's input-pipeline position (`DevicePrefetch.get_state`, the batch after
   the last one consumed), one file per process as grain's orbax handler writes them;
-- `meta`: the step, the reward thresholds in force at it, and the run config (JSON).
+- `meta`: the step, the reward thresholds in force at it, the run config (JSON) and the
+  run's W&B id (`metrics.wandb`: a resumed run continues the same W&B run).
 
 Not saved, because they never change and the run's start checkpoint (`model.checkpoint` or
 the tiny one) gives them back: the frozen parameters (`model.freeze_vision_tower`) and the

@@ -26,15 +26,15 @@ the stage it was in from its last checkpoint):
 from __future__ import annotations
 
 import copy
+import io
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from visionr1_jax import checkpoint, config_lib, evaluate, loading, processing, render, train
+from visionr1_jax import checkpoint, config_lib, evaluate, fs, loading, processing, render, train
 from visionr1_jax import metrics as metrics_lib
 from visionr1_jax.data import config as data_config_lib
 from visionr1_jax.data import pipeline
@@ -126,14 +126,13 @@ def train_stage(name: str, config, workdir: str) -> None:
 def eval_stage(name: str, config, workdir: str, step: int | None) -> dict[str, float]:
     """Evaluates the stage's checkpoint `step` (None: the initial model), unless done."""
     tag = "base" if step is None else f"step_{step}"
-    path = os.path.join(metrics_lib.local_dir(workdir), "eval", f"{tag}.json")
-    if os.path.exists(path):
+    path = fs.join(workdir, "eval", f"{tag}.json")
+    if fs.exists(path):
         _log(f"[{name}] evaluation {tag}: done, read from {path}")
     else:
         _log(f"[{name}] evaluating {tag}")
         evaluate.run(config, workdir, checkpoint="base" if step is None else str(step))
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["metrics"]
+    return fs.read_json(path)["metrics"]
 
 
 def training_seconds(rows: list[Mapping[str, Any]]) -> float:
@@ -158,11 +157,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Records the config in `<workdir>/experiment_config.json` on the first run; a later run
     must have the same one (it resumes the stages done with it), else ValueError: results of
     two configs would be mixed in one table."""
-    path = os.path.join(workdir, "experiment_config.json")
+    path = fs.join(workdir, "experiment_config.json")
     mine = json.loads(config.to_json_best_effort(sort_keys=True))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            theirs = json.load(f)
+    if fs.exists(path):
+        theirs = fs.read_json(path)
         if theirs != mine:
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(
@@ -171,17 +169,14 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                 "(or delete that one to start afresh)"
             )
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(mine, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    fs.write_json(path, mine, indent=1, sort_keys=True)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
     """Runs the experiment (module docstring); returns {row: metrics}."""
     validate_experiment(config)
     check_workdir(config, workdir)
-    d = {name: os.path.join(workdir, name) for name, _ in ROWS}
+    d = {name: fs.join(workdir, name) for name, _ in ROWS}
     sft_cfg = sft_stage(config, config.experiment.sft_steps)
     grpo_cfg = grpo_stage(config, init_from=d["sft"])
     for c in (sft_cfg, grpo_cfg):
@@ -194,16 +189,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     train_stage("grpo", grpo_cfg, d["grpo"])
     results["grpo"] = eval_stage("grpo", grpo_cfg, d["grpo"], int(grpo_cfg.total_steps))
 
-    plan_path = os.path.join(workdir, "plan.json")
-    if os.path.exists(plan_path):
-        with open(plan_path, encoding="utf-8") as f:
-            plan = json.load(f)
+    plan_path = fs.join(workdir, "plan.json")
+    if fs.exists(plan_path):
+        plan = fs.read_json(plan_path)
     else:
-        read = lambda n: metrics_lib.read_jsonl(os.path.join(d[n], "metrics.jsonl"))
+        read = lambda n: metrics_lib.read_jsonl(fs.join(d[n], "metrics.jsonl"))
         _, plan = same_compute_steps(read("grpo"), read("sft"))
-        with open(plan_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(plan, f, indent=1)
-        os.replace(plan_path + ".tmp", plan_path)
+        fs.write_json(plan_path, plan, indent=1)
     _log(
         f"[sft_more] same compute as GRPO: {plan['grpo_seconds']:.1f} s / "
         f"{plan['sft_seconds_per_step']:.3f} s per SFT step = {plan['steps']} steps"
@@ -214,10 +206,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
 
     table = format_table(results, plan)
     _log("\n" + table)
-    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"seed": int(config.seed), "plan": plan, "results": results}, f, indent=1)
+    fs.write_text(fs.join(workdir, "results.md"), table + "\n")
+    record = {"seed": int(config.seed), "plan": plan, "results": results}
+    fs.write_json(fs.join(workdir, "results.json"), record, indent=1)
     png = plot(workdir, results, config)
     _log(f"results: {workdir}/results.md, {workdir}/results.json, {png}")
     return results
@@ -248,7 +239,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], plan: Mapping | Non
 def _examples(workdir: str, config, tags: Mapping[str, str], count: int):
     """Panels of the first `count` evaluation images per model: the image the model saw,
     ground truth (green) and the model's boxes (red). tags: row → `<dir>/eval/<tag>` prefix."""
-    path = loading.checkpoint_path(config, os.path.join(workdir, "sft"))
+    path = loading.checkpoint_path(config, fs.join(workdir, "sft"))
     processor = processing.load_processor(path)
     images, targets = [], []
     for hb in pipeline.InputPipeline(data_config_lib.eval_config(config.data), processor):
@@ -266,8 +257,7 @@ def _examples(workdir: str, config, tags: Mapping[str, str], count: int):
             break
     panels = {}
     for row, prefix in tags.items():
-        with open(prefix + "_predictions.jsonl", encoding="utf-8") as f:
-            lines = [x for _, x in zip(range(count), f, strict=False)]
+        lines = fs.read_text(prefix + "_predictions.jsonl").splitlines()[:count]
         answers = [evaluate.Answer.from_json(json.loads(x)) for x in lines]
         preds = [(a.boxes, a.labels) for a in answers]
         panels[row] = render.render_examples(images[:count], targets[:count], preds)
@@ -282,17 +272,17 @@ def plot(workdir: str, results, config) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # optional: as above
 
-    read = lambda n: metrics_lib.read_jsonl(os.path.join(workdir, n, "metrics.jsonl"))
+    read = lambda n: metrics_lib.read_jsonl(fs.join(workdir, n, "metrics.jsonl"))
     rows = [(k, t) for k, t in ROWS if k in results]
     tags = {}
     for key, _ in rows:
         found = sorted(
             f[: -len("_predictions.jsonl")]
-            for f in os.listdir(os.path.join(workdir, key, "eval"))
+            for f in fs.listdir(fs.join(workdir, key, "eval"))
             if f.endswith("_predictions.jsonl")
         )
         if found:
-            tags[key] = os.path.join(workdir, key, "eval", found[-1])
+            tags[key] = fs.join(workdir, key, "eval", found[-1])
     count = int(config.experiment.examples)
     panels = _examples(workdir, config, tags, count)
 
@@ -329,7 +319,9 @@ def plot(workdir: str, results, config) -> str:
             if j == 0:
                 ax.set_ylabel(title)
     fig.tight_layout()
-    out = os.path.join(workdir, "results.png")
-    fig.savefig(out, dpi=80)
+    out = fs.join(workdir, "results.png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
+    fs.write_bytes(out, png.getvalue())
     plt.close(fig)
     return out

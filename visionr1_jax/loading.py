@@ -8,7 +8,9 @@ mesh of `config.mesh`. Training, evaluation and export load alike through these.
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from visionr1_jax import sharding
+from visionr1_jax import fs, sharding
 from visionr1_jax.models import hf_weights, qwen_vl, tiny
 from visionr1_jax.sections.model import lora_options, max_image_patches
 
@@ -27,20 +29,33 @@ def checkpoint_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     m = config.model
     if m.checkpoint:
         return str(m.checkpoint)
-    path = os.path.join(workdir, "tiny_checkpoint")
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(path, "config.json")):
-        tiny.write_tiny_checkpoint(
-            path + ".tmp",
-            m.tiny,
+    path = fs.join(workdir, "tiny_checkpoint")
+    if jax.process_index() == 0 and not fs.exists(fs.join(path, "config.json")):
+        write = functools.partial(
+            tiny.write_tiny_checkpoint,
+            name=m.tiny,
             tokenizer=m.tokenizer,
             seed=int(config.seed),
             min_pixels=int(config.data.min_pixels),
             max_pixels=int(config.data.max_pixels),
         )
-        os.replace(path + ".tmp", path)  # never a half-written checkpoint
+        if fs.is_remote(path):
+            with tempfile.TemporaryDirectory(prefix="visionr1_tiny_") as local:
+                write(local)
+                upload_checkpoint(local, path)
+        else:
+            write(path + ".tmp")
+            os.replace(path + ".tmp", path)  # never a half-written checkpoint
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tiny_checkpoint")
     return path
+
+
+def upload_checkpoint(local: str, path: str) -> None:
+    """Uploads the finished checkpoint folder `local` to the remote `path`, `config.json` last
+    (a folder with `config.json` is complete: never read half-written)."""
+    for name in sorted(fs.walk_files(local), key=lambda n: n == "config.json"):
+        fs.write_bytes(fs.join(path, name), fs.read_bytes(os.path.join(local, name)))
 
 
 def load_model(

@@ -19,12 +19,15 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from transformers import AutoTokenizer, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from visionr1_jax import fs
 
 # The Qwen2-VL chat template restricted to text and images (videos are not used by this project).
 CHAT_TEMPLATE = (
@@ -66,7 +69,14 @@ def build_processor(
 
 
 def save_processor(processor: QwenVLProcessor, path: str) -> None:
-    """Writes tokenizer, image-processor config and chat template into the directory `path`."""
+    """Writes tokenizer, image-processor config and chat template into the directory `path`
+    (local or remote: transformers writes locally, so a remote one is written through a
+    temporary folder)."""
+    if fs.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="visionr1_processor_") as local:
+            save_processor(processor, local)
+            fs.copy_tree(local, path)
+        return
     os.makedirs(path, exist_ok=True)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
@@ -74,11 +84,32 @@ def save_processor(processor: QwenVLProcessor, path: str) -> None:
         f.write(processor.chat_template)
 
 
+_local_copies: dict[str, str] = {}
+
+
+def local_processor_files(path: str) -> str:
+    """`path` itself when local; for a remote checkpoint a local folder holding its processor
+    files (every file but the weights: tokenizer, image-processor config, chat template),
+    copied once per process. transformers opens these only from a local folder; the weights
+    are read remotely (`hf_weights`)."""
+    if not fs.is_remote(path):
+        return path
+    if path not in _local_copies:
+        names = [
+            n
+            for n in fs.listdir(path)
+            if ".safetensors" not in n and not fs.isdir(fs.join(path, n))
+        ]
+        _local_copies[path] = fs.local_copy(path, names)
+    return _local_copies[path]
+
+
 def load_processor(
     path: str, *, min_pixels: int | None = None, max_pixels: int | None = None
 ) -> QwenVLProcessor:
-    """Builds the processor of a local checkpoint directory (`AutoProcessor` would only return
-    the tokenizer). `min_pixels`/`max_pixels` override the saved resize bounds."""
+    """Builds the processor of a checkpoint directory, local or remote (`AutoProcessor` would
+    only return the tokenizer). `min_pixels`/`max_pixels` override the saved resize bounds."""
+    path = local_processor_files(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs: dict[str, Any] = {}
     if min_pixels is not None:

@@ -21,6 +21,7 @@ Stages:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from visionr1_jax import fs
 
 GT_COLOR = (0, 255, 0)
 PRED_COLOR = (255, 0, 0)
@@ -344,8 +347,8 @@ def render_examples(
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Writes uint8[H, W, 3] ``image`` to ``path`` as PNG (parent folders created)."""
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    Image.fromarray(np.asarray(image, np.uint8)).save(path, format="PNG")
+    """Writes uint8[H, W, 3] ``image`` to ``path`` (local or remote, `fs.write_bytes`: whole
+    and atomic, parent folders created) as PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+    fs.write_bytes(path, buf.getvalue())

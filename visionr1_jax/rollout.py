@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from visionr1_jax import grpo, host, metrics, render, rewards, sampler, scoring, sharding
+from visionr1_jax import fs, grpo, host, render, rewards, sampler, scoring, sharding
 from visionr1_jax.step import UpdateBatch, model_inputs
 
 ScoreFn = Callable[[Any, Sequence[str], int], dict[str, np.ndarray]]
@@ -207,9 +206,11 @@ def write_rollout(
         "tokens": [t[m].tolist() for t, m in zip(tokens, mask, strict=True)],
         "rewards": [float(x) for x in rewards_],
     }
-    path = os.path.join(metrics.local_dir(workdir), "rollouts.jsonl")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    # appended locally; a remote object is read, extended and rewritten (GCS has no append),
+    # at once: the first `log_rollouts` rollouts are few, and each is durable when logged
+    out = fs.Appender(fs.join(workdir, "rollouts.jsonl"))
+    out.write(json.dumps(row) + "\n")
+    out.close()
 
 
 def render_rollout(

@@ -19,7 +19,6 @@ every host-device transfer is an explicit `device_put`/`device_get`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +33,7 @@ from visionr1_jax import (
     checkpoint,
     config_lib,
     evaluate,
+    fs,
     host,
     loading,
     processing,
@@ -90,8 +90,9 @@ class Programs:
 class IO:
     """What the run reads and writes: `workdir`, the checkpoint's `processor`, the
     device-prefetching input pipeline `pipe`, the `checkpointer` (None without a `checkpoint`
-    section), `resumed_from` (the checkpoint step resumed, None: a fresh start) and `term`
-    (the SIGTERM watch, installed first thing in `setup`)."""
+    section), `resumed_from` (the checkpoint step resumed, None: a fresh start), `term`
+    (the SIGTERM watch, installed first thing in `setup`) and `wandb_run_id` (the W&B run the
+    resumed checkpoint logged to, kept in its meta; None: a new one if `metrics.wandb`)."""
 
     workdir: str
     processor: Any
@@ -99,6 +100,7 @@ class IO:
     checkpointer: checkpoint.Checkpointer | None
     resumed_from: int | None
     term: host.TermSignal
+    wandb_run_id: str | None = None
 
 
 @dataclasses.dataclass
@@ -146,7 +148,8 @@ def _load(config, path, mesh, objective):
 
 def _start_state(job_config, model, key, beta, mesh, resume, ckpt, abstract, workdir):
     """The train state to start from: `model.init_from`'s parameters (a fresh start), or the
-    checkpoint `resume` (metrics after it are redone: their files are truncated)."""
+    checkpoint `resume` (metrics after it are redone: their files are truncated). Returns the
+    graph, the state and the resumed checkpoint's meta ({} on a fresh start)."""
     m = job_config.model
     if m.get("init_from") and resume is None:  # resuming: the checkpoint holds the reference
         _, _, start = nnx.split(model, frozen_filter(job_config), ...)
@@ -157,12 +160,14 @@ def _start_state(job_config, model, key, beta, mesh, resume, ckpt, abstract, wor
         graphdef, state = init_train_state(model, job_config, key, beta=beta)
     if shardings_of(state) != shardings_of(abstract):
         raise AssertionError("the train state's shardings differ from the compiled ones")
+    meta = {}
     if resume is not None:
-        state = ckpt.restore(resume, state).state
+        restored = ckpt.restore(resume, state)
+        state, meta = restored.state, restored.meta
         for name in ("metrics.jsonl", "rollouts.jsonl"):  # steps after it are redone
-            metrics_lib.truncate_jsonl(os.path.join(metrics_lib.local_dir(workdir), name), resume)
+            metrics_lib.truncate_jsonl(fs.join(workdir, name), resume)
         logging.info("resuming from checkpoint step %d (%s)", resume, ckpt.directory)
-    return graphdef, state
+    return graphdef, state, meta
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Job:
@@ -197,7 +202,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Job:
         with jax.set_mesh(mesh):
             shapes = update_shapes(config, mesh, pipe.peek().arrays)
             memory = log_memory("train_step", train_step, abstract, shapes)
-    graphdef, state = _start_state(config, model, key, beta, mesh, resume, ckpt, abstract, workdir)
+    graphdef, state, meta = _start_state(
+        config, model, key, beta, mesh, resume, ckpt, abstract, workdir
+    )
     eos_ids, _ = sampler.default_token_ids(nnx.merge(graphdef, state.params, state.frozen))
     programs = Programs(
         graphdef=graphdef,
@@ -208,7 +215,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Job:
         eos_ids=eos_ids,
         memory=memory,
     )
-    io = IO(workdir, processor, pipe, ckpt, resume, term)
+    io = IO(workdir, processor, pipe, ckpt, resume, term, meta.get("wandb_run_id"))
     return Job(config, mesh, programs, state, io, step=int(jax.device_get(state.step)))
 
 
@@ -298,9 +305,9 @@ def evaluate_job(job: Job) -> dict[str, float]:
 
 def train_loop(job: Job) -> list[dict[str, Any]]:
     """Runs `config.total_steps` optimizer steps of `config.objective`, writing each step's
-    metrics (the keys are listed in `visionr1_jax.metrics`) to `<workdir>/metrics.jsonl` and
-    TensorBoard (`metrics.tensorboard`), and the renderings of `metrics.render_every`, under
-    a progress bar; evaluates every `eval.every` steps.
+    metrics (the keys are listed in `visionr1_jax.metrics`) to `<workdir>/metrics.jsonl`,
+    TensorBoard (`metrics.tensorboard`) and W&B (`metrics.wandb`), and the renderings of
+    `metrics.render_every`, under a progress bar; evaluates every `eval.every` steps.
 
     With a checkpointer (`config.checkpoint`) it saves every `checkpoint.every` steps and at
     the end (the seconds the loop was blocked by a save, `time/checkpoint`, are reported with
@@ -311,7 +318,8 @@ def train_loop(job: Job) -> list[dict[str, Any]]:
     config, io = job.config, job.io
     iteration = sft_iteration if config.get("objective", "grpo") == "sft" else grpo_iteration
     mc = config.get("metrics") or metrics_config()
-    writer = metrics_lib.Writer(io.workdir, bool(mc.tensorboard), purge_step=io.resumed_from)
+    wandb_writer = metrics_lib.open_wandb(config, io.workdir, io.wandb_run_id)
+    writer = metrics_lib.Writer(io.workdir, bool(mc.tensorboard), io.resumed_from, wandb_writer)
     total = int(config.total_steps)
     bar = metrics_lib.Progress(total, job.step, enabled=config.get("progress", True))
     rows: list[dict[str, Any]] = []
@@ -330,6 +338,8 @@ def train_loop(job: Job) -> list[dict[str, Any]]:
             for m in _finish_rows(job, step_rows, timing, seconds, saved_s, bad):
                 writer.write(m["step"], {k: v for k, v in m.items() if k != "step"})
                 rows.append(m)
+                if m["step"] in job.renderings:  # before the next step's row (W&B)
+                    writer.images(m["step"], job.renderings.pop(m["step"]))
             saved_s = None
             for at, images in sorted(job.renderings.items()):
                 writer.images(at, images)
@@ -341,7 +351,7 @@ def train_loop(job: Job) -> list[dict[str, Any]]:
                 stop or job.step == total or io.checkpointer.should_save(job.step)
             ):
                 t_save = time.perf_counter()
-                save_checkpoint(job, rows[-1])
+                save_checkpoint(job, rows[-1], writer)
                 saved_s = time.perf_counter() - t_save  # the loop's blocked time (async save)
             if stop:
                 if io.checkpointer is not None:
@@ -405,9 +415,21 @@ def _finish_rows(job, step_rows, timing, seconds, saved_s, bad) -> list[dict[str
     return out
 
 
-def save_checkpoint(job: Job, last_row: dict[str, Any]) -> None:
+def save_checkpoint(
+    job: Job, last_row: dict[str, Any], writer: metrics_lib.Writer | None = None
+) -> None:
     """Saves the run at its current step (`checkpoint.Checkpointer.save`): the state, this
-    host's pipeline position after the last batch consumed, and the reward thresholds of the
-    last rollout (`threshold/*` of its metrics, as the reward's schedule looked them up)."""
+    host's pipeline position after the last batch consumed, the reward thresholds of the
+    last rollout (`threshold/*` of its metrics, as the reward's schedule looked them up) and
+    the run's W&B id (`writer.wandb_run_id` of process 0, whose meta is the one written, or
+    the resumed checkpoint's), so that a resumed run continues the same W&B run.
+
+    The `writer`'s rows are flushed to the workdir first (a remote workdir's files are
+    uploaded), so that every step of a committed checkpoint is in its metrics files."""
+    if writer is not None:
+        writer.flush()
     meta = {"thresholds": {k: v for k, v in last_row.items() if k.startswith("threshold/")}}
+    wandb_run_id = (writer.wandb_run_id if writer is not None else None) or job.io.wandb_run_id
+    if wandb_run_id is not None:
+        meta["wandb_run_id"] = wandb_run_id
     job.io.checkpointer.save(job.step, job.state, job.io.pipe.get_state(), meta)

@@ -61,7 +61,10 @@ import functools
 import itertools
 import json
 import math
+import os
 import queue
+import re
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -81,7 +84,7 @@ from tokenizers import Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 import visionr1_jax.data.builders  # noqa: F401  (registers the builders with tfds)
-from visionr1_jax import host, sharding
+from visionr1_jax import fs, host, sharding
 from visionr1_jax.data import config as config_lib
 from visionr1_jax.data import records
 from visionr1_jax.data.builders import user_coco
@@ -555,6 +558,9 @@ def open_source(
     build them beforehand (``python -m visionr1_jax.data.tfds_cli prepare --config=...``), and
     every other dataset with ``python -m visionr1_jax.data.tfds_cli build``.
     """
+    if c.data_dir and fs.is_remote(c.data_dir):
+        c = _stage_remote(c, build=build_synthetic)
+        build_synthetic = False
     if c.name == "coco_format":
         return user_coco.open_source(c, split or c.split, build_missing=build_synthetic)
     name = f"{c.name}/{c.builder_config}"
@@ -568,6 +574,60 @@ def open_source(
             "--imports visionr1_jax.data.builders --file_format array_record "
             "[--data_dir DIR] [--manual_dir DIR]"
         ) from e
+
+
+DATA_CACHE_ENV = "VISIONR1_DATA_CACHE"
+_COMPLETE = ".visionr1_complete"
+_VERSION = re.compile(r"\d+\.\d+\.\d+")
+
+
+def data_cache(data_dir: str) -> str:
+    """The local folder that holds a remote ``data_dir``'s datasets: ``$VISIONR1_DATA_CACHE``
+    (default ``~/.cache/visionr1_jax/data``) / the URL without its scheme."""
+    root = os.environ.get(DATA_CACHE_ENV) or os.path.expanduser("~/.cache/visionr1_jax/data")
+    return os.path.join(root, data_dir.split("://", 1)[1].strip("/"))
+
+
+def _stage_remote(c: ml_collections.ConfigDict, *, build: bool) -> ml_collections.ConfigDict:
+    """The data config with its remote ``data_dir`` replaced by a local copy of the dataset.
+
+    ArrayRecord's reader reads local files only, so a dataset under ``gs://...`` is copied
+    once per host (and per version) into ``data_cache(data_dir)``, then read locally; a copy is
+    used only when complete (a marker written last). A dataset the run builds itself
+    (``build``: synthetic_shapes, coco_format, single process) and the bucket lacks is built
+    locally and uploaded, ``dataset_info.json`` last (tfds writes it when a build is done).
+    """
+    local = c.copy_and_resolve_references()
+    local.data_dir = data_cache(c.data_dir)
+    if c.name == "coco_format":  # its config is made from the data section's files
+        versions = [user_coco.builder(local).info.full_name]
+    else:  # the newest version in the bucket, as tfds would pick it
+        folder = fs.join(c.data_dir, c.name, c.builder_config)
+        found = [n for n in fs.listdir(folder) if _VERSION.fullmatch(n)] if fs.isdir(folder) else []
+        found.sort(key=lambda v: tuple(map(int, v.split("."))))
+        versions = [f"{c.name}/{c.builder_config}/{v}" for v in found[-1:]]
+    for relative in versions:
+        target = os.path.join(local.data_dir, relative)
+        if os.path.exists(os.path.join(target, _COMPLETE)):
+            return local
+        remote = fs.join(c.data_dir, relative)
+        if fs.exists(fs.join(remote, "dataset_info.json")):
+            logging.info("copying %s to %s (ArrayRecord reads local files)", remote, target)
+            shutil.rmtree(target, ignore_errors=True)
+            fs.copy_tree(remote, target)
+            fs.write_text(os.path.join(target, _COMPLETE), remote)
+            return local
+    if not build:
+        return c  # not built: open_source's message names the remote data_dir
+    source = open_source(local, build_synthetic=True)  # builds it locally, then uploads it
+    info = source.dataset_info if hasattr(source, "dataset_info") else None
+    relative = info.full_name if info is not None else versions[0]
+    target = os.path.join(local.data_dir, relative)
+    remote = fs.join(c.data_dir, relative)
+    for name in sorted(fs.walk_files(target), key=lambda n: n == "dataset_info.json"):
+        fs.write_bytes(fs.join(remote, name), fs.read_bytes(os.path.join(target, name)))
+    fs.write_text(os.path.join(target, _COMPLETE), remote)
+    return local
 
 
 def shard_indices(num_records: int, process_index: int, process_count: int) -> range:

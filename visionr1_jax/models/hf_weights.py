@@ -3,7 +3,9 @@
 Loading never materialises a full tensor on one device: the abstract model (`nnx.eval_shape`)
 gives every parameter's shape and logical axes, the rules table gives its `NamedSharding`, and
 `jax.make_array_from_callback` asks each addressable device for its slice, which is read from a
-memory-mapped safetensors file (so a host touches only the bytes of its own shards). bf16, fp16
+memory-mapped safetensors file (so a host touches only the bytes of its own shards); a remote
+checkpoint (`gs://...`, read through `visionr1_jax.fs`) is read tensor by tensor with ranged
+reads, never copied whole to the local disk. bf16, fp16
 and fp32 files, single files and sharded `model.safetensors.index.json` checkpoints are read;
 both the hub key layout (`model.layers.N`, `visual.blocks.N`) and the transformers-5 layout
 (`model.language_model.layers.N`, `model.visual.blocks.N`) are accepted.
@@ -16,7 +18,6 @@ checkpoint's `generation_config.json` (stop and pad ids) when it had one.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from visionr1_jax import sharding
+from visionr1_jax import fs, sharding
 from visionr1_jax.models.qwen_vl import Dense, LoRAParam, QwenVL, QwenVLConfig
 
 _DTYPES = {
@@ -43,21 +44,21 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class SafetensorsDir:
-    """Memory-mapped read access to every tensor of a checkpoint directory."""
+    """Read access to every tensor of a checkpoint directory: memory-mapped for a local one,
+    ranged reads of each tensor's bytes for a remote one."""
 
     def __init__(self, path: str):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+        index = fs.join(path, "model.safetensors.index.json")
+        if fs.exists(index):
+            files = sorted(set(fs.read_json(index)["weight_map"].values()))
         else:
-            files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+            files = [n for n in fs.listdir(path) if n.endswith(".safetensors")]
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {path}")
         self.entries: dict[str, tuple[str, dict, int]] = {}
         for name in files:
-            fname = os.path.join(path, name)
-            with open(fname, "rb") as f:
+            fname = fs.join(path, name)
+            with fs.open(fname, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
             header.pop("__metadata__", None)
@@ -72,11 +73,17 @@ class SafetensorsDir:
         return self.entries.keys()
 
     def array(self, key: str) -> np.ndarray:
-        """A lazily read (memory-mapped) numpy view of tensor `key`."""
+        """Tensor `key` as numpy: a lazily read memory-mapped view of a local file, or the
+        tensor's bytes read with one ranged read of a remote one."""
         fname, info, offset = self.entries[key]
+        start, end = info["data_offsets"]
+        if fs.is_remote(fname):
+            with fs.open(fname, "rb") as f:
+                f.seek(offset + start)
+                raw = np.frombuffer(f.read(end - start), np.uint8)
+            return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
         if fname not in self._maps:
             self._maps[fname] = np.memmap(fname, dtype=np.uint8, mode="r")
-        start, end = info["data_offsets"]
         raw = self._maps[fname][offset + start : offset + end]
         return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
@@ -150,10 +157,10 @@ def from_pretrained(
     lora_targets: tuple[str, ...] = (),
     lora_seed: int = 0,
 ) -> QwenVL:
-    """Loads a local HF checkpoint directory into a `QwenVL`.
+    """Loads a HF checkpoint directory (local or remote) into a `QwenVL`.
 
     Args:
-      path: directory with `config.json` and `*.safetensors` (and, optionally,
+      path: directory (local or `gs://`) with `config.json` and `*.safetensors` (and, optionally,
         `generation_config.json`, kept as `cfg.hf_generation_config`: the release's stop ids).
       dtype: parameter dtype (fp32 master weights by default; bf16 files are upcast).
       mesh: if given, every parameter is created directly with the sharding the rules table
@@ -223,20 +230,16 @@ def read_generation_config(path: str) -> dict | None:
     `<|endoftext|>`), while `config.json` has only 151645; transformers' `generate` stops on
     the generation config's ids.
     """
-    fname = os.path.join(path, "generation_config.json")
-    if not os.path.exists(fname):
-        return None
-    with open(fname, encoding="utf-8") as f:
-        return json.load(f)
+    fname = fs.join(path, "generation_config.json")
+    return fs.read_json(fname) if fs.exists(fname) else None
 
 
 def _max_patches_from_processor(path: str) -> int | None:
     """max_pixels / patch_size**2 of the checkpoint's image processor, if it was saved."""
-    fname = os.path.join(path, "preprocessor_config.json")
-    if not os.path.exists(fname):
+    fname = fs.join(path, "preprocessor_config.json")
+    if not fs.exists(fname):
         return None
-    with open(fname, encoding="utf-8") as f:
-        pre = json.load(f)
+    pre = fs.read_json(fname)
     max_pixels = pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge")
     if not max_pixels:
         return None
@@ -277,11 +280,11 @@ def save_pretrained(model: QwenVL, path: str, *, dtype=None) -> None:
 
     Args:
       model: a `QwenVL` (possibly sharded; parameters are gathered to the host).
-      path: output directory.
+      path: output directory (local or remote).
       dtype: on-disk dtype (default: the parameters' dtype).
     """
     cfg = model.cfg
-    os.makedirs(path, exist_ok=True)
+    fs.makedirs(path)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     merged = merged_lora_kernels(model)
     tensors = {}
@@ -302,12 +305,13 @@ def save_pretrained(model: QwenVL, path: str, *, dtype=None) -> None:
     hf["dtype"] = "bfloat16" if out_dtype == _DTYPES["BF16"] else str(out_dtype)
     hf.pop("torch_dtype", None)
     if jax.process_index() == 0:
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf, f, indent=2)
-        write_safetensors(os.path.join(path, "model.safetensors"), tensors)
+        # The weights first, config.json last: a folder with config.json is complete.
+        write_safetensors(fs.join(path, "model.safetensors"), tensors)
         if cfg.hf_generation_config is not None:
-            with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
-                json.dump(cfg.hf_generation_config, f, indent=2)
+            fs.write_json(
+                fs.join(path, "generation_config.json"), cfg.hf_generation_config, indent=2
+            )
+        fs.write_json(fs.join(path, "config.json"), hf, indent=2)
 
 
 def merged_lora_kernels(model: QwenVL) -> dict[tuple, jax.Array]:
@@ -341,7 +345,7 @@ def write_safetensors(fname: str, tensors: dict[str, np.ndarray]) -> None:
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(fname, "wb") as f:
+    with fs.open(fname, "wb") as f:  # a remote object appears whole when the upload ends
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for key in sorted(tensors):

@@ -44,8 +44,6 @@ Calls, separable so that the sampler can encode images once and reuse a KV cache
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from visionr1_jax import sharding
+from visionr1_jax import fs, sharding
 from visionr1_jax.models import rope
 from visionr1_jax.sections import model as model_section
 
@@ -192,8 +190,7 @@ class QwenVLConfig:
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> QwenVLConfig:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return cls.from_hf_dict(json.load(f), **overrides)
+        return cls.from_hf_dict(fs.read_json(fs.join(path, "config.json")), **overrides)
 
 
 # ----------------------------------------------------------------------------- layers

@@ -132,16 +132,65 @@ def validate_checkpoint(config: ml_collections.ConfigDict) -> None:
             fail(f"checkpoint.{key}", c.get(key), "must be True or False")
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def wandb_config() -> ml_collections.ConfigDict:
+    """The `metrics.wandb` section: Weights & Biases logging of every metrics row (process 0).
+
+    Fields:
+      enabled: log to W&B (off by default; every other field is an error while off).
+      project: the W&B project.
+      entity: the W&B team or user (None: the account's default entity).
+      name: the run's display name (None: the workdir's last path component).
+      mode: `online`, `offline` (files only, `wandb sync` later) or `disabled`; None: W&B's
+        own choice (the `WANDB_MODE` environment variable, else online).
+
+    The W&B run id is made when the run starts and kept in its checkpoints (`meta`), so that
+    a resumed run continues the same W&B run.
+    """
+    c = ml_collections.ConfigDict()
+    c.enabled = False
+    c.project = "visionr1_jax"
+    c.entity = ml_collections.config_dict.placeholder(str)
+    c.name = ml_collections.config_dict.placeholder(str)
+    c.mode = ml_collections.config_dict.placeholder(str)
+    return c
+
+
 def metrics_config() -> ml_collections.ConfigDict:
     """The `metrics` section: `tensorboard` (write event files), `render_every` (render
     completions every that many optimizer steps, at a rollout boundary, so a multiple of
     `grpo.num_iterations`; 0 = never), `render_count` (prompts rendered, one completion
-    each)."""
+    each), `wandb` (Weights & Biases, `wandb_config()`)."""
     c = ml_collections.ConfigDict()
     c.tensorboard = True
     c.render_every = 0
     c.render_count = 4
+    c.wandb = wandb_config()
     return c
+
+
+def validate_wandb(c: ml_collections.ConfigDict) -> None:
+    """Checks `metrics.wandb`: a value that would have no effect (any field but `enabled`
+    changed while W&B is off) is an error."""
+    default = wandb_config()
+    check_keys(c, default.keys(), "metrics.wandb")
+    if not isinstance(c.enabled, bool):
+        fail("metrics.wandb.enabled", c.enabled, "must be a bool")
+    if not isinstance(c.project, str) or not c.project:
+        fail("metrics.wandb.project", c.project, "must be a non-empty string")
+    for key in ("entity", "name"):
+        if c[key] is not None and (not isinstance(c[key], str) or not c[key]):
+            fail(f"metrics.wandb.{key}", c[key], "must be None or a non-empty string")
+    if c.mode is not None and c.mode not in WANDB_MODES:
+        fail("metrics.wandb.mode", c.mode, f"must be None (WANDB_MODE, else online) or one of "
+             f"{WANDB_MODES}")  # fmt: skip
+    if not c.enabled:
+        for key in ("project", "entity", "name", "mode"):
+            if c[key] != default[key]:
+                fail(f"metrics.wandb.{key}", c[key], "has no effect while "
+                     "metrics.wandb.enabled=False")  # fmt: skip
 
 
 def validate_metrics(config: ml_collections.ConfigDict) -> None:
@@ -154,6 +203,8 @@ def validate_metrics(config: ml_collections.ConfigDict) -> None:
         v = c[key]
         if not is_int(v) or v < (0 if key == "render_every" else 1):
             fail(f"metrics.{key}", v, "must be an integer >= 0 (count: >= 1)")
+    if "wandb" in c:
+        validate_wandb(c.wandb)
     mu = int(config.grpo.num_iterations) if "grpo" in config else 1
     grpo = config.get("objective", "grpo") == "grpo"
     if c.render_every and grpo and c.render_every % mu:
