@@ -50,7 +50,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "visionr1_jax",
             "visionr1_jax.sections.**",
+            "visionr1_jax.fs",
             "visionr1_jax.config_lib",
+            "visionr1_jax.preflight",
+            "visionr1_jax.cli",
             "visionr1_jax.data.**",
             "visionr1_jax.processing",
             "visionr1_jax.sharding",

@@ -31,12 +31,23 @@ from collections.abc import Iterable, Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 from visionr1_jax import checkpoint as checkpoint_lib
-from visionr1_jax import config_lib, host, loading, processing, sampler, scoring, state
+from visionr1_jax import (
+    cli,
+    config_lib,
+    fs,
+    host,
+    loading,
+    preflight,
+    processing,
+    sampler,
+    scoring,
+    state,
+)
 from visionr1_jax import metrics as metrics_lib
 from visionr1_jax.data import config as data_config_lib
 from visionr1_jax.data import pipeline
@@ -367,12 +378,12 @@ def _counted(batches, bar):
 def write_results(workdir: str, tag: str, metrics: Mapping, answers, config, step) -> str:
     """Process 0 writes `<workdir>/eval/<tag>.json` (the metrics, the step, the protocol and
     the `eval` section) and, with `eval.save_predictions`, `<tag>_predictions.jsonl`.
-    Returns the JSON path (local mirror of a gs:// workdir: `metrics.local_dir`)."""
-    directory = os.path.join(metrics_lib.local_dir(workdir), "eval")
-    path = os.path.join(directory, f"{tag}.json")
+    Returns the JSON path. The workdir may be remote; each file is written whole (never
+    half-written: `fs.write_text`)."""
+    directory = fs.join(workdir, "eval")
+    path = fs.join(directory, f"{tag}.json")
     if jax.process_index() != 0:
         return path
-    os.makedirs(directory, exist_ok=True)
     c = config.eval if "eval" in config else eval_config()
     record = {
         "tag": tag,
@@ -381,15 +392,10 @@ def write_results(workdir: str, tag: str, metrics: Mapping, answers, config, ste
         "metrics": dict(metrics),
         "eval": c.to_dict(),
     }
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)  # never half-written
+    fs.write_json(path, record, indent=1)
     if c.save_predictions:
-        lines = os.path.join(directory, f"{tag}_predictions.jsonl")
-        with open(lines + ".tmp", "w", encoding="utf-8") as f:
-            for a in answers:
-                f.write(json.dumps(a.to_json()) + "\n")
-        os.replace(lines + ".tmp", lines)
+        lines = "".join(json.dumps(a.to_json()) + "\n" for a in answers)
+        fs.write_text(fs.join(directory, f"{tag}_predictions.jsonl"), lines)
     return path
 
 
@@ -423,11 +429,9 @@ def load_for_eval(config, workdir: str, checkpoint: str | None, mesh):
     with jax.set_mesh(mesh):
         model = loading.load_model(config, path, mesh)
     if tag == "base" and checkpoint != "base":
-        ckpt_dir = os.path.join(workdir, "checkpoints")
         wanted = int(checkpoint) if checkpoint else None
-        if wanted is not None or (
-            "://" in workdir or os.path.isdir(ckpt_dir)
-        ):  # a run's checkpoint: its trainable parameters into the model
+        if wanted is not None or fs.isdir(fs.join(workdir, "checkpoints")):
+            # a run's checkpoint: its trainable parameters into the model
             _, _, like = nnx.split(model, state.frozen_filter(config), ...)
             try:
                 loaded, step = checkpoint_lib.load_params(workdir, wanted, like)
@@ -460,14 +464,18 @@ def run(config, workdir: str, checkpoint: str | None = None) -> dict[str, float]
 
 
 def main(argv) -> None:
+    """The command line: its config and paths checked first (a mistake is one line and exit
+    status 2: `preflight`, `cli.run`), then `run`."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise preflight.UsageError(f"unexpected arguments: {argv[1:]}")
+    config, workdir, checkpoint = (_FLAGS[k].value for k in ("config", "workdir", "checkpoint"))
+    preflight.check_evaluation(config, workdir, checkpoint)
     host.initialize_distributed(
         _FLAGS["coordinator_address"].value,
         _FLAGS["num_processes"].value,
         _FLAGS["process_id"].value,
     )
-    run(_FLAGS["config"].value, _FLAGS["workdir"].value, _FLAGS["checkpoint"].value)
+    run(config, workdir, checkpoint)
 
 
 _FLAGS: dict = {}
@@ -483,4 +491,4 @@ if __name__ == "__main__":
     _FLAGS["num_processes"] = flags.DEFINE_integer("num_processes", None, "Processes.")
     _FLAGS["process_id"] = flags.DEFINE_integer("process_id", None, "This process's index.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

@@ -6,18 +6,20 @@
 
 On a Cloud TPU VM pod slice every host runs the same command and `jax.distributed` finds its
 peers by itself; elsewhere (a local multi-process test) pass `--coordinator_address`,
-`--num_processes` and `--process_id`. The config is validated before anything starts. A
-config with an `experiment` section runs that experiment's stages (`experiment.run`:
-`make demo`'s SFT → evaluation → GRPO vs more SFT → table), any other the training job
-(`train.run`).
+`--num_processes` and `--process_id`. The config and the paths it names (checkpoint, data,
+workdir) are checked before anything starts (`preflight.check`): a mistake is one line,
+`error: <key>=<value>: <problem>`, and exit status 2 (`cli.run`; README, "Common mistakes").
+The libraries' INFO logs are off unless `--verbosity=info`. A config with an `experiment`
+section runs that experiment's stages (`experiment.run`: `make demo`'s SFT → evaluation →
+GRPO vs more SFT → table), any other the training job (`train.run`).
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from visionr1_jax import config_lib, experiment, host, train
+from visionr1_jax import cli, experiment, host, preflight, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for run outputs.")
@@ -31,12 +33,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_lib.validate(_CONFIG.value)
+        raise preflight.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = preflight.check(_CONFIG.value, _WORKDIR.value)
     host.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     job = experiment.run if "experiment" in config else train.run
     job(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -58,19 +58,21 @@ from typing import Any
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compilations side by side
+# The TPU venv has no torch (shapes only): transformers would say so on import, twice.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from visionr1_jax import config_lib, sampler, sharding
+from visionr1_jax import cli, config_lib, preflight, sampler, sharding
 from visionr1_jax import state as state_lib
 from visionr1_jax import step as step_lib
 from visionr1_jax.models import hf_weights, presets, qwen_vl, tiny
@@ -664,7 +666,7 @@ def merge_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise preflight.UsageError(f"unexpected arguments: {argv[1:]}")
     if _MERGE.value:
         reports = []
         for path in _MERGE.value:
@@ -679,7 +681,8 @@ def main(argv: list[str]) -> None:
             print(f"  {k:<24} {v:.4g}")
     else:
         if _CONFIG.value is None or not _TOPOLOGY.value:
-            raise app.UsageError("--config and --topology are required (or --merge)")
+            raise preflight.UsageError("--config and --topology are required (or --merge)")
+        preflight.validate(_CONFIG.value)  # shapes only: no path of the config is read
         out = _report_from_flags()
     if _JSON.value:
         with open(_JSON.value, "w", encoding="utf-8") as f:
@@ -699,4 +702,4 @@ def _report_from_flags() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

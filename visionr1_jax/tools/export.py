@@ -10,9 +10,10 @@ writes `config.json`, `model.safetensors`, `generation_config.json` and the proc
 Qwen2-VL run) and `processing.load_processor(out)` read. Only the run's directory is needed:
 
 1. **Step.** `--step`, or the newest complete (committed) checkpoint under
-   `<workdir>/checkpoints`. The checkpoints are opened read-only: a run still training in that
-   workdir keeps its in-flight save (a read-write orbax manager removes unfinished step
-   directories when it opens).
+   `<workdir>/checkpoints` (checked first: a workdir without checkpoints or a step not saved
+   is one line, `error: ...`, and exit status 2). The checkpoints are opened read-only: a run
+   still training in that workdir keeps its in-flight save (a read-write orbax manager
+   removes unfinished step directories when it opens).
 2. **Config.** The run config saved in the checkpoint's `meta` gives the start checkpoint
    (`model.checkpoint`, or the run's `<workdir>/tiny_checkpoint`), the parameter dtype and
    which parameters were frozen (`model.freeze_vision_tower`).
@@ -33,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
-from visionr1_jax import checkpoint, loading, processing, sharding, state
+from visionr1_jax import checkpoint, cli, loading, preflight, processing, sharding, state
 from visionr1_jax.models import hf_weights, qwen_vl
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -97,10 +98,12 @@ def export(workdir: str, step: int | None, out: str, dtype: str | None = None) -
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {list(DTYPES)} or None")
     restored = restore_policy(workdir, step)
+    # The processor files first: save_pretrained writes config.json last, which marks `out`
+    # (local or remote) complete.
+    processing.save_processor(processing.load_processor(restored.start_checkpoint), out)
     hf_weights.save_pretrained(
         restored.model, out, dtype=None if dtype is None else jnp.dtype(dtype)
     )
-    processing.save_processor(processing.load_processor(restored.start_checkpoint), out)
     return out
 
 
@@ -116,11 +119,13 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise preflight.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    preflight.check_run(f.workdir, f.step, "--workdir", "--step")
+    preflight.check_workdir("--out", f.out)
     logging.info("wrote %s", export(f.workdir, f.step, f.out, f.dtype))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
