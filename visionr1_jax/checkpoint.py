@@ -148,7 +148,7 @@ def load_params(workdir: str, step: int | None, like: Any) -> tuple[Any, int]:
         architecture).
     """
     directory = checkpoints_dir(workdir)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     manager = ocp.CheckpointManager(
         directory, options=options, item_handlers={"state": ocp.PyTreeCheckpointHandler()}
     )
