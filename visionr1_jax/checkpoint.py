@@ -149,9 +149,12 @@ def load_params(workdir: str, step: int | None, like: Any) -> tuple[Any, int]:
     """
     directory = checkpoints_dir(workdir)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    manager = ocp.CheckpointManager(
-        directory, options=options, item_handlers={"state": ocp.PyTreeCheckpointHandler()}
-    )
+    handlers = {  # every item has its handler: orbax warns of an item it could not read
+        "state": ocp.PyTreeCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+        "data": DataStateHandler(),
+    }
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     try:
         steps = list(manager.all_steps())
         if not steps:
