@@ -80,6 +80,8 @@ SLOW_FIRST = (
     "test_train_step.py",  # ~100 s
     "test_rewards_reference.py",  # ~90 s
     "test_train_loop.py",  # ~90 s
+    "test_gcs_workflow.py",  # ~80 s
+    "test_console.py",  # ~40 s
     "test_train_logprobs.py",
     "test_export.py",
     "test_lora.py",
