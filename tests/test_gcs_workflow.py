@@ -28,26 +28,19 @@ import jax
 import launch
 import numpy as np
 import pytest
+import test_checkpoint
 from test_checkpoint import final_state, host_tree, state_on
 
 from visionr1_jax import checkpoint, fs
+from visionr1_jax.data import data_config, pipeline
 from visionr1_jax.models import testing, tiny
 from visionr1_jax.tools import export
 
 STEPS = 4
-OVERRIDES = {
+OVERRIDES = {  # test_checkpoint's run, shorter, with renderings
+    **test_checkpoint.OVERRIDES,
     "total_steps": STEPS,
     "log_rollouts": STEPS,
-    "progress": False,
-    "grpo.num_generations": 2,
-    "grpo.max_new_tokens": 8,
-    "optim.learning_rate": 1e-3,
-    "optim.weight_decay": 0.1,  # moves the parameters although the tiny model's rewards are 0
-    "data.builder_config": "loop",
-    "data.batch_size": 2,
-    "checkpoint.every": 2,
-    "checkpoint.keep": 2,
-    "mesh.ici_parallelism": "(1,1,1)",
     "metrics.render_every": 2,
     "metrics.render_count": 1,
 }
@@ -176,3 +169,20 @@ def test_every_path_on_gcs_trains_resumes_evaluates_and_exports(bucket, tmp_path
         batch["attention_mask"],
     )  # fmt: skip
     testing.assert_logits_close(logits, testing.hf_logits(copy, batch), batch["attention_mask"])
+
+
+def test_a_dataset_the_run_builds_is_uploaded_then_copied_back(gcs, tmp_path, monkeypatch):
+    """A `gs://` data_dir without the dataset: a single-process run builds synthetic_shapes
+    locally and uploads it; a host with an empty cache then copies it from the bucket and
+    reads the same records."""
+    monkeypatch.setenv("VISIONR1_DATA_CACHE", str(tmp_path / "cache_a"))
+    c = data_config()
+    c.name, c.builder_config, c.data_dir = "synthetic_shapes", "localize", gcs.prefix("built")
+    built = pipeline.open_source(c, "validation")
+    uploaded = fs.walk_files(c.data_dir)
+    assert "synthetic_shapes/localize/1.0.0/dataset_info.json" in uploaded, uploaded
+    monkeypatch.setenv("VISIONR1_DATA_CACHE", str(tmp_path / "cache_b"))
+    copied = pipeline.open_source(c, "validation", build_synthetic=False)
+    assert len(copied) == len(built) > 0
+    for i in (0, len(built) - 1):
+        assert copied[i]["image"] == built[i]["image"] and copied[i]["id"] == built[i]["id"]

@@ -25,9 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train_loop import loop_config
 
-from visionr1_jax import checkpoint, config_lib, metrics, rewards, sections, train
-from visionr1_jax.data import data_config
+from visionr1_jax import checkpoint, config_lib, metrics, sections, train
 from visionr1_jax.data.builders import synthetic_shapes
 from visionr1_jax.models import tiny
 
@@ -35,30 +35,12 @@ MAX_PIXELS = 112 * 112
 
 
 def _config(ckpt: str = "", data_dir: str = "") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.objective = "grpo"
+    # the rendering of step 0 comes after row 1 is computed (μ = 2)
+    c = loop_config(ckpt, data_dir, num_iterations=2)
     c.total_steps = 2
-    c.progress = False
-    c.model = sections.model_config()
-    c.model.checkpoint = ckpt
-    c.model.dtype = "float32"
-    c.data = data_config()
+    c.log_rollouts = 0
     c.data.builder_config = "wandb"
-    c.data.data_dir = data_dir
-    c.data.batch_size = 2
-    c.data.max_pixels = MAX_PIXELS
-    c.data.max_prompt_len = 160
-    c.data.num_threads = 0
-    c.data.prefetch = 0
-    c.reward = rewards.default_config("official")
-    c.grpo = sections.grpo_config()
-    c.grpo.num_generations = 2
-    c.grpo.max_new_tokens = 8
-    c.grpo.num_iterations = 2  # the rendering of step 0 comes after row 1 is computed
-    c.optim = sections.optim_config()
     c.optim.learning_rate = 1e-3
-    c.mesh = sections.mesh_config(ici=(1, 1, 1))
     c.checkpoint = sections.checkpoint_config()
     c.checkpoint.every = 2
     c.checkpoint.async_save = False

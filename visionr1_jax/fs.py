@@ -19,13 +19,11 @@ import builtins
 import io
 import json
 import os
-import shutil
 import tempfile
 import time
 from typing import IO, Any
 
 import fsspec
-from etils import epath
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -36,11 +34,6 @@ def is_remote(path: str | os.PathLike) -> bool:
 def join(path: str, *parts: str) -> str:
     """`path/part/...` for a local path or a URL (`os.path.join` keeps `gs://` intact)."""
     return os.path.join(os.fspath(path), *parts)
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """`path` as an `etils.epath.Path` (local or remote)."""
-    return epath.Path(os.fspath(path))
 
 
 def remote(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -63,13 +56,6 @@ def isdir(path: str | os.PathLike) -> bool:
         return os.path.isdir(path)
     store, inner = remote(path)
     return store.isdir(inner)
-
-
-def isfile(path: str | os.PathLike) -> bool:
-    if not is_remote(path):
-        return os.path.isfile(path)
-    store, inner = remote(path)
-    return store.isfile(inner)
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
@@ -144,25 +130,6 @@ def write_json(path: str | os.PathLike, value: Any, **kwargs: Any) -> None:
     write_text(path, json.dumps(value, **kwargs))
 
 
-def remove(path: str | os.PathLike) -> None:
-    """Deletes the file `path` if it exists."""
-    if not is_remote(path):
-        if os.path.exists(path):
-            os.unlink(path)
-    elif exists(path):
-        store, inner = remote(path)
-        store.rm_file(inner)
-
-
-def rmtree(path: str | os.PathLike) -> None:
-    """Deletes the directory `path` and everything under it, if it exists."""
-    if not is_remote(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif exists(path):
-        store, inner = remote(path)
-        store.rm(inner, recursive=True)
-
-
 def walk_files(path: str | os.PathLike) -> list[str]:
     """The paths of every file under the directory `path` relative to it, sorted (one
     recursive listing of a remote folder)."""
@@ -175,22 +142,21 @@ def walk_files(path: str | os.PathLike) -> list[str]:
     return sorted(p[len(inner) + 1 :] for p in store.find(inner))
 
 
-def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, last: str | None = None) -> None:
     """Copies every file under `src` to the same relative path under `dst` (either may be
-    remote)."""
-    for relative in walk_files(src):
+    remote). `last`: the file copied after all others (the one whose presence marks the copy
+    complete, e.g. a checkpoint's `config.json`: never read half-written)."""
+    for relative in sorted(walk_files(src), key=lambda name: name == last):
         write_bytes(join(os.fspath(dst), relative), read_bytes(join(os.fspath(src), relative)))
 
 
-def local_copy(path: str, names: list[str] | tuple[str, ...], cache: str | None = None) -> str:
-    """`path` itself when local; for a remote directory a local folder holding a copy of its
-    files among `names` that exist (small files a library can only open locally: tokenizer and
-    processor files). The copy is made once per path into `cache` (default: a fresh temporary
-    folder)."""
+def local_copy(path: str, names: list[str] | tuple[str, ...]) -> str:
+    """`path` itself when local; for a remote directory a fresh temporary folder holding a
+    copy of its files among `names` that exist (small files a library can only open locally:
+    tokenizer and processor files)."""
     if not is_remote(path):
         return path
-    target = cache or tempfile.mkdtemp(prefix="visionr1_remote_")
-    os.makedirs(target, exist_ok=True)
+    target = tempfile.mkdtemp(prefix="visionr1_remote_")
     present = set(listdir(path))
     for name in names:
         if name in present:
@@ -207,7 +173,6 @@ class Appender:
     def __init__(self, path: str, flush_secs: float = 10.0):
         self.path = path
         self.flush_secs = flush_secs
-        self._remote = is_remote(path)
         self._buffer: io.StringIO | None = None
         self._file: IO | None = None
         self._dirty = False
@@ -215,7 +180,7 @@ class Appender:
         parent = os.path.dirname(path)
         if parent:
             makedirs(parent)
-        if self._remote:
+        if is_remote(path):
             self._buffer = io.StringIO()
             if exists(path):
                 self._buffer.write(read_text(path))

@@ -42,20 +42,13 @@ def checkpoint_path(config: ml_collections.ConfigDict, workdir: str) -> str:
         if fs.is_remote(path):
             with tempfile.TemporaryDirectory(prefix="visionr1_tiny_") as local:
                 write(local)
-                upload_checkpoint(local, path)
+                fs.copy_tree(local, path, last="config.json")  # never read half-written
         else:
             write(path + ".tmp")
             os.replace(path + ".tmp", path)  # never a half-written checkpoint
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tiny_checkpoint")
     return path
-
-
-def upload_checkpoint(local: str, path: str) -> None:
-    """Uploads the finished checkpoint folder `local` to the remote `path`, `config.json` last
-    (a folder with `config.json` is complete: never read half-written)."""
-    for name in sorted(fs.walk_files(local), key=lambda n: n == "config.json"):
-        fs.write_bytes(fs.join(path, name), fs.read_bytes(os.path.join(local, name)))
 
 
 def load_model(

@@ -588,6 +588,15 @@ def data_cache(data_dir: str) -> str:
     return os.path.join(root, data_dir.split("://", 1)[1].strip("/"))
 
 
+def _newest_version(data_dir: str, c: ml_collections.ConfigDict) -> str | None:
+    """``name/config/version`` of the newest version of the data config's dataset under
+    ``data_dir`` (local or remote), as tfds picks it; None when there is none."""
+    folder = fs.join(data_dir, c.name, c.builder_config)
+    found = [n for n in fs.listdir(folder) if _VERSION.fullmatch(n)] if fs.isdir(folder) else []
+    found.sort(key=lambda v: tuple(map(int, v.split("."))))
+    return f"{c.name}/{c.builder_config}/{found[-1]}" if found else None
+
+
 def _stage_remote(c: ml_collections.ConfigDict, *, build: bool) -> ml_collections.ConfigDict:
     """The data config with its remote ``data_dir`` replaced by a local copy of the dataset.
 
@@ -602,10 +611,7 @@ def _stage_remote(c: ml_collections.ConfigDict, *, build: bool) -> ml_collection
     if c.name == "coco_format":  # its config is made from the data section's files
         versions = [user_coco.builder(local).info.full_name]
     else:  # the newest version in the bucket, as tfds would pick it
-        folder = fs.join(c.data_dir, c.name, c.builder_config)
-        found = [n for n in fs.listdir(folder) if _VERSION.fullmatch(n)] if fs.isdir(folder) else []
-        found.sort(key=lambda v: tuple(map(int, v.split("."))))
-        versions = [f"{c.name}/{c.builder_config}/{v}" for v in found[-1:]]
+        versions = [v for v in [_newest_version(c.data_dir, c)] if v]
     for relative in versions:
         target = os.path.join(local.data_dir, relative)
         if os.path.exists(os.path.join(target, _COMPLETE)):
@@ -619,13 +625,11 @@ def _stage_remote(c: ml_collections.ConfigDict, *, build: bool) -> ml_collection
             return local
     if not build:
         return c  # not built: open_source's message names the remote data_dir
-    source = open_source(local, build_synthetic=True)  # builds it locally, then uploads it
-    info = source.dataset_info if hasattr(source, "dataset_info") else None
-    relative = info.full_name if info is not None else versions[0]
+    open_source(local, build_synthetic=True)  # builds it locally, then uploads it
+    relative = versions[0] if versions else _newest_version(local.data_dir, c)
     target = os.path.join(local.data_dir, relative)
     remote = fs.join(c.data_dir, relative)
-    for name in sorted(fs.walk_files(target), key=lambda n: n == "dataset_info.json"):
-        fs.write_bytes(fs.join(remote, name), fs.read_bytes(os.path.join(target, name)))
+    fs.copy_tree(target, remote, last="dataset_info.json")  # tfds writes it when a build is done
     fs.write_text(os.path.join(target, _COMPLETE), remote)
     return local
 
