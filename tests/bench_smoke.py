@@ -78,6 +78,20 @@ BENCHMARKS: dict[str, tuple[str, tuple[str, ...]]] = {
             r"^- demo train loop, simulated step \d+ ms, 2 steps: wait .* mean [\d.]+ ms",
         ),
     ),
+    "demo_seeds": (
+        "test_bench_demo.py",
+        (
+            r"^\| 1 \| \+Vision-R1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$",
+            r"^\| paired \(2\) \| Vision-R1 - SFT \(same compute\) \| [+-][\d.]+ \[",
+        ),
+    ),
+    "demo_speed": (
+        "test_bench_demo.py",
+        (
+            r"^\| before \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$",
+            r"^\| after / before \| \| [\d.]+x \| \| [\d.]+x \| \|$",
+        ),
+    ),
 }
 
 _COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")

@@ -74,6 +74,7 @@ SLOW_FIRST = (
     "test_sft.py",  # ~160 s
     "test_models_qwen_vl.py",  # ~160 s
     "test_experiment.py",  # ~150 s
+    "test_bench_demo.py",  # ~150 s
     "test_memory_levers.py",  # ~130 s
     "test_aot.py",  # ~110 s
     "test_rewards_matching.py",  # ~110 s

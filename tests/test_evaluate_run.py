@@ -207,6 +207,7 @@ def run_config(ckpt, data_dir, ici=(1, 1, 1)):
     c.model.tiny = "qwen2_5_vl_tiny"
     c.data.name, c.data.builder_config, c.data.data_dir = "synthetic_shapes", "evalrun", data_dir
     c.data.batch_size = 8
+    c.data.eval_split, c.data.max_prompt_len = "validation", 160  # six categories, small BPE
     c.mesh = sections.mesh_config(ici=ici)
     c.eval = sections.eval_config()
     c.eval.max_new_tokens = MAX_NEW
@@ -226,7 +227,8 @@ def test_command_line_answers_are_the_samplers_greedy_answers(assets, tmp_path):
     c = run_config(ckpt, data_dir)
     flags = {
         "model.checkpoint": ckpt, "data.builder_config": "evalrun", "data.data_dir": data_dir,
-        "data.batch_size": 8, "mesh.ici_parallelism": "(1,1,1)", "progress": False,
+        "data.batch_size": 8, "data.eval_split": "validation", "data.max_prompt_len": 160,
+        "eval.batch_size": 8, "mesh.ici_parallelism": "(1,1,1)", "progress": False,
         "eval.max_new_tokens": MAX_NEW, "eval.score": "logprob",
     }  # fmt: skip
     cmd = [

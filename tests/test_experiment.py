@@ -15,20 +15,28 @@ import numpy as np
 import pytest
 
 from visionr1_jax import config_lib, experiment, metrics, sections
+from visionr1_jax.data.builders import synthetic_shapes
 from visionr1_jax.models import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_same_compute_steps_follow_the_grpo_stage_seconds():
-    grpo = [{"time/step": t} for t in (30.0, 2.0, 2.5, 1.5, 2.0)]  # first step compiles
-    sft = [{"time/step": t} for t in (20.0, 0.5, 0.4, 0.6, 0.5)]
+    grpo = [{"step": i, "time/step": t, "compiles": 9}
+            for i, t in enumerate((30.0, 2.0, 2.5, 1.5, 2.0))]  # first step compiles  # fmt: skip
+    sft = [{"step": i, "time/step": t} for i, t in enumerate((20.0, 0.5, 0.4, 0.6, 0.5))]
     # GRPO: 2.0 + 2.5 + 1.5 + 2.0 plus the median 2.0 for the first = 10 s; SFT 0.5 s/step
     assert experiment.training_seconds(grpo) == pytest.approx(10.0)
     steps, plan = experiment.same_compute_steps(grpo, sft)
     assert steps == plan["steps"] == 20 and plan["sft_seconds_per_step"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least 2 steps"):
         experiment.training_seconds(grpo[:1])
+    # Killed after step 3 was logged, resumed from the checkpoint of step 2: step 3 is logged
+    # again by a new process (a fresh compile count), and its compiling step is not counted.
+    resumed = [*grpo[:4], {"step": 3, "time/step": 25.0, "compiles": 4},
+               {"step": 4, "time/step": 2.0, "compiles": 4}]  # fmt: skip
+    # steady steps 1, 2, 4: 2.0 + 2.5 + 2.0; steps 0 and 3 at their median 2.0
+    assert experiment.training_seconds(resumed) == pytest.approx(10.5)
 
 
 def test_table_has_the_paper_rows_and_columns():
@@ -64,11 +72,26 @@ def small(tmp_path_factory):
         max_pixels=112 * 112,
     )  # fmt: skip
     data_dir = launch.write_dataset(tmp_path_factory.mktemp("exp_data"), num_train=16)
+    ood = synthetic_shapes.ShapesConfig(
+        name="loop_ood", num_train=1, num_validation=2, colors=("white",), max_scale=0.8
+    )
+    synthetic_shapes.SyntheticShapes(config=ood, data_dir=data_dir).download_and_prepare()
+    reference = tmp_path_factory.mktemp("exp_ref") / "seeds.json"
+    stat = {"mean": 0.25, "lo": 0.125, "hi": 0.375, "n": 2}
+    domain = {"seeds": [0, 1], "rows": {k: {"AP": stat} for k, _ in experiment.ROWS},
+              "paired": {"AP": stat, "AP75": stat}}  # fmt: skip
+    reference.write_text(json.dumps({"seeds": [0, 1], "source": "a test",
+                                     "in_domain": domain, "out_of_domain": domain}))  # fmt: skip
     c = config_lib.load_config(os.path.join(ROOT, "configs", "demo_cpu.py"))
     c.total_steps = 2
     c.progress = False
     c.model.checkpoint = ckpt
     c.data.builder_config, c.data.data_dir = "loop", data_dir
+    c.data.eval_split = "validation"
+    c.data.max_prompt_len = 160  # the small tokenizer and six categories
+    c.experiment.ood_builder_config, c.experiment.ood_split = "loop_ood", "validation"
+    c.experiment.reference_results = str(reference)
+    c.eval.batch_size = 2
     c.data.batch_size = 2
     c.data.max_instances = 30
     c.grpo.num_generations = 2
@@ -89,8 +112,12 @@ def test_experiment_runs_every_stage_and_resumes(small, tmp_path, capsys):
     out = capsys.readouterr().out
     assert set(results) == {k for k, _ in experiment.ROWS}
     for key, title in experiment.ROWS:
-        assert f"| {title} |" in out
+        assert out.count(f"| {title} |") == 2  # in domain and out of domain
         assert set(results[key]) >= {"AP", "AP50", "AR100", "parse_rate", "matched_iou"}
+    # the committed record's intervals beside this run's numbers, labelled as not this run's
+    assert out.count("| 25.00 [12.50, 37.50] |") == 2 * len(experiment.ROWS)
+    assert "not this run's" in out and "Out of domain (synthetic_shapes/loop_ood" in out
+    saved_ood = json.loads((tmp_path / "results.json").read_text())["results_ood"]
     steps = {"sft": 2, "grpo": 2}
     plan = json.loads((tmp_path / "plan.json").read_text())
     steps["sft_more"] = plan["steps"]
@@ -99,6 +126,8 @@ def test_experiment_runs_every_stage_and_resumes(small, tmp_path, capsys):
         assert [m["step"] for m in rows] == list(range(n)), stage
         record = json.loads((tmp_path / stage / "eval" / f"step_{n}.json").read_text())
         assert record["metrics"] == results[stage]
+        ood = json.loads((tmp_path / stage / "eval" / f"ood_step_{n}.json").read_text())
+        assert ood["metrics"] == saved_ood[stage] and ood["tag"] == f"ood_step_{n}"
     assert json.loads((tmp_path / "start" / "eval" / "base.json").read_text())["step"] is None
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"] == results and saved["plan"] == plan

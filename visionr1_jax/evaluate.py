@@ -352,7 +352,10 @@ def evaluate(model, processor, config, mesh, *, tag: str = "eval") -> tuple[dict
       `(metrics, answers)`: `compute_metrics` of all answers, and the answers.
     """
     c = config.eval if "eval" in config else eval_config()
-    inner = pipeline.InputPipeline(data_config_lib.eval_config(config.data), processor)
+    data = data_config_lib.eval_config(config.data)
+    if c.get("batch_size"):
+        data.batch_size = int(c.batch_size)
+    inner = pipeline.InputPipeline(data, processor)
     pipe = pipeline.DevicePrefetch(inner, mesh)
     total = min(c.batches or inner.num_batches, inner.num_batches)
     bar = metrics_lib.Progress(total, enabled=config.get("progress", True), desc=tag)

@@ -6,6 +6,10 @@
 under `workdir`, each resumable (a killed demo started again skips what is done and resumes
 the stage it was in from its last checkpoint):
 
+Every evaluation is on the evaluation split (`data.eval_split`) and, with
+`experiment.ood_builder_config`, on an out-of-domain set of the same dataset (the paper's
+Table 2 in miniature), one model load for both (`eval_stage`).
+
 1. `start`: evaluate the initial checkpoint (`eval` section: greedy answers on the
    evaluation split, COCO metrics).
 2. `sft`: supervised warm start from it (`experiment.sft_steps` at
@@ -18,15 +22,19 @@ the stage it was in from its last checkpoint):
    counted at the median) divided by the warm start's median seconds per SFT step, written
    to `plan.json` once so that a resumed demo keeps it; at the GRPO stage's learning rate
    (`experiment.sft_more_learning_rate`), with the warm start's batch size; then evaluate.
-5. The table (rows start, +SFT, +SFT same compute, +Vision-R1; columns mAP, AP50, AP75, AR100,
-   mean matched IoU, parse rate), printed and written to `results.md` / `results.json`, and
-   `results.png`: the training curves and example predictions of each model.
+5. The tables (rows start, +SFT, +SFT same compute, +Vision-R1; columns mAP, AP50, AP75,
+   AR100, mean matched IoU, parse rate; in domain, then out of domain), each row beside the
+   committed multi-seed record's mean mAP and 95% interval (`experiment.reference_results`,
+   labelled as not this run's), printed and written to `results.md` / `results.json` (with the
+   GRPO stage's reward over its first and last fifth), and `results.png`: the training curves
+   and example predictions of each model.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -123,34 +131,86 @@ def train_stage(name: str, config, workdir: str) -> None:
     train.run(config, workdir)
 
 
-def eval_stage(name: str, config, workdir: str, step: int | None) -> dict[str, float]:
-    """Evaluates the stage's checkpoint `step` (None: the initial model), unless done."""
+def ood_config(stage: ml_collections.ConfigDict, experiment) -> ml_collections.ConfigDict | None:
+    """A stage's config evaluated on the out-of-domain set: `experiment.ood_builder_config` of
+    the same dataset, its split `experiment.ood_split`; None when the experiment has none."""
+    name = experiment.get("ood_builder_config") or ""
+    if not name:
+        return None
+    c = ml_collections.ConfigDict(copy.deepcopy(stage.to_dict()))
+    c.data.builder_config = name
+    c.data.eval_split = experiment.get("ood_split") or "test"
+    return c
+
+
+def eval_stage(
+    name: str, config, workdir: str, step: int | None, ood: ml_collections.ConfigDict | None = None
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Evaluates the stage's checkpoint `step` (None: the initial model) on the evaluation
+    split and, with `ood` (`ood_config`), on the out-of-domain set (tag `ood_<tag>`), loading
+    the model once; what is on disk already is read back. Returns (in domain, out of domain)."""
     tag = "base" if step is None else f"step_{step}"
-    path = fs.join(workdir, "eval", f"{tag}.json")
-    if fs.exists(path):
-        _log(f"[{name}] evaluation {tag}: done, read from {path}")
-    else:
-        _log(f"[{name}] evaluating {tag}")
-        evaluate.run(config, workdir, checkpoint="base" if step is None else str(step))
-    return fs.read_json(path)["metrics"]
+    sets = [(tag, config)] + ([(f"ood_{tag}", ood)] if ood is not None else [])
+    paths = {t: fs.join(workdir, "eval", f"{t}.json") for t, _ in sets}
+    todo = [(t, c) for t, c in sets if not fs.exists(paths[t])]
+    if len(todo) < len(sets):
+        _log(f"[{name}] evaluation {tag}: done, read from {fs.join(workdir, 'eval')}")
+    if todo:
+        _log(f"[{name}] evaluating {tag}" + (" (in domain, out of domain)" if ood else ""))
+        config_lib.validate(config)
+        mesh = loading.make_run_mesh(config)
+        ckpt = "base" if step is None else str(step)
+        model, processor, _, at = evaluate.load_for_eval(config, workdir, ckpt, mesh)
+        for t, c in todo:
+            out, answers = evaluate.evaluate(model, processor, c, mesh, tag=t)
+            evaluate.write_results(workdir, t, out, answers, c, at)
+    found = [fs.read_json(paths[t])["metrics"] for t, _ in sets]
+    return found[0], (found[1] if ood is not None else None)
+
+
+def _steady(rows: list[Mapping[str, Any]]) -> tuple[list[float], int]:
+    """The `time/step` of a stage's steps that compiled nothing, and how many steps there were.
+    A step compiled when it is the first of its process: the first row, or one whose process
+    compile count (`compiles`, cumulative per process) differs from the row before (a resumed
+    stage starts a new process). A step logged twice (written again after a resume) counts once,
+    as last written. When every step compiled, all but the first count."""
+    by_step = {int(m["step"]): m for m in rows if "time/step" in m}
+    ordered = [by_step[k] for k in sorted(by_step)]
+    steady = [
+        float(m["time/step"])
+        for prev, m in itertools.pairwise(ordered)
+        if m.get("compiles", prev.get("compiles")) == prev.get("compiles")
+    ]
+    if not steady:  # every step compiled something (a 2-step stage): all but the first
+        steady = [float(m["time/step"]) for m in ordered[1:]]
+    return steady, len(ordered)
 
 
 def training_seconds(rows: list[Mapping[str, Any]]) -> float:
-    """Seconds a stage trained: its steps' `time/step`, the first (which compiles) counted at
-    the median of the others (evaluation and checkpoint time excluded)."""
-    times = [float(m["time/step"]) for m in rows if "time/step" in m]
-    if len(times) < 2:
+    """Seconds a stage trained: its steps' `time/step`, each step that compiled (the first, and
+    the first after a resume) counted at the median of the others (evaluation and checkpoint
+    time excluded)."""
+    steady, n = _steady(rows)
+    if not steady:
         raise ValueError("a stage needs at least 2 steps to measure its compute")
-    return float(np.median(times[1:]) + np.sum(times[1:]))
+    return float(np.sum(steady) + (n - len(steady)) * np.median(steady))
 
 
 def same_compute_steps(grpo_rows, sft_rows) -> tuple[int, dict[str, float]]:
     """SFT steps that take the GRPO stage's training seconds (`training_seconds`) at the warm
-    start's median seconds per SFT step (its first, compiling, step left out)."""
+    start's median seconds per SFT step (its compiling steps left out)."""
     grpo_s = training_seconds(grpo_rows)
-    per_step = float(np.median([float(m["time/step"]) for m in sft_rows[1:]]))
+    steady, _ = _steady(sft_rows)
+    per_step = float(np.median(steady))
     steps = max(1, round(grpo_s / per_step))
     return steps, {"grpo_seconds": grpo_s, "sft_seconds_per_step": per_step, "steps": steps}
+
+
+def reward_fifths(rows: list[Mapping[str, Any]]) -> dict[str, float]:
+    """The GRPO stage's mean `reward/total` over its first and its last fifth of steps."""
+    r = [float(m["reward/total"]) for m in rows if "reward/total" in m]
+    n = max(1, len(r) // 5)
+    return {"first_fifth": float(np.mean(r[:n])), "last_fifth": float(np.mean(r[-n:]))}
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -181,13 +241,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     grpo_cfg = grpo_stage(config, init_from=d["sft"])
     for c in (sft_cfg, grpo_cfg):
         config_lib.validate(c)  # every stage's config, before anything compiles
-    results = {}
+    results, results_ood = {}, {}
 
-    results["start"] = eval_stage("start", sft_cfg, d["start"], None)
+    def evaluated(key, cfg, step):
+        ood = ood_config(cfg, config.experiment)
+        results[key], other = eval_stage(key, cfg, d[key], step, ood)
+        if other is not None:
+            results_ood[key] = other
+
+    evaluated("start", sft_cfg, None)
     train_stage("sft", sft_cfg, d["sft"])
-    results["sft"] = eval_stage("sft", sft_cfg, d["sft"], int(sft_cfg.total_steps))
+    evaluated("sft", sft_cfg, int(sft_cfg.total_steps))
     train_stage("grpo", grpo_cfg, d["grpo"])
-    results["grpo"] = eval_stage("grpo", grpo_cfg, d["grpo"], int(grpo_cfg.total_steps))
+    evaluated("grpo", grpo_cfg, int(grpo_cfg.total_steps))
 
     plan_path = fs.join(workdir, "plan.json")
     if fs.exists(plan_path):
@@ -202,27 +268,58 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     )
     more_cfg = sft_stage(config, plan["steps"], init_from=d["sft"])
     train_stage("sft_more", more_cfg, d["sft_more"])
-    results["sft_more"] = eval_stage("sft_more", more_cfg, d["sft_more"], plan["steps"])
+    evaluated("sft_more", more_cfg, plan["steps"])
 
-    table = format_table(results, plan)
+    reference = read_reference(config)
+    table = format_table(results, plan, reference=reference and reference.get("in_domain"))
+    if results_ood:
+        table += (
+            "\n\nOut of domain ("
+            + _ood_title(config)
+            + "):\n\n"
+            + format_table(results_ood, reference=reference and reference.get("out_of_domain"))
+        )
+    if reference:
+        table += "\n\n" + reference_note(reference)
     _log("\n" + table)
     fs.write_text(fs.join(workdir, "results.md"), table + "\n")
-    record = {"seed": int(config.seed), "plan": plan, "results": results}
+    grpo_rows = metrics_lib.read_jsonl(fs.join(d["grpo"], "metrics.jsonl"))
+    record = {"seed": int(config.seed), "plan": plan, "results": results,
+              "grpo_reward": reward_fifths(grpo_rows)}  # fmt: skip
+    if results_ood:
+        record["results_ood"] = results_ood
     fs.write_json(fs.join(workdir, "results.json"), record, indent=1)
     png = plot(workdir, results, config)
     _log(f"results: {workdir}/results.md, {workdir}/results.json, {png}")
     return results
 
 
-def format_table(results: Mapping[str, Mapping[str, float]], plan: Mapping | None = None) -> str:
-    """The paper's Table 1 shape: one row per model, COCO metrics in percent."""
+def _ood_title(config: ml_collections.ConfigDict) -> str:
+    e = config.experiment
+    return f"{config.data.name}/{e.ood_builder_config}, split {e.ood_split}"
+
+
+def format_table(
+    results: Mapping[str, Mapping[str, float]],
+    plan: Mapping | None = None,
+    reference: Mapping | None = None,
+) -> str:
+    """The paper's Table 1 shape: one row per model, COCO metrics in percent. With `reference`
+    (one domain of the committed multi-seed record, `read_reference`), a last column gives
+    that record's mean mAP of the row and its 95% interval over seeds."""
+    extra = reference is not None and "rows" in reference
+    n = len(reference.get("seeds", [])) if extra else 0
     head = "| model | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    if extra:
+        head += f" committed {n}-seed mAP (95% CI) |"
+    lines = [head, "|---" * (len(COLUMNS) + 1 + extra) + "|"]
     for key, title in ROWS:
         if key not in results:
             continue
         m = results[key]
         cells = [f"{100 * m[k]:.1f}" if m.get(k, -1) >= 0 else "n/a" for k, _ in COLUMNS]
+        if extra:
+            cells.append(_interval(reference["rows"].get(key, {}).get("AP")))
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     if plan:
         lines.append(
@@ -230,7 +327,39 @@ def format_table(results: Mapping[str, Mapping[str, float]], plan: Mapping | Non
             f"{plan['grpo_seconds']:.0f} s of training at {plan['sft_seconds_per_step']:.3f} s "
             "per SFT step."
         )
+    paired = (reference or {}).get("paired")
+    if paired:
+        lines.append(
+            f"\nVision-R1 - SFT (same compute), paired over the committed {n} seeds: "
+            + ", ".join(f"{title} {_interval(paired.get(k), sign=True)}"
+                        for k, title in (("AP", "mAP"), ("AP75", "AP75")) if k in paired)
+        )  # fmt: skip
     return "\n".join(lines)
+
+
+def _interval(stat: Mapping | None, sign: bool = False) -> str:
+    """`mean [lo, hi]` in percent points, or `n/a`."""
+    if not stat:
+        return "n/a"
+    f = "{:+.2f}" if sign else "{:.2f}"
+    mean, lo, hi = (f.format(100 * stat[k]) for k in ("mean", "lo", "hi"))
+    return f"{mean} [{lo}, {hi}]"
+
+
+def read_reference(config) -> dict | None:
+    """The committed multi-seed record `experiment.reference_results` (written by
+    `benchmarks/demo_seeds.py`), or None when the config names none."""
+    path = (config.get("experiment") or {}).get("reference_results") or ""
+    return fs.read_json(path) if path else None
+
+
+def reference_note(reference: Mapping) -> str:
+    """Where the intervals beside this run's numbers come from."""
+    return (
+        f"The intervals are not this run's: they are the committed record of "
+        f"{len(reference.get('seeds', []))} seeds ({reference.get('source', '?')}), "
+        "a 95% t-interval over seeds, beside today's seed for comparison."
+    )
 
 
 # ------------------------------------------------------------------------------------- plot
@@ -298,9 +427,17 @@ def plot(workdir: str, results, config) -> str:
     ax.legend()
     ax = fig.add_subplot(grid[0, 1])
     grpo_rows = read("grpo")
-    for key in ("reward/total", "matched_iou", "parse_rate"):
-        ax.plot([m["step"] for m in grpo_rows], [m.get(key, np.nan) for m in grpo_rows], label=key)
-    ax.set(xlabel="GRPO step", title="Vision-R1 (GRPO) rollouts")
+    steps = np.array([m["step"] for m in grpo_rows])
+    for key in ("reward/total", "matched_iou"):
+        y = np.array([m.get(key, np.nan) for m in grpo_rows], np.float64)
+        (line,) = ax.plot(steps, y, alpha=0.3, lw=0.8)
+        w = max(1, len(y) // 10)  # the trend: a moving average over a tenth of the stage
+        smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, color=line.get_color(), label=f"{key} (mean of {w})")
+    fifths = reward_fifths(grpo_rows)
+    ax.set(xlabel="GRPO step", title="Vision-R1 (GRPO) rollouts: reward "
+           f"{fifths['first_fifth']:.2f} (first fifth) -> "
+           f"{fifths['last_fifth']:.2f} (last)")  # fmt: skip
     ax.legend()
     ax = fig.add_subplot(grid[0, 2])
     x = np.arange(len(rows))

@@ -75,6 +75,12 @@ def check(
         check_run(str(m.init_from), m.get("init_step"), "model.init_from", "model.init_step")
     if "data" in config:
         check_dataset(config.data)
+    reference = (config.get("experiment") or {}).get("reference_results")
+    if reference and not _probe("experiment.reference_results", reference, fs.exists):
+        raise UsageError(
+            f"experiment.reference_results={reference}: no such file (the committed multi-seed "
+            "record, written by benchmarks/demo_seeds.py; empty: none)"
+        )
     return config
 
 

@@ -32,7 +32,7 @@ COLORS = {
     "cyan": (40, 200, 210),
     "white": (245, 245, 245),
 }
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,6 +48,7 @@ class ShapeParams:
       max_overlap: largest IoU allowed between two shapes' boxes (0: no occlusion).
       seed: the dataset seed.
       shapes: the shape classes drawn.
+      colors: the colour names (keys of ``COLORS``) drawn from.
     """
 
     image_size: int = 112
@@ -59,6 +60,7 @@ class ShapeParams:
     max_overlap: float = 0.3
     seed: int = 0
     shapes: tuple[str, ...] = SHAPES
+    colors: tuple[str, ...] = tuple(COLORS)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,7 +124,7 @@ def render(config: ShapeParams, split: str, index: int) -> tuple[bytes, np.ndarr
                 r = int(rng.integers(2, max(3, size // 10)))
                 draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=tone)
     n = int(rng.integers(config.min_shapes, config.max_shapes + 1))
-    color_names = list(COLORS)
+    color_names = list(config.colors)
     boxes, names, colors = [], [], []
     lo = max(4, int(config.min_scale * size))
     hi = max(lo + 1, int(config.max_scale * size))

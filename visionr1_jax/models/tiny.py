@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tokenizers
 from transformers import (
     AutoTokenizer,
@@ -27,6 +29,7 @@ from transformers import (
 )
 
 from visionr1_jax import processing
+from visionr1_jax.data import shapes, templates
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -190,14 +193,76 @@ def small_tokenizer(vocab_size: int = 384):
     )
 
 
+def _demo_corpus() -> list[str]:
+    """The text a demo run tokenizes: the chat template's fixed parts, every prompt template of
+    the `qwen25` family over the shape and colour names, and answers in each frame."""
+    rng = np.random.default_rng(0)
+    names = list(shapes.SHAPES) + [f"{c} {s}" for c in shapes.COLORS for s in shapes.SHAPES]
+    lines = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"]
+    lines.append("<|im_end|>\n<|im_start|>assistant\n")
+    for k in range(1, 4):
+        query = [str(x) for x in rng.choice(shapes.SHAPES, k, replace=False)]
+        lines.append(templates.render_prompt("qwen25", "detection", query, None))
+    for name in names:
+        lines.append(templates.render_prompt("qwen25", "grounding", [name], None))
+    for frame in ("qwen25_abs", "rel1000", "norm01"):
+        for n in range(1, 4):
+            boxes = rng.uniform(0, 112, (n, 4))
+            labels = [str(x) for x in rng.choice(shapes.SHAPES, n)]
+            lines.append(templates.format_answer(boxes, labels, frame, (112, 112), (112, 112)))
+            # and as the SFT targets are written (`sft.answer_text`: one object per line)
+            items = [json.dumps({"bbox_2d": [int(v) for v in b], "label": x})
+                     for b, x in zip(boxes, labels, strict=True)]  # fmt: skip
+            lines.append("```json\n[\n\t" + ",\n\t".join(items) + "\n]\n```")
+    return lines
+
+
+def demo_tokenizer():
+    """The demo's tokenizer (configs/demo_cpu.py): a byte-level BPE trained on `_demo_corpus`
+    that splits digits one by one (as Qwen's does), letters into words (`bbox_2d` is one) and
+    merges runs of JSON punctuation, so that a prompt word, a digit or a `": [` is one token;
+    Qwen's special tokens appended. Any text still encodes (the 256 byte symbols are in the
+    vocabulary) and decodes back exactly. Deterministic: checkpoints written twice tokenize
+    alike."""
+    pre = tokenizers.pre_tokenizers
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    words = r" ?[A-Za-z]+(?:_\d[A-Za-z]+)?"  # a word (with its space), or a key like bbox_2d
+    tk.pre_tokenizer = pre.Sequence(
+        [
+            pre.Split(tokenizers.Regex(words + r"|\d"), behavior="isolated"),
+            pre.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=1024,  # more than the corpus' merges: every word and punctuation run whole
+        initial_alphabet=pre.ByteLevel.alphabet(),
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    tk.train_from_iterator(_demo_corpus() * 2, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    )
+
+
+def make_tokenizer(kind: str):
+    """A tokenizer by name: "small", "demo" or "qwen" (`write_tiny_checkpoint`)."""
+    if kind == "qwen":
+        return AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    if kind == "small":
+        return small_tokenizer()
+    if kind == "demo":
+        return demo_tokenizer()
+    raise ValueError(f"tokenizer must be 'small', 'demo' or 'qwen', got {kind!r}")
+
+
 def hf_config_dict(name: str, tokenizer: str = "small", vocab_size: int | None = None) -> dict:
     """The `config.json` contents `write_tiny_checkpoint(path, name, tokenizer=...)` writes,
     without torch or weights (`tools.aot` builds the tiny configs' shapes from it)."""
+    tok = make_tokenizer(tokenizer)
     if tokenizer == "qwen":
-        tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
         vocab_size = vocab_size or 151936
-    else:
-        tok = small_tokenizer()
     return _hf_config(name, tok, vocab_size).to_dict()
 
 
@@ -278,8 +343,10 @@ def write_tiny_checkpoint(
     Args:
       path: output directory (created).
       name: a key of `TINY_CONFIGS`.
-      tokenizer: "small" (byte-level BPE trained on the fly, ~384 tokens) or "qwen" (the real
-        151,643 + specials tokenizer; the model vocabulary is then 151,936 as in the releases).
+      tokenizer: "small" (byte-level BPE trained on the fly, ~384 tokens), "demo"
+        (`demo_tokenizer`: words, digits and JSON punctuation runs as tokens) or "qwen" (the
+        real 151,643 + specials tokenizer; the model vocabulary is then 151,936 as in the
+        releases).
       seed: torch seed of the random weights.
       dtype: "float32" or "bfloat16" (safetensors dtype on disk).
       vocab_size: model vocabulary, default: the tokenizer's length (151,936 for "qwen").
@@ -297,13 +364,9 @@ def write_tiny_checkpoint(
 
     if name not in TINY_CONFIGS:
         raise KeyError(f"unknown tiny config {name!r}; known: {sorted(TINY_CONFIGS)}")
+    tok = make_tokenizer(tokenizer)
     if tokenizer == "qwen":
-        tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
         vocab_size = vocab_size or 151936
-    elif tokenizer == "small":
-        tok = small_tokenizer()
-    else:
-        raise ValueError(f"tokenizer must be 'small' or 'qwen', got {tokenizer!r}")
     tok.chat_template = processing.CHAT_TEMPLATE
     config = _hf_config(name, tok, vocab_size)
     cls = (

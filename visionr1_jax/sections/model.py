@@ -15,7 +15,7 @@ from visionr1_jax.sections.common import fail, is_int, is_number
 DTYPES = ("float32", "bfloat16", "float16")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 REMAT = ("none", "full", "dots", "dots_no_batch")
-TOKENIZERS = ("small", "qwen")
+TOKENIZERS = ("small", "demo", "qwen")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -23,7 +23,8 @@ def model_config() -> ml_collections.ConfigDict:
     """The `model` section.
 
     Fields: `checkpoint` (local or gs:// directory; empty = write the tiny config `tiny` to the
-    workdir), `tiny` (a key of `tiny.TINY_CONFIGS`), `tokenizer` ("small" or "qwen", for tiny),
+    workdir), `tiny` (a key of `tiny.TINY_CONFIGS`), `tokenizer` ("small", "demo" or "qwen",
+    for tiny),
     `param_dtype` / `dtype` (master weights / compute), `remat_policy` (none, full, dots,
     dots_no_batch), `scan_layers` (the decoder's layers and the vision tower's blocks under
     `lax.scan` in training and the reference pass: one layer compiled instead of all; same
@@ -144,7 +145,7 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
     if step is not None and not c.get("init_from"):
         raise ValueError(f"model.init_step={step} has no effect without model.init_from")
     if c.get("tokenizer") not in TOKENIZERS:
-        fail("model.tokenizer", c.get("tokenizer"), "must be 'small' or 'qwen'")
+        fail("model.tokenizer", c.get("tokenizer"), f"must be one of {TOKENIZERS}")
     _validate_lora(c)
     bound = c.get("max_image_patches")
     if bound is not None and not is_int(bound):

@@ -26,6 +26,8 @@ def eval_config() -> ml_collections.ConfigDict:
       batches: batches of the evaluation split (`data.eval_split`, read by
         `data.config.eval_config`: every record once, file order) per evaluation (None: all).
       max_new_tokens: the greedy token budget (512, SPEC §7).
+      batch_size: prompts per evaluation batch (None: `data.batch_size`); greedy decoding
+        keeps no optimizer state, so it can take larger batches than training.
       score: `constant` (every box 0.99, the paper's protocol) or `logprob` (each box scored by
         the geometric-mean probability of its coordinate tokens, `evaluate.box_scores`, so
         that AP follows the model's own ranking).
@@ -40,6 +42,7 @@ def eval_config() -> ml_collections.ConfigDict:
     c.every = 0
     c.batches = ml_collections.config_dict.placeholder(int)
     c.max_new_tokens = 512
+    c.batch_size = ml_collections.config_dict.placeholder(int)
     c.score = "constant"
     c.protocol = ml_collections.config_dict.placeholder(str)
     c.max_dets = (1, 10, 100)
@@ -66,6 +69,9 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
         fail("eval.every", c.every, "must be an int >= 0 (0: no evaluation during training)")
     if c.batches is not None and (not is_int(c.batches) or c.batches < 1):
         fail("eval.batches", c.batches, "must be None (the whole split) or an int >= 1")
+    b = c.get("batch_size")
+    if b is not None and (not is_int(b) or b < 1):
+        fail("eval.batch_size", b, "must be None (data.batch_size) or an int >= 1")
     if not is_int(c.max_new_tokens) or c.max_new_tokens < 1:
         fail("eval.max_new_tokens", c.max_new_tokens, "must be an int >= 1")
     if c.score not in SCORES:
@@ -228,6 +234,11 @@ def experiment_config() -> ml_collections.ConfigDict:
         `optim.learning_rate`), no warm-up, linear decay.
       sft_batch_size: prompts per SFT step (None: `data.batch_size`, the GRPO stage's).
       examples: evaluation images drawn per model in `results.png`.
+      ood_builder_config, ood_split: the out-of-domain evaluation set, another builder config
+        of the run's dataset and its split, evaluated for every model beside the evaluation
+        split (empty: none).
+      reference_results: a committed multi-seed record (`benchmarks/demo_seeds.py`) whose
+        intervals the table prints beside this run's numbers (empty: none).
     """
     c = ml_collections.ConfigDict()
     c.sft_steps = 200
@@ -236,6 +247,9 @@ def experiment_config() -> ml_collections.ConfigDict:
     c.sft_more_learning_rate = ml_collections.config_dict.placeholder(float)
     c.sft_batch_size = ml_collections.config_dict.placeholder(int)
     c.examples = 4
+    c.ood_builder_config = ""
+    c.ood_split = "test"
+    c.reference_results = ""
     return c
 
 
@@ -266,3 +280,8 @@ def validate_experiment(config: ml_collections.ConfigDict) -> None:
         )
     if "eval" not in config:
         raise ValueError("an `experiment` needs an `eval` section (sections.eval_config())")
+    for key in ("ood_builder_config", "ood_split", "reference_results"):
+        if not isinstance(c[key], str):
+            fail(f"experiment.{key}", c[key], "must be a string")
+    if not c.ood_split:
+        fail("experiment.ood_split", c.ood_split, "must name a split")
