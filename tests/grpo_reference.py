@@ -184,3 +184,73 @@ def loss(
     if entropy is not None:
         aux["entropy"] = sums["entropy"] / denom
     return value, aux, grad, scale, grad_scale
+
+
+def gspo_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    adv,
+    mask,
+    *,
+    beta,
+    epsilon,
+    epsilon_high=None,
+    kl_kind="k3",
+    aggregation="seq-mean-token-mean",
+):
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", eq. 5-7), in TRL's
+    per-token layout: completion i has the importance ratio
+    ``s_i = (π_θ(y_i) / π_old(y_i))^(1/|y_i|) = exp((1/|y_i|) Σ_t (logp_it − old_it))``, clipped
+    to ``[1 − ε, 1 + ε_high]`` per completion; each of its tokens carries
+    ``−min(s_i A_i, clip(s_i) A_i) + β KL_it``, aggregated with ``weights``. Returns
+    (loss, aux, grad wrt logps), float64; aux over the completions with tokens."""
+    lp = np.asarray(logps, np.float64)
+    old = lp if old_logps is None else np.asarray(old_logps, np.float64)
+    mask = np.asarray(mask, bool)
+    adv = np.asarray(adv, np.float64)
+    eh = epsilon if epsilon_high is None else epsilon_high
+    w = weights(mask, aggregation)
+    value = 0.0
+    grad = np.zeros(lp.shape)
+    stats = dict(low=0, high=0, region=0, ratio=0.0, rows=0, kl=0.0, tokens=0)
+    rmin, rmax = math.inf, -math.inf
+    for i in range(lp.shape[0]):
+        ts = [t for t in range(lp.shape[1]) if mask[i, t]]
+        if not ts:
+            continue
+        a = adv[i]
+        s = math.exp(sum(lp[i, t] - old[i, t] for t in ts) / len(ts))
+        clipped = min(max(s, 1.0 - epsilon), 1.0 + eh)
+        term = -min(s * a, clipped * a)
+        # d term / d logp_it = -a * s / |y_i| unless the clipped branch is strictly the min
+        d_term = -a * s / len(ts) if s * a <= clipped * a else 0.0
+        row_weight = sum(w[i, t] for t in ts)
+        for t in ts:
+            value += w[i, t] * term
+            grad[i, t] = row_weight * d_term
+            if beta != 0:
+                ref = float(ref_logps[i, t])
+                value += w[i, t] * beta * kl(kl_kind, lp[i, t], ref)
+                grad[i, t] += w[i, t] * beta * kl_grad(kl_kind, lp[i, t], ref)
+                stats["kl"] += kl(kl_kind, lp[i, t], ref)
+            stats["tokens"] += 1
+        low, high = s < 1.0 - epsilon and a < 0, s > 1.0 + eh and a > 0
+        stats["low"] += low
+        stats["high"] += high
+        stats["region"] += low or high
+        stats["ratio"] += s
+        stats["rows"] += 1
+        rmin, rmax = min(rmin, s), max(rmax, s)
+    rows = max(stats["rows"], 1)
+    aux = dict(
+        clip_frac_low=stats["low"] / rows,
+        clip_frac_high=stats["high"] / rows,
+        clip_frac=stats["region"] / rows,
+        ratio_mean=stats["ratio"] / rows,
+        ratio_min=rmin if stats["rows"] else 0.0,
+        ratio_max=rmax if stats["rows"] else 0.0,
+    )
+    if beta != 0:
+        aux["kl"] = stats["kl"] / max(stats["tokens"], 1)
+    return value, aux, grad

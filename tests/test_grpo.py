@@ -367,3 +367,112 @@ def test_bad_arguments_raise(call, match):
 
 def _args(c):
     return c["logps"], c["old"], c["ref"], c["adv"], c["mask"]
+
+
+# ------------------------------------------------------------------------------------- GSPO
+
+
+@functools.partial(jax.jit, static_argnames=("kl", "aggregation", "use_old"))
+def _gspo(logps, old, ref, adv, mask, beta, eps, eps_high, *, kl, aggregation, use_old):
+    def f(lp):
+        return grpo.loss(
+            lp, old if use_old else None, ref, adv, mask, beta=beta, epsilon=eps,
+            epsilon_high=eps_high, kl=kl, aggregation=aggregation, importance_level="sequence",
+        )  # fmt: skip
+
+    return jax.value_and_grad(f, has_aux=True)(logps)
+
+
+def _gspo_case(seed):
+    """`make_case` with the old log-probs spread per completion, so that sequence ratios fall
+    on both sides of the clip range (a token-level spread averages out over a completion)."""
+    case = make_case(seed)
+    rng = np.random.default_rng(seed + 100)
+    shift = rng.normal(0.0, 0.3, (B * G, 1)).astype(np.float32)
+    case["old"] = np.where(case["mask"], case["old"] + shift, case["old"]).astype(np.float32)
+    return case
+
+
+@pytest.mark.parametrize("eps, eps_high", [(0.2, None), (0.1, 0.2)])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("aggregation", AGGS)
+@pytest.mark.parametrize("kl", ["k1", "k3"])
+def test_gspo_loss_matches_the_papers_oracle(kl, aggregation, beta, eps, eps_high):
+    """`importance_level="sequence"` against `grpo_reference.gspo_loss` (float64, written from
+    the GSPO paper's sequence ratio): loss, every token's gradient, the sequence-level metrics."""
+    case = _gspo_case(12)
+    (value, aux), grad = _gspo(
+        case["logps"], case["old"], case["ref"], case["adv"], case["mask"], beta, eps,
+        eps if eps_high is None else eps_high, kl=kl, aggregation=aggregation, use_old=True,
+    )  # fmt: skip
+    o_value, o_aux, o_grad = ref_impl.gspo_loss(
+        case["logps"], case["old"], case["ref"], case["adv"], case["mask"], beta=beta,
+        epsilon=eps, epsilon_high=eps_high, kl_kind=kl, aggregation=aggregation,
+    )  # fmt: skip
+    assert o_aux["clip_frac_low"] > 0 and o_aux["clip_frac_high"] > 0  # both sides clip
+    assert 0 < o_aux["clip_frac"] < 1
+    # the per-token magnitudes: |A|·max(s, 1 + ε) for the ratio term plus the KL's, summed
+    # over the row's ≤ L tokens (a mean of L rounded terms, then a sum of R rows): the loss
+    # carries ≤ (L + 4)u + (R − 1)u relative to Σ|w·term|, held at RTOL (1e-6 > 16u)
+    _, _, _, o_scale, o_gscale = ref_impl.loss(
+        case["logps"], case["old"], case["ref"], case["adv"], case["mask"], beta=beta,
+        epsilon=eps, epsilon_high=eps_high, kl_kind=kl, aggregation=aggregation,
+    )  # fmt: skip
+    s_max = max(o_aux["ratio_max"], 1.0 + max(eps, eps_high or eps))
+    scale = o_scale + s_max * float(np.sum(np.abs(case["adv"])))
+    assert abs(float(value) - o_value) <= RTOL * scale, (float(value), o_value)
+    # gradient of a token: s·|A|·(row weight)/|y| plus its KL part, ≤ (L + 6)u of it (RTOL)
+    row_w = ref_impl.weights(case["mask"], aggregation).sum(1, keepdims=True)
+    gscale = o_gscale + s_max * np.abs(case["adv"])[:, None] * row_w
+    err = np.abs(np.asarray(grad, np.float64) - o_grad)
+    assert np.all(err <= RTOL * gscale + 1e-12), err.max()
+    assert np.all(np.asarray(grad)[~case["mask"]] == 0.0)
+    for key in ("clip_frac_low", "clip_frac_high", "clip_frac"):  # counts of ≤ 8 rows: exact
+        np.testing.assert_allclose(aux[key], o_aux[key], rtol=2 * U, err_msg=key)
+    for key in ("ratio_mean", "ratio_min", "ratio_max"):  # exp of a mean of ≤ L terms
+        np.testing.assert_allclose(aux[key], o_aux[key], rtol=RTOL, err_msg=key)
+
+
+def test_gspo_oracle_gradient_is_the_derivative_of_its_loss():
+    case = _gspo_case(4)
+    kwargs = dict(beta=0.04, epsilon=0.1, epsilon_high=0.2, kl_kind="k3")
+    args = (case["old"], case["ref"], case["adv"], case["mask"])
+    lp = case["logps"].astype(np.float64)
+    for aggregation in AGGS:
+        grad = ref_impl.gspo_loss(lp, *args, aggregation=aggregation, **kwargs)[2]
+        h, fd = 1e-6, np.zeros_like(lp)
+        for i, t in zip(*np.nonzero(case["mask"]), strict=True):
+            up, down = lp.copy(), lp.copy()
+            up[i, t] += h
+            down[i, t] -= h
+            plus = ref_impl.gspo_loss(up, *args, aggregation=aggregation, **kwargs)[0]
+            minus = ref_impl.gspo_loss(down, *args, aggregation=aggregation, **kwargs)[0]
+            fd[i, t] = (plus - minus) / (2 * h)
+        # float64: truncation O(h²) ≈ 1e-12, cancellation ≈ 1e-16 / h = 1e-10
+        np.testing.assert_allclose(fd, grad, atol=1e-8)
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_gspo_with_one_update_per_rollout_is_grpo(aggregation):
+    """μ = 1 (no old log-probs): s ≡ 1 and, every aggregation weighting a row's tokens alike,
+    GSPO's gradient A·s·(Σ_t w)/|y| per token is GRPO's A·w: the same loss and gradient."""
+    case = make_case(5)
+    args = (case["logps"], case["old"], case["ref"], case["adv"], case["mask"], 0.04, 0.2, 0.2)
+    (v_seq, a_seq), g_seq = _gspo(*args, kl="k3", aggregation=aggregation, use_old=False)
+
+    def token(lp):
+        return grpo.loss(lp, None, case["ref"], case["adv"], case["mask"], beta=0.04,
+                         epsilon=0.2, aggregation=aggregation)  # fmt: skip
+
+    (v_tok, _), g_tok = jax.value_and_grad(token, has_aux=True)(case["logps"])
+    # a row's sum of |y| equal rounded terms vs one term: ≤ (L + 2)u of the magnitude
+    np.testing.assert_allclose(v_seq, v_tok, rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(g_seq, g_tok, rtol=RTOL, atol=1e-9)
+    assert a_seq["ratio_min"] == a_seq["ratio_max"] == 1.0 and a_seq["clip_frac"] == 0.0
+
+
+def test_unknown_importance_level_raises():
+    case = make_case(1)
+    with pytest.raises(ValueError, match="importance_level 'seq'"):
+        grpo.loss(case["logps"], None, None, case["adv"], case["mask"], beta=0.0, epsilon=0.2,
+                  importance_level="seq")  # fmt: skip

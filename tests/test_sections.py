@@ -23,6 +23,7 @@ def test_section_choices_are_the_kernels_registries():
     assert training.ESTIMATORS == tuple(grpo.ESTIMATORS)
     assert training.KL_ESTIMATORS == tuple(grpo.KL_ESTIMATORS)
     assert training.AGGREGATIONS == tuple(grpo.AGGREGATIONS)
+    assert training.IMPORTANCE_LEVELS == tuple(grpo.IMPORTANCE_LEVELS)
     assert reward.FAMILIES == tuple(rewards.REWARD_FAMILIES)
     assert reward.MATCHERS == tuple(matching.MATCHERS)
     assert parse.FRAMES is reward.FRAMES and templates.FRAMES is reward.FRAMES

@@ -361,6 +361,8 @@ def test_learning_rate_schedule_with_warmup_matches_hf_formula():
     ("section", "key", "value", "match"),
     [
         ("grpo", "epsilon_high", 0.28, "no effect"),
+        ("grpo", "importance_level", "sequence", r"importance_level.*no effect"),
+        ("grpo", "importance_level", "seq", "must be one of"),
         ("grpo", "temperature", 0.0, "temperature"),
         ("grpo", "num_generations", 1, "num_generations"),
         ("grpo", "kl", "k4", "grpo.kl"),
@@ -381,6 +383,8 @@ def test_validation_accepts_defaults_and_clip_higher_with_iterations():
     validate_training(config)
     config.grpo.num_iterations = 2
     config.grpo.epsilon_high = 0.28
+    validate_training(config)
+    config.grpo.importance_level = "sequence"  # GSPO
     validate_training(config)
 
 

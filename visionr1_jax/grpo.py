@@ -205,6 +205,9 @@ AGGREGATIONS: dict[str, Callable[[Array, Array], Array]] = {
 # The loss
 
 
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
 def _masked_mean(x: Array, mask: Array) -> Array:
     """Token mean over the mask (0 when it is empty); rows summed first, as the losses."""
     return jnp.sum(jnp.sum(x * mask, axis=-1)) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -223,6 +226,7 @@ def loss(
     kl: str = "k3",
     aggregation: str = "seq-mean-token-mean",
     entropy: Array | None = None,
+    importance_level: str = "token",
 ) -> tuple[Array, dict[str, Array]]:
     """The GRPO loss ``f32[]`` and its metrics.
 
@@ -241,9 +245,15 @@ def loss(
         DAPO's "clip-higher" (Yu et al. 2025, §3.1) uses ε_high > ε_low.
       kl: name in ``KL_ESTIMATORS``; aggregation: name in ``AGGREGATIONS``.
       entropy: optional f32[B*G, L] per-token policy entropy, only reported in ``aux``.
+      importance_level: ``token`` (GRPO, PPO's per-token ratio) or ``sequence`` (GSPO, Zheng
+        et al. 2025, eq. 7: one ratio per completion, the length-normalised
+        ``s = exp(mean_t(logp − old))``, clipped per completion; every token of the
+        completion carries ``−min(sA, clip(s)A)``, whose gradient is GSPO's
+        ``−sA·(1/|y|)Σ_t ∇logp_t`` off the clip: TRL's ``importance_sampling_level=
+        "sequence"``).
 
     Stages:
-      1. ratio ``ρ = exp(logp − old)`` per token;
+      1. ratio ``ρ = exp(logp − old)`` per token (``sequence``: ``s`` per row, broadcast);
       2. clipped surrogate (PPO, Schulman et al. 2017; GRPO eq. 3)
          ``ℓ_pg = −min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high) A)``;
       3. ``ℓ = ℓ_pg + β·KL`` with the chosen estimator;
@@ -261,8 +271,14 @@ def loss(
       ``kl`` (only when the KL term is used), ``clip_frac_low`` (ρ < 1 − ε_low and A < 0),
       ``clip_frac_high`` (ρ > 1 + ε_high and A > 0), ``clip_frac`` (either; TRL's
       ``clip_ratio/{low,high,region}_mean``), ``ratio_mean``, ``ratio_min``, ``ratio_max``,
-      and ``entropy`` when given.
+      and ``entropy`` when given. With ``importance_level="sequence"`` the clip fractions and
+      the ratio statistics are over the completions with at least one token (the level the
+      ratio lives at).
     """
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(
+            f"unknown importance_level {importance_level!r}; allowed: {IMPORTANCE_LEVELS}"
+        )
     agg = _lookup(AGGREGATIONS, aggregation, "loss aggregation")
     kl_fn = _lookup(KL_ESTIMATORS, kl, "KL estimator")
     use_kl = not (isinstance(beta, int | float) and beta == 0)
@@ -275,9 +291,16 @@ def loss(
     eps_high = epsilon if epsilon_high is None else epsilon_high
 
     # 1. ratio
-    ratio = jnp.exp(logp - old)
+    sequence = importance_level == "sequence"
+    if sequence:  # GSPO: the length-normalised log-ratio of each completion
+        n_tokens = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0)
+        ratio = jnp.exp(jnp.sum((logp - old) * m, axis=-1, keepdims=True) / n_tokens)
+    else:
+        ratio = jnp.exp(logp - old)
     # 2. clipped surrogate, piecewise (see docstring)
     per_token, low_clipped, high_clipped = _clipped_surrogate(ratio, adv, epsilon, eps_high)
+    if sequence:  # every token of a completion carries its sequence's term
+        per_token = jnp.broadcast_to(per_token, logp.shape)
     # 3. KL
     aux: dict[str, Array] = {}
     if use_kl:
@@ -285,7 +308,11 @@ def loss(
     # 4. aggregation
     value = agg(per_token, m)
     # 5. metrics
-    aux |= _loss_metrics(ratio, low_clipped, high_clipped, keep, m)
+    if sequence:  # the statistics over the completions that have tokens
+        rows = jnp.any(keep, axis=-1, keepdims=True)
+        aux |= _loss_metrics(ratio, low_clipped, high_clipped, rows, rows.astype(jnp.float32))
+    else:
+        aux |= _loss_metrics(ratio, low_clipped, high_clipped, keep, m)
     if entropy is not None:
         aux["entropy"] = _masked_mean(jax.lax.stop_gradient(_clean(entropy, keep)), m)
     return value, aux

@@ -165,6 +165,7 @@ def _make_grads(
         epsilon_high=None if c.epsilon_high is None else float(c.epsilon_high),
         kl=c.kl,
         aggregation=c.aggregation,
+        importance_level=c.get("importance_level", "token"),
     )
     logps_of = _logps_fn(graphdef, config, 1.0 if sft else float(c.temperature))
     frozen_tower = frozen_filter(config) is not nnx.Nothing

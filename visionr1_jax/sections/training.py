@@ -18,6 +18,7 @@ OBJECTIVES = ("grpo", "sft")
 ESTIMATORS = ("grpo", "drgrpo", "rloo")  # `grpo.ESTIMATORS`' names
 KL_ESTIMATORS = ("k1", "k2", "k3")  # `grpo.KL_ESTIMATORS`' names
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+IMPORTANCE_LEVELS = ("token", "sequence")  # `grpo.IMPORTANCE_LEVELS`
 REFERENCE_MEMORY = ("device", "host")
 # `sft` keys that became keys of the one evaluation (`eval` section).
 SFT_MOVED = {
@@ -32,7 +33,10 @@ def grpo_config() -> ml_collections.ConfigDict:
 
     Fields: `num_generations` G (4); `beta` the KL coefficient β (0.04, TRL's default that the
     release kept; the paper says 0.2); `kl` the estimator (`k3`); `epsilon` / `epsilon_high`
-    the clip range ε_low / ε_high (0.2, TRL's default / None = ε_low); `aggregation`
+    the clip range ε_low / ε_high (0.2, TRL's default / None = ε_low); `importance_level`
+    (`token`: GRPO's per-token ratio; `sequence`: GSPO's length-normalised ratio per
+    completion, clipped per completion, `grpo.loss`; it changes nothing unless μ > 1);
+    `aggregation`
     (`seq-mean-token-mean`); `estimator` the advantage (`grpo`, std + 1e-4); `num_iterations`
     μ, updates per rollout (1: the ratio is exp(logp − stop_gradient(logp)) ≡ 1, so ε has no
     effect); `max_new_tokens` (512) and the sampling settings `temperature` (1.0; the train
@@ -58,6 +62,7 @@ def grpo_config() -> ml_collections.ConfigDict:
     c.kl = "k3"
     c.epsilon = 0.2
     c.epsilon_high = ml_collections.config_dict.placeholder(float)
+    c.importance_level = "token"
     c.aggregation = "seq-mean-token-mean"
     c.estimator = "grpo"
     c.num_iterations = 1
@@ -190,6 +195,15 @@ def validate_grpo(config: ml_collections.ConfigDict) -> None:
                 c.epsilon_high,
                 "has no effect with num_iterations=1 (the ratio is 1, never clipped)",
             )
+    level = c.get("importance_level", "token")
+    if level not in IMPORTANCE_LEVELS:
+        fail("grpo.importance_level", level, f"must be one of {list(IMPORTANCE_LEVELS)}")
+    if level != "token" and mu == 1:
+        fail(
+            "grpo.importance_level",
+            level,
+            "has no effect with num_iterations=1 (the ratio is 1: GSPO's gradient is GRPO's)",
+        )
     if not is_int(c.max_new_tokens) or c.max_new_tokens < 1:
         fail("grpo.max_new_tokens", c.max_new_tokens, "must be an int >= 1")
     if not is_number(c.temperature) or c.temperature <= 0:
