@@ -1,5 +1,7 @@
 """visionr1_jax.grpo against a float64 numpy oracle (tests/grpo_reference.py) and the reference's
-own torch formulas (Vision-R1 ``qwen_trainer.py``, TRL 0.14).
+own torch formulas (Vision-R1 ``qwen_trainer.py``, TRL 0.14); GSPO (``importance_level=
+"sequence"``) against an oracle written from the GSPO paper and TRL 1.16's own
+``GRPOTrainer._compute_loss`` run in the test.
 
 Tolerances. float32 unit roundoff u = 2^-24 ≈ 6.0e-8. Every comparison is relative to the
 magnitude of the float32 computation (the same formula with every term replaced by the size of
@@ -476,3 +478,97 @@ def test_unknown_importance_level_raises():
     with pytest.raises(ValueError, match="importance_level 'seq'"):
         grpo.loss(case["logps"], None, None, case["adv"], case["mask"], beta=0.0, epsilon=0.2,
                   importance_level="seq")  # fmt: skip
+
+
+TRL_LOSS_TYPES = {  # our aggregation -> TRL's loss_type with the same normalisation
+    "seq-mean-token-mean": "grpo",
+    "token-mean": "bnpo",
+    "seq-mean-token-sum-norm": "dr_grpo",
+}
+
+
+def _trl_loss(case, *, beta, eps, eps_high, loss_type):
+    """TRL's own `GRPOTrainer._compute_loss` (importance_sampling_level="sequence"), run on a
+    trainer object that holds only what the method reads; the model's log-probs are the case's
+    (float64 torch, differentiated). Returns (loss, d loss / d logps)."""
+    import collections
+    import types
+
+    import torch
+    from trl import GRPOTrainer
+
+    class Accelerator:  # one process: gathers and reductions are the identity
+        num_processes, sync_gradients = 1, True
+
+        def gather(self, x):
+            return x
+
+        gather_for_metrics = gather
+
+        def reduce(self, x, reduction="sum"):
+            return x
+
+    mask = torch.tensor(case["mask"], dtype=torch.float64)
+    f64 = lambda x: torch.tensor(np.where(case["mask"], x, 0.0), dtype=torch.float64)
+    logps = f64(case["logps"]).requires_grad_(True)
+    trainer = object.__new__(GRPOTrainer)
+    trainer.__dict__.update(
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="sequence", beta=beta, loss_type=loss_type,
+        epsilon_low=eps, epsilon_high=eps_high, use_vllm=False,
+        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, max_completion_length=L,
+        accelerator=Accelerator(), args=types.SimpleNamespace(use_bias_correction_kl=False,
+                                                              delta=None),
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+    )  # fmt: skip
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros_like(logps),
+                                                                   None)  # fmt: skip
+    rows = mask.shape[0]
+    inputs = {
+        "prompt_ids": torch.zeros((rows, 1), dtype=torch.long),
+        "prompt_mask": torch.ones((rows, 1), dtype=torch.long),
+        "completion_ids": torch.zeros((rows, L), dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": torch.tensor(case["adv"], dtype=torch.float64),
+        "old_per_token_logps": f64(case["old"]),
+        "ref_per_token_logps": f64(case["ref"]),
+    }
+    value = GRPOTrainer._compute_loss(trainer, None, inputs)
+    value.backward()
+    return float(value.detach()), logps.grad.numpy()
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_gspo_loss_equals_trls(aggregation, beta):
+    """Ours against TRL 1.16's `_compute_loss` with `importance_sampling_level="sequence"` (its
+    KL is k3), same inputs: the loss and every token's gradient."""
+    case = _gspo_case(12)
+    eps, eps_high = 0.1, 0.2
+    (value, _), grad = _gspo(
+        case["logps"], case["old"], case["ref"], case["adv"], case["mask"], beta, eps,
+        eps_high, kl="k3", aggregation=aggregation, use_old=True,
+    )  # fmt: skip
+    t_value, t_grad = _trl_loss(
+        case, beta=beta, eps=eps, eps_high=eps_high, loss_type=TRL_LOSS_TYPES[aggregation]
+    )
+    o_value, o_aux, o_grad = ref_impl.gspo_loss(
+        case["logps"], case["old"], case["ref"], case["adv"], case["mask"], beta=beta,
+        epsilon=eps, epsilon_high=eps_high, kl_kind="k3", aggregation=aggregation,
+    )  # fmt: skip
+    assert o_aux["clip_frac"] > 0
+    # TRL (float64) and the oracle (float64) agree to float64 rounding
+    np.testing.assert_allclose(t_value, o_value, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(t_grad, o_grad, rtol=1e-10, atol=1e-15)
+    # ours (float32) within the bounds of test_gspo_loss_matches_the_papers_oracle: RTOL
+    # of the magnitude Σ|w·term| (here bounded by the largest ratio times Σ|A|, plus the KL's)
+    _, _, _, o_scale, o_gscale = ref_impl.loss(
+        case["logps"], case["old"], case["ref"], case["adv"], case["mask"], beta=beta,
+        epsilon=eps, epsilon_high=eps_high, kl_kind="k3", aggregation=aggregation,
+    )  # fmt: skip
+    s_max = max(o_aux["ratio_max"], 1.0 + eps_high)
+    assert abs(float(value) - t_value) <= RTOL * (o_scale + s_max * np.abs(case["adv"]).sum())
+    row_w = ref_impl.weights(case["mask"], aggregation).sum(1, keepdims=True)
+    gscale = o_gscale + s_max * np.abs(case["adv"])[:, None] * row_w
+    assert np.all(np.abs(np.asarray(grad, np.float64) - t_grad) <= RTOL * gscale + 1e-12)
