@@ -81,16 +81,30 @@ def score_rows(
     return terms
 
 
+def overlong_penalty(lengths: np.ndarray, max_len: int, cache: int) -> np.ndarray:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of completions of `lengths`
+    tokens (their stop token included) with the budget `max_len` (`grpo.max_new_tokens`) and
+    the window `cache` (`reward.overlong`): 0 up to `max_len − cache` tokens, then falling
+    linearly, `(max_len − cache − length) / cache`, to −1 at `max_len` (a completion cannot be
+    longer). f32[R]; all 0 when `cache` is 0."""
+    lengths = np.asarray(lengths, np.float64)
+    if not cache:
+        return np.zeros(lengths.shape, np.float32)
+    start = max_len - cache
+    return np.clip((start - lengths) / cache, -1.0, 0.0).astype(np.float32)
+
+
 @functools.cache
 def _advantages_program(g: int, estimator: str, rows: jax.sharding.Sharding) -> Callable:
-    """Jitted `(scores f32[R, 2], mask bool[R, L]) -> (advantages f32[R], scored bool[R, L])`:
-    column 0 the rewards, column 1 the rows' validity; padding rows get advantage 0 and no
-    scored token."""
+    """Jitted `(scores f32[R, 3], mask bool[R, L]) -> (advantages f32[R], scored bool[R, L])`:
+    column 0 the rewards, column 1 the rows' validity, column 2 whether the row's tokens get a
+    loss (0: a truncated completion under `grpo.mask_truncated`); padding rows get advantage 0,
+    and they and the masked rows no scored token."""
 
     def program(scores, mask):
         valid = scores[:, 1] > 0
         adv = grpo.advantages(scores[:, 0], g, estimator=estimator)
-        return jnp.where(valid, adv, 0.0), mask & valid[:, None]
+        return jnp.where(valid, adv, 0.0), mask & (valid & (scores[:, 2] > 0))[:, None]
 
     return jax.jit(program, out_shardings=(rows, rows))
 
@@ -139,11 +153,21 @@ def rollout(
     terms = score_fn(host_batch, completions, step)
     terms["completion/truncated"] = scoring.truncated(tokens, mask, eos_ids).astype(np.float32)
     terms["completion/length"] = mask.sum(1).astype(np.float32)
+    cache = int((config.get("reward") or {}).get("overlong", 0) or 0)
+    if cache:  # DAPO's soft overlong penalty, added to the reward
+        terms["reward/overlong"] = overlong_penalty(
+            terms["completion/length"], int(c.max_new_tokens), cache
+        )
+        terms["reward/total"] = terms["reward/total"] + terms["reward/overlong"]
+    loss_rows = np.ones_like(terms["completion/truncated"])
+    if c.get("mask_truncated", False):  # truncated completions: no loss, still in the group
+        loss_rows = 1.0 - terms["completion/truncated"]
 
     # 4. advantages: the scores to the devices once, one program
     n = out.tokens.shape[0]
     rows_sh = sharding.rows_sharding(out.tokens.sharding.mesh)
-    scores = np.stack([terms["reward/total"], terms["valid"]], axis=1).astype(np.float32)
+    scores = np.stack([terms["reward/total"], terms["valid"], loss_rows], axis=1)
+    scores = scores.astype(np.float32)
     seqs = jax.device_put(out.tokens, rows_sh)
     program = _advantages_program(g, c.estimator, rows_sh)
     advantages, scored = program(

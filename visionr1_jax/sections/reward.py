@@ -218,6 +218,7 @@ def default_config(
     c.max_coord = 1e5
     for key, (_, default) in FAMILY_KEYS.items():
         c[key] = default
+    c.overlong = 0  # DAPO's soft overlong penalty over the last `overlong` tokens (0: off)
     c.schedule = name
     c.switch_step = ml_collections.config_dict.placeholder(int)  # None, or an int override
     c.switch_step = switch_step
@@ -279,6 +280,9 @@ def validate_config(config, name: str = "reward") -> None:
         iou = config.get(key, FAMILY_KEYS[key][1])
         if isinstance(iou, bool) or not isinstance(iou, int | float) or not 0.0 <= iou < 1.0:
             raise ValueError(f"{name}.{key}={iou!r} must be in [0, 1)")
+    overlong = config.get("overlong", 0)
+    if isinstance(overlong, bool) or not isinstance(overlong, int) or overlong < 0:
+        raise ValueError(f"{name}.overlong={overlong!r} must be an integer >= 0 (0: off)")
     penalty = config.get("perception_r1_penalty", False)
     if not isinstance(penalty, bool):
         raise ValueError(f"{name}.perception_r1_penalty={penalty!r} must be True or False")

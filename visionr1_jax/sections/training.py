@@ -47,6 +47,10 @@ def grpo_config() -> ml_collections.ConfigDict:
     to `model.dtype` anyway; 1-D parameters stay as they are). None (default): when
     `model.dtype` is narrower than `model.param_dtype`; True there is the same, and an error
     where it would copy nothing; False: sample from the master weights.
+    `mask_truncated`: completions cut at `max_new_tokens` (no stop token) get no loss (TRL's
+    `mask_truncated_completions`); they still count in their group's advantages and as rows of
+    the aggregation. Off by default, as the reference. `reward.overlong` (DAPO's soft overlong
+    penalty) is in the reward section.
     `reference_memory`: where the reference's parameters live between their uses, `device`
     (HBM, sharded like the policy) or `host` (pinned host memory with the same sharding,
     brought to the devices inside each program that reads them: once per rollout; frees their
@@ -67,6 +71,7 @@ def grpo_config() -> ml_collections.ConfigDict:
     c.estimator = "grpo"
     c.num_iterations = 1
     c.max_new_tokens = 512
+    c.mask_truncated = False
     c.temperature = 1.0
     c.top_k = 50
     c.top_p = 1.0
@@ -206,6 +211,16 @@ def validate_grpo(config: ml_collections.ConfigDict) -> None:
         )
     if not is_int(c.max_new_tokens) or c.max_new_tokens < 1:
         fail("grpo.max_new_tokens", c.max_new_tokens, "must be an int >= 1")
+    if not isinstance(c.get("mask_truncated", False), bool):
+        fail("grpo.mask_truncated", c.get("mask_truncated"), "must be True or False")
+    overlong = (config.get("reward") or {}).get("overlong", 0)
+    if is_int(overlong) and overlong > c.max_new_tokens:
+        fail(
+            "reward.overlong",
+            overlong,
+            f"must be <= grpo.max_new_tokens={c.max_new_tokens} (the penalty's window is the "
+            "last reward.overlong tokens of the budget)",
+        )
     if not is_number(c.temperature) or c.temperature <= 0:
         fail("grpo.temperature", c.temperature, "must be > 0 (GRPO samples)")
     if not is_int(c.top_k) or c.top_k < 0:
