@@ -35,17 +35,16 @@ Held-out evaluation is the one evaluator's (`evaluate.evaluate`, `eval.every`).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from visionr1_jax import host, sharding
-from visionr1_jax.data import templates
 from visionr1_jax.data.config import frame_of
 from visionr1_jax.data.pipeline import HostBatch
+from visionr1_jax.data.templates import sft_answer as answer_text
 from visionr1_jax.step import UpdateBatch, model_inputs
 
 END_OF_TURN = "<|im_end|>"
@@ -54,39 +53,6 @@ MIN_ANSWER_BUCKET = 16  # smallest target length L (as the sampler's completion 
 
 # --------------------------------------------------------------------------------------------
 # Targets
-
-
-def answer_text(
-    boxes: np.ndarray,
-    labels: Sequence[str],
-    frame: str,
-    image_size: tuple[int, int],
-    input_size: tuple[int, int],
-) -> str:
-    """One SFT answer as the reference's collate writes it (see the module docstring).
-
-    Args:
-      boxes: f32[N, 4] xyxy in original image pixels.
-      labels: N label strings.
-      frame: the answer frame (`templates.FRAMES`).
-      image_size: original (H, W); input_size: resized model input (h_in, w_in).
-    """
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    if len(labels) != len(boxes):
-        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
-    if frame == "qwen25_abs":
-        (h, w), (h_in, w_in) = image_size, input_size
-        coords = (boxes / np.array([w, h, w, h]) * np.array([w_in, h_in, w_in, h_in])).astype(int)
-        values = coords.tolist()
-    else:
-        coords = templates.boxes_to_frame(boxes, frame, image_size, input_size)
-        cast = (lambda v: round(float(v), 3)) if frame == "norm01" else (lambda v: int(v))
-        values = [[cast(v) for v in box] for box in coords]
-    items = [
-        f'{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(label)}}}'
-        for b, label in zip(values, labels, strict=True)
-    ]
-    return "```json\n[\n\t" + ",\n\t".join(items) + "\n]\n```"
 
 
 def _bucket(n: int, cap: int) -> int:

@@ -200,3 +200,37 @@ def format_answer(
         values = [round(float(v), 3) for v in box] if frame == "norm01" else [int(v) for v in box]
         items.append({"bbox_2d": values, "label": label})
     return "```json\n" + json.dumps(items) + "\n```"
+
+
+def sft_answer(
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    frame: str,
+    image_size: tuple[int, int],
+    input_size: tuple[int, int],
+) -> str:
+    """One SFT answer as the reference's collate writes it (`visionr1_jax.sft`'s docstring):
+    a fenced JSON list, one object per line, `qwen25_abs` coordinates truncated toward zero.
+
+    Args:
+      boxes: f32[N, 4] xyxy in original image pixels.
+      labels: N label strings.
+      frame: the answer frame (`templates.FRAMES`).
+      image_size: original (H, W); input_size: resized model input (h_in, w_in).
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(labels) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+    if frame == "qwen25_abs":
+        (h, w), (h_in, w_in) = image_size, input_size
+        coords = (boxes / np.array([w, h, w, h]) * np.array([w_in, h_in, w_in, h_in])).astype(int)
+        values = coords.tolist()
+    else:
+        coords = boxes_to_frame(boxes, frame, image_size, input_size)
+        cast = (lambda v: round(float(v), 3)) if frame == "norm01" else (lambda v: int(v))
+        values = [[cast(v) for v in box] for box in coords]
+    items = [
+        f'{{"bbox_2d": [{b[0]}, {b[1]}, {b[2]}, {b[3]}], "label": {json.dumps(label)}}}'
+        for b, label in zip(values, labels, strict=True)
+    ]
+    return "```json\n[\n\t" + ",\n\t".join(items) + "\n]\n```"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -210,10 +209,8 @@ def _demo_corpus() -> list[str]:
             boxes = rng.uniform(0, 112, (n, 4))
             labels = [str(x) for x in rng.choice(shapes.SHAPES, n)]
             lines.append(templates.format_answer(boxes, labels, frame, (112, 112), (112, 112)))
-            # and as the SFT targets are written (`sft.answer_text`: one object per line)
-            items = [json.dumps({"bbox_2d": [int(v) for v in b], "label": x})
-                     for b, x in zip(boxes, labels, strict=True)]  # fmt: skip
-            lines.append("```json\n[\n\t" + ",\n\t".join(items) + "\n]\n```")
+            # the SFT targets' layout (one object per line), integer pixels
+            lines.append(templates.sft_answer(boxes, labels, "qwen25_abs", (112, 112), (112, 112)))
     return lines
 
 

@@ -42,6 +42,27 @@ class ShapesConfig(ShapeParams, base.RecordBuilderConfig):
     sort_boxes: bool = False
 
 
+# The `make demo` experiment (configs/demo_cpu.py): one circle per image, five colours, plain
+# backgrounds; `validation` chooses learning rates, `test` is evaluated (1,024 boxes: one box
+# moves AP by < 0.1 point). One object, not 1-3: with 1-3 circles the demo's SFT reached
+# matched IoU 0.29 in the time one circle reaches 0.58 (BENCHMARKS.md).
+DEMO = ShapesConfig(
+    name="demo",
+    task="detection",
+    min_shapes=1,
+    max_shapes=1,
+    min_scale=0.35,
+    max_scale=0.75,
+    texture=False,
+    shapes=("circle",),
+    colors=DEMO_COLORS,
+    num_train=4096,
+    num_validation=256,
+    num_test=1024,
+    description="the make demo experiment's data (in domain)",
+)
+
+
 class SyntheticShapes(base.RecordBuilder):
     """Synthetic coloured shapes with exact boxes (detection and grounding prompts)."""
 
@@ -67,58 +88,30 @@ class SyntheticShapes(base.RecordBuilder):
             num_validation=256,
             description="one large circle per image (the make demo experiment until issue 26)",
         ),
-        # The `make demo` experiment (configs/demo_cpu.py): one circle per image, five colours,
-        # plain backgrounds; `validation` chooses learning rates, `test` is evaluated (1,024
-        # boxes: one box moves AP by < 0.1 point). One object, not 1-3: with 1-3 circles the
-        # demo's SFT reached matched IoU 0.29 in the time one circle reaches 0.58 (BENCHMARKS.md).
-        ShapesConfig(
-            name="demo",
-            task="detection",
-            min_shapes=1,
-            max_shapes=1,
-            min_scale=0.35,
-            max_scale=0.75,
-            texture=False,
-            shapes=("circle",),
-            colors=DEMO_COLORS,
-            num_train=4096,
-            num_validation=256,
-            num_test=1024,
-            description="the make demo experiment's data (in domain)",
-        ),
+        DEMO,
         # Its out-of-domain evaluation set (the paper's Table 2 in miniature): the same task on
         # what training never shows: the other three colours, textured backgrounds, sizes
         # from 20% to 90% of the side (training: 35-75%). Only `test` is evaluated.
-        ShapesConfig(
+        dataclasses.replace(
+            DEMO,
             name="demo_ood",
-            task="detection",
-            min_shapes=1,
-            max_shapes=1,
             min_scale=0.2,
             max_scale=0.9,
             texture=True,
-            shapes=("circle",),
             colors=tuple(c for c in COLORS if c not in DEMO_COLORS),
             num_train=1,
             num_validation=1,
-            num_test=1024,
             description="the make demo experiment's out-of-domain evaluation set",
         ),
         # 1-3 circles per image (the multi-object variant measured for issue 26, left to right).
-        ShapesConfig(
+        dataclasses.replace(
+            DEMO,
             name="demo_multi",
-            task="detection",
-            min_shapes=1,
             max_shapes=3,
             min_scale=0.25,
             max_scale=0.5,
-            texture=False,
             max_overlap=0.0,
-            shapes=("circle",),
-            colors=DEMO_COLORS,
             sort_boxes=True,
-            num_train=4096,
-            num_validation=256,
             num_test=512,
             description="1-3 circles per image, listed left to right",
         ),
